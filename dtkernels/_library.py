@@ -1,0 +1,248 @@
+"""Op schemas, fake kernels, autograd and backend choice for the ``dtkernels`` operator namespace.
+
+Schemas are defined here, in Python, so every op exists whether or not the C++ library was built. Kernels:
+
+* CPU: C++ from ``csrc/`` (``dtkernels._C``), registered with ``TORCH_LIBRARY_IMPL(dtkernels, CPU, m)``;
+* CUDA: Triton launchers from ``dtkernels.triton``, registered below when Triton imports;
+* every other case: the eager reference (``dtkernels.reference``), registered as the ``CompositeExplicitAutograd``
+  catch-all, which warns once per op and device type.
+
+A backend can be forced with ``dtkernels.use_backend(name)`` / ``dtkernels.set_backend(name)`` or the environment
+variable ``DTKERNELS_BACKEND`` (``auto``, ``cpp``, ``triton``, ``reference``); the functional layer then calls the
+chosen implementation directly through :class:`_ForcedFeatLoss`, which has the same autograd formula as the op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from . import reference
+
+logger = logging.getLogger("dtkernels")
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+# --------------------------------------------------------------------------------------------------------------
+# Native library
+# --------------------------------------------------------------------------------------------------------------
+_CPP_ERROR: str | None
+try:
+    from . import _C  # noqa: F401  (loading the shared object runs its TORCH_LIBRARY_IMPL registrations)
+
+    _CPP_ERROR = None
+except ImportError as exc:  # not built (DTKERNELS_BUILD_CPP=0), or built against another torch
+    _C = None
+    _CPP_ERROR = f"dtkernels._C did not load ({exc}); build it with `pip install --no-build-isolation -e .`"
+
+_TRITON_ERROR: str | None
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERROR = None
+except ImportError as exc:
+    _TRITON_ERROR = f"triton is not installed ({exc})"
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """Which kernel backends this process can run, and why not when it cannot.
+
+    Returns:
+        ``{"cpp": {...}, "triton": {...}, "reference": {...}}``, each with ``available`` (bool), ``devices`` and
+        ``detail`` (build information, or the reason it is unavailable).
+    """
+    cpp_detail = _CPP_ERROR if _C is None else _C.build_info()
+    if _TRITON_ERROR is not None:
+        triton_ok, triton_detail = False, _TRITON_ERROR
+    elif torch.cuda.is_available():
+        triton_ok, triton_detail = True, f"CUDA device {torch.cuda.get_device_name()}"
+    elif triton_interpreting():
+        triton_ok, triton_detail = True, "TRITON_INTERPRET=1: kernels run in the Triton interpreter on CPU tensors"
+    else:
+        triton_ok, triton_detail = False, "no CUDA device (torch.cuda.is_available() is False)"
+    return {
+        "cpp": {"available": _C is not None, "devices": ("cpu",), "detail": cpp_detail},
+        "triton": {"available": triton_ok, "devices": ("cuda",), "detail": triton_detail},
+        "reference": {"available": True, "devices": ("any",), "detail": "eager PyTorch (dtkernels.reference)"},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forcing a backend
+# --------------------------------------------------------------------------------------------------------------
+_state = threading.local()
+
+
+def _check_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The forced backend, or ``"auto"`` (dispatch on the tensors' device)."""
+    forced = getattr(_state, "backend", None)
+    if forced is not None:
+        return forced
+    return _check_backend_name(os.environ.get("DTKERNELS_BACKEND", "auto").strip().lower() or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Force a backend for this thread: ``"auto"`` (default), ``"cpp"``, ``"triton"`` or ``"reference"``."""
+    _state.backend = _check_backend_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager that forces a backend for this thread, e.g. ``with dtkernels.use_backend("reference"):``."""
+    previous = getattr(_state, "backend", None)
+    _state.backend = _check_backend_name(name)
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_fallback(op: str, device: torch.device) -> None:
+    key = (op, device.type)
+    if key in _warned:
+        return
+    _warned.add(key)
+    if device.type == "cpu":
+        why = _CPP_ERROR or "the C++ library has no kernel for this call"
+    elif device.type == "cuda":
+        why = _TRITON_ERROR or "no Triton kernel for this call"
+    else:
+        why = f"no kernel for device type {device.type!r}"
+    warnings.warn(f"dtkernels.{op}: running the eager PyTorch reference on {device.type} ({why}).",
+                  RuntimeWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# feat_loss
+# --------------------------------------------------------------------------------------------------------------
+FEAT_LOSS_SCHEMA = (
+    "feat_loss(Tensor[] student, Tensor[] teacher, float[] level_coef, float mse_weight, float at_weight, "
+    "float at_p, int at_mode, int whiten, float eps, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor[])"
+)
+
+lib = torch.library.Library("dtkernels", "DEF")  # noqa: TOR901
+lib.define(FEAT_LOSS_SCHEMA)
+
+
+@torch.library.impl(lib, "feat_loss", "CompositeExplicitAutograd")
+def _feat_loss_fallback(student, teacher, level_coef, mse_weight, at_weight, at_p, at_mode, whiten, eps,
+                        compute_grad):
+    _warn_fallback("fused_feat_loss", student[0].device)
+    return reference.feat_loss_op(student, teacher, level_coef, mse_weight, at_weight, at_p, at_mode, whiten, eps,
+                                  compute_grad)
+
+
+def _triton_feat_loss(*args):
+    from .triton.feat_loss import feat_loss as launch
+
+    return launch(*args)
+
+
+if _TRITON_ERROR is None:
+    lib.impl("feat_loss", _triton_feat_loss, "CUDA")
+
+
+@torch.library.register_fake("dtkernels::feat_loss")
+def _feat_loss_fake(student, teacher, level_coef, mse_weight, at_weight, at_p, at_mode, whiten, eps, compute_grad):
+    out_dtype = reference.compute_dtype(student[0])
+    n = len(student)
+    loss = student[0].new_empty((), dtype=out_dtype)
+    grads = [torch.empty_like(s) for s in student] if compute_grad else []
+    return loss, student[0].new_empty((n,), dtype=out_dtype), student[0].new_empty((n,), dtype=out_dtype), grads
+
+
+def _scale_grads(grads: Sequence[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """``grad * grad_out`` for each precomputed student gradient, skipping the multiply when it is exactly 1."""
+    if torch.compiler.is_compiling() or grad_out.device.type != "cpu":
+        # No host sync: on CUDA this is one fused multiply per level (a device-side skip is left for later).
+        return [g * grad_out.to(g.dtype) for g in grads]
+    if float(grad_out) == 1.0:  # CPU: reading the scalar costs nothing
+        return list(grads)
+    return [g * grad_out.to(g.dtype) for g in grads]
+
+
+def _feat_loss_setup_context(ctx, inputs, output):
+    student, teacher, level_coef, mse_weight, at_weight, at_p, at_mode, whiten, eps, compute_grad = inputs
+    ctx.n_levels = len(student)
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(*output[3])
+
+
+def _feat_loss_backward(ctx, grad_loss, grad_mse, grad_at, grad_grads):
+    if not ctx.compute_grad:
+        raise RuntimeError("dtkernels.feat_loss: backward called on a call made with compute_grad=False; "
+                           "call fused_feat_loss with grad mode enabled and a student that requires grad")
+    grads = _scale_grads(ctx.saved_tensors, grad_loss)
+    return grads, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("dtkernels::feat_loss", _feat_loss_backward, setup_context=_feat_loss_setup_context)
+
+
+def _feat_loss_impl(backend: str) -> Callable:
+    if backend == "reference":
+        return reference.feat_loss_op
+    if backend == "cpp":
+        if _C is None:
+            raise RuntimeError(f"dtkernels backend 'cpp' was forced but is unavailable: {_CPP_ERROR}")
+        # Called inside _ForcedFeatLoss.forward (grad mode off), so this lands on the CPU kernel directly.
+        return lambda *args: torch.ops.dtkernels.feat_loss(*args)
+    if backend == "triton":
+        info = backends()["triton"]
+        if not info["available"]:
+            raise RuntimeError(f"dtkernels backend 'triton' was forced but is unavailable: {info['detail']}")
+        return _triton_feat_loss
+    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+class _ForcedFeatLoss(torch.autograd.Function):
+    """Autograd wrapper used when a backend is forced; same formula as the registered op's backward."""
+
+    @staticmethod
+    def forward(ctx, impl, params, n_levels, *tensors):
+        student, teacher = list(tensors[:n_levels]), list(tensors[n_levels:])
+        loss, mse, at, grads = impl(student, teacher, *params)
+        ctx.save_for_backward(*grads)
+        ctx.compute_grad = params[-1]
+        ctx.mark_non_differentiable(mse, at)
+        return loss, mse, at
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_mse, grad_at):
+        if not ctx.compute_grad:
+            raise RuntimeError("dtkernels.feat_loss: backward called on a call made with compute_grad=False")
+        grads = _scale_grads(ctx.saved_tensors, grad_loss)
+        return (None, None, None, *grads, *([None] * len(grads)))
+
+
+def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], level_coef: Sequence[float],
+              mse_weight: float, at_weight: float, at_p: float, at_mode: int, whiten: int, eps: float,
+              compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``dtkernels::feat_loss`` on the forced backend, or through the dispatcher when none is forced."""
+    backend = get_backend()
+    params = (list(level_coef), float(mse_weight), float(at_weight), float(at_p), int(at_mode), int(whiten),
+              float(eps), bool(compute_grad))
+    if backend == "auto":
+        loss, mse, at, _ = torch.ops.dtkernels.feat_loss(list(student), list(teacher), *params)
+        return loss, mse, at
+    return _ForcedFeatLoss.apply(_feat_loss_impl(backend), params, len(student), *student, *teacher)

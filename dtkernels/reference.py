@@ -1,0 +1,210 @@
+"""Eager PyTorch reference of every dtkernels op.
+
+This module is the specification: the C++ and Triton kernels must compute the same function, the tests compare
+them with it in float64, and it is the fallback for devices without a kernel. It is written the way a user would
+write the loss, with autograd providing the gradient; nothing here is tuned for speed.
+
+Feature-distillation loss (DreamTeacher, arXiv 2307.07487, Sec. 3.2), for one level with student ``s`` and teacher
+``t`` of shape ``[B, C, H, W]``:
+
+* whitening ``W(t)``: LayerNorm without affine parameters (biased variance, ``eps`` inside the square root) over the
+  channels at each ``(b, h, w)`` (``"channel"``), over ``(C, H, W)`` of each sample (``"sample"``), or identity
+  (``None``);
+* ``mse = mean((s - W(t))**2)`` over all ``B*C*H*W`` elements;
+* attention map ``a(x)[b, j] = sum_c |x[b, c, j]|**p`` with ``j`` the flattened ``H*W`` position, and
+  ``q(x) = a / max(||a||_2, AT_NORM_EPS)`` per sample (``torch.nn.functional.normalize`` semantics, so an all-zero
+  map gives ``q = 0`` instead of NaN). The teacher's map uses the raw, unwhitened teacher;
+* ``at_mode="paper"``: ``at = (1/B) sum_b ||q(s_b) - q(t_b)||_2``; ``at_mode="mean_sq"``:
+  ``at = mean_{b,j} (q(s) - q(t))**2``;
+* over levels: ``loss = sum_l w_l (mse_weight*mse_l + at_weight*at_l) / sum_l w_l``.
+
+Gradient (what the kernels write; derived here once so every backend uses the same formulas). With ``c_l`` the
+level's weight ``w_l / sum w``, ``N = B*C*H*W``, ``n_b = ||a(s_b)||``, ``d = q(s) - q(t)``:
+
+* MSE part: ``c_l * mse_weight * 2 * (s - W(t)) / N``;
+* AT part: ``g_a[b, j] * p * |s|**(p-1) * sign(s)``, where ``g_q = c_l * at_weight * d / (B * ||d_b||)`` (paper;
+  zero where ``||d_b|| == 0``) or ``c_l * at_weight * 2 * d / (B*H*W)`` (mean_sq), and
+  ``g_a = (g_q - q(s) * <g_q, q(s)>_b) / n_b`` when ``n_b > AT_NORM_EPS``, else ``g_q / AT_NORM_EPS``.
+  For ``p == 1`` the factor is ``sign(s)`` (zero at zero); for ``p > 1`` it is zero at ``s == 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AT_NORM_EPS",
+    "WHITEN_MODES",
+    "AT_MODES",
+    "compute_dtype",
+    "whiten",
+    "attention_map",
+    "ln_mse_loss",
+    "at_loss",
+    "fused_feat_loss",
+    "feat_loss_level_grad",
+    "feat_loss_op",
+]
+
+#: Lower bound on the L2 norm of an attention map, as in ``torch.nn.functional.normalize``.
+AT_NORM_EPS = 1e-12
+WHITEN_MODES = ("channel", "sample", None)
+AT_MODES = ("paper", "mean_sq")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the math runs in: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def whiten(t: torch.Tensor, mode: str | None = "channel", eps: float = 1e-5) -> torch.Tensor:
+    """Non-affine LayerNorm of teacher features ``[B, C, H, W]``.
+
+    Args:
+        t: teacher features ``[B, C, H, W]``.
+        mode: ``"channel"`` (over C at each position), ``"sample"`` (over C, H, W per sample) or ``None``.
+        eps: added to the biased variance inside the square root.
+
+    Returns:
+        ``[B, C, H, W]`` in the compute dtype (float32, or float64 for float64 input).
+    """
+    t = t.to(compute_dtype(t))
+    if mode is None:
+        return t
+    if mode == "channel":
+        return F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), eps=eps).permute(0, 3, 1, 2)
+    if mode == "sample":
+        return F.layer_norm(t, tuple(t.shape[1:]), eps=eps)
+    raise ValueError(f"whiten: expected one of {WHITEN_MODES}, got {mode!r}")
+
+
+def attention_map(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Normalized spatial attention map ``sum_c |x_c|**p`` with unit L2 norm per sample.
+
+    Args:
+        x: features ``[B, C, H, W]``.
+        p: exponent, ``p >= 1``.
+
+    Returns:
+        ``[B, H, W]`` in the compute dtype.
+    """
+    x = x.to(compute_dtype(x))
+    a = x.abs().pow(p).sum(dim=1)  # [B, H, W]
+    return F.normalize(a.flatten(1), p=2.0, dim=1, eps=AT_NORM_EPS).view_as(a)
+
+
+def ln_mse_loss(student: torch.Tensor, teacher: torch.Tensor, whiten_mode: str | None = "channel",
+                eps: float = 1e-5) -> torch.Tensor:
+    """``mean((student - W(teacher))**2)`` for one level; no gradient flows to the teacher."""
+    target = whiten(teacher.detach(), whiten_mode, eps)
+    return (student.to(target.dtype) - target).pow(2).mean()
+
+
+def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0, mode: str = "paper") -> torch.Tensor:
+    """Attention-transfer loss for one level; no gradient flows to the teacher."""
+    qs = attention_map(student, p).flatten(1)
+    qt = attention_map(teacher.detach(), p).flatten(1)
+    diff = qs - qt
+    if mode == "paper":
+        return torch.linalg.vector_norm(diff, ord=2, dim=1).mean()
+    if mode == "mean_sq":
+        return diff.pow(2).mean()
+    raise ValueError(f"at_mode: expected one of {AT_MODES}, got {mode!r}")
+
+
+def fused_feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], *, mse_weight: float = 1.0,
+                    at_weight: float = 10.0, at_p: float = 2.0, at_mode: str = "paper",
+                    whiten: str | None = "channel", eps: float = 1e-5,
+                    level_weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-level DreamTeacher feature loss (the formulation a user writes by hand).
+
+    Returns:
+        ``(loss, mse, at)``: the scalar loss (differentiable w.r.t. the student) and the per-level ``[L]`` parts,
+        detached. All in the compute dtype of the first student level.
+    """
+    whiten_mode = whiten
+    n = len(student)
+    weights = [1.0] * n if level_weights is None else [float(w) for w in level_weights]
+    total = sum(weights)
+    mse_parts, at_parts, loss = [], [], 0.0
+    for s, t, w in zip(student, teacher, weights):
+        mse_l = ln_mse_loss(s, t, whiten_mode, eps)
+        at_l = at_loss(s, t, at_p, at_mode)
+        loss = loss + (w / total) * (mse_weight * mse_l + at_weight * at_l)
+        mse_parts.append(mse_l.detach())
+        at_parts.append(at_l.detach())
+    return loss, torch.stack(mse_parts), torch.stack(at_parts)
+
+
+_WHITEN_CODES = {0: None, 1: "channel", 2: "sample"}
+_AT_CODES = {0: "paper", 1: "mean_sq"}
+
+
+def feat_loss_level_grad(s: torch.Tensor, t: torch.Tensor, coef: float, mse_weight: float, at_weight: float,
+                         at_p: float, at_mode: str, whiten_mode: str | None, eps: float) -> torch.Tensor:
+    """Analytic ``d loss / d s`` of one level (the formulas in the module docstring), in the compute dtype.
+
+    This is what the kernels implement; the tests check it against autograd of :func:`fused_feat_loss`.
+    """
+    dt = compute_dtype(s)
+    s = s.to(dt)
+    t = t.detach()
+    b, hw = s.shape[0], s.shape[2] * s.shape[3]
+    grad = (coef * mse_weight * 2.0 / s.numel()) * (s - whiten(t, whiten_mode, eps))
+    a_s = s.abs().pow(at_p).sum(dim=1).flatten(1)  # [B, HW]
+    a_t = t.to(dt).abs().pow(at_p).sum(dim=1).flatten(1)
+    n_s = torch.linalg.vector_norm(a_s, dim=1, keepdim=True)
+    q_s = a_s / n_s.clamp_min(AT_NORM_EPS)
+    q_t = F.normalize(a_t, dim=1, eps=AT_NORM_EPS)
+    d = q_s - q_t
+    if at_mode == "paper":
+        dn = torch.linalg.vector_norm(d, dim=1, keepdim=True)
+        g_q = torch.where(dn > 0, d / dn.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(d)) / b
+    else:
+        g_q = 2.0 * d / (b * hw)
+    g_q = g_q * (coef * at_weight)
+    inner = (g_q * q_s).sum(dim=1, keepdim=True)
+    g_a = torch.where(n_s > AT_NORM_EPS, (g_q - q_s * inner) / n_s.clamp_min(AT_NORM_EPS), g_q / AT_NORM_EPS)
+    if at_p == 1.0:
+        dphi = torch.sign(s)
+    else:
+        dphi = at_p * s.abs().pow(at_p - 1.0) * torch.sign(s)
+    return grad + g_a.view(b, 1, s.shape[2], s.shape[3]) * dphi
+
+
+def feat_loss_op(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], level_coef: Sequence[float],
+                 mse_weight: float, at_weight: float, at_p: float, at_mode: int, whiten: int, eps: float,
+                 compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Reference of the ``dtkernels::feat_loss`` op, with the kernels' calling convention.
+
+    Args:
+        level_coef: ``w_l / sum(w)`` per level (already normalized by the caller).
+        at_mode: 0 = ``"paper"``, 1 = ``"mean_sq"``.
+        whiten: 0 = none, 1 = ``"channel"``, 2 = ``"sample"``.
+        compute_grad: also return ``d loss / d student`` for ``grad_output == 1``.
+
+    Returns:
+        ``loss`` (0-dim), ``mse`` ``[L]``, ``at`` ``[L]`` (float32, or float64 when the first student level is
+        float64), and the per-level student gradients, each with the dtype and layout of
+        ``torch.empty_like(student[l])`` (an empty list when ``compute_grad`` is false).
+    """
+    whiten_mode = _WHITEN_CODES[whiten]
+    mode = _AT_CODES[at_mode]
+    out_dtype = compute_dtype(student[0])
+    loss = torch.zeros((), dtype=out_dtype, device=student[0].device)
+    mse_parts, at_parts, grads = [], [], []
+    with torch.no_grad():
+        for s, t, c in zip(student, teacher, level_coef):
+            mse_l = ln_mse_loss(s, t, whiten_mode, eps).to(out_dtype)
+            at_l = at_loss(s, t, at_p, mode).to(out_dtype)
+            loss = loss + c * (mse_weight * mse_l + at_weight * at_l)
+            mse_parts.append(mse_l)
+            at_parts.append(at_l)
+            if compute_grad:
+                g = torch.empty_like(s)
+                g.copy_(feat_loss_level_grad(s, t, c, mse_weight, at_weight, at_p, mode, whiten_mode, eps))
+                grads.append(g)
+    return loss, torch.stack(mse_parts), torch.stack(at_parts), grads

@@ -1,0 +1,1 @@
+"""Triton kernels (CUDA; verified on the CPU under TRITON_INTERPRET=1 and by ahead-of-time compiles)."""
