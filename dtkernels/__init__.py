@@ -1,7 +1,25 @@
-"""dtkernels: fused kernels for DreamTeacher-style feature distillation (C++ on CPU, Triton on CUDA)."""
+"""dtkernels: fused kernels for DreamTeacher-style feature distillation.
+
+CPU tensors run C++ kernels (``dtkernels._C``), CUDA tensors run Triton kernels, anything else runs the eager
+reference in :mod:`dtkernels.reference`. :func:`backends` says which are available here and why not.
+"""
 
 from . import reference
 from ._library import backends, get_backend, set_backend, use_backend
+from .functional import FeatLossParts, at_loss, attention_map, fused_feat_loss, ln_mse_loss
+from .modules import FusedFeatLoss
 
-__all__ = ["reference", "backends", "get_backend", "set_backend", "use_backend"]
+__all__ = [
+    "fused_feat_loss",
+    "ln_mse_loss",
+    "at_loss",
+    "attention_map",
+    "FeatLossParts",
+    "FusedFeatLoss",
+    "backends",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "reference",
+]
 __version__ = "0.1.0"

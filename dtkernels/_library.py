@@ -15,6 +15,7 @@ chosen implementation directly through :class:`_ForcedFeatLoss`, which has the s
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import threading
@@ -34,7 +35,8 @@ BACKENDS = ("auto", "cpp", "triton", "reference")
 # --------------------------------------------------------------------------------------------------------------
 _CPP_ERROR: str | None
 try:
-    from . import _C  # noqa: F401  (loading the shared object runs its TORCH_LIBRARY_IMPL registrations)
+    # Loading the shared object runs its TORCH_LIBRARY_IMPL registrations.
+    _C = importlib.import_module("dtkernels._C")
 
     _CPP_ERROR = None
 except ImportError as exc:  # not built (DTKERNELS_BUILD_CPP=0), or built against another torch
@@ -173,12 +175,16 @@ def _feat_loss_fake(student, teacher, level_coef, mse_weight, at_weight, at_p, a
 
 def _scale_grads(grads: Sequence[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
     """``grad * grad_out`` for each precomputed student gradient, skipping the multiply when it is exactly 1."""
-    if torch.compiler.is_compiling() or grad_out.device.type != "cpu":
-        # No host sync: on CUDA this is one fused multiply per level (a device-side skip is left for later).
-        return [g * grad_out.to(g.dtype) for g in grads]
-    if float(grad_out) == 1.0:  # CPU: reading the scalar costs nothing
-        return list(grads)
+    if _is_plain_eager(grad_out) and grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+        return list(grads)  # CPU: reading the scalar costs nothing, and loss.backward() passes exactly 1
+    # Traced, or on CUDA (no host sync): one multiply per level.
     return [g * grad_out.to(g.dtype) for g in grads]
+
+
+def _is_plain_eager(t: torch.Tensor) -> bool:
+    """True for a real tensor outside any tracing (dynamo, AOT autograd, make_fx), where reading a value is safe."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch.utils._python_dispatch._get_current_dispatch_mode() is None)
 
 
 def _feat_loss_setup_context(ctx, inputs, output):
@@ -193,7 +199,7 @@ def _feat_loss_backward(ctx, grad_loss, grad_mse, grad_at, grad_grads):
         raise RuntimeError("dtkernels.feat_loss: backward called on a call made with compute_grad=False; "
                            "call fused_feat_loss with grad mode enabled and a student that requires grad")
     grads = _scale_grads(ctx.saved_tensors, grad_loss)
-    return grads, None, None, None, None, None, None, None, None, None
+    return grads, [None] * ctx.n_levels, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("dtkernels::feat_loss", _feat_loss_backward, setup_context=_feat_loss_setup_context)

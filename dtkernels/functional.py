@@ -1,0 +1,181 @@
+"""Public functions: argument checks with clear errors, then the ``dtkernels`` ops.
+
+Every function here is safe to call inside ``torch.compile(fullgraph=True)``: the checks only read shapes, dtypes
+and devices, and the work is one registered op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from . import _library, reference
+
+__all__ = ["FeatLossParts", "fused_feat_loss", "ln_mse_loss", "at_loss", "attention_map"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_WHITEN_CODES = {None: 0, "channel": 1, "sample": 2}
+_AT_CODES = {"paper": 0, "mean_sq": 1}
+
+
+class FeatLossParts(NamedTuple):
+    """Result of ``fused_feat_loss(..., return_parts=True)``.
+
+    Attributes:
+        loss: the weighted scalar loss (differentiable w.r.t. the student).
+        mse: ``[L]`` per-level whitened MSE, detached.
+        at: ``[L]`` per-level attention-transfer loss, detached.
+    """
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    at: torch.Tensor
+
+
+def _as_levels(x: Sequence[torch.Tensor] | torch.Tensor, name: str) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name}: expected a list or tuple of tensors [B, C, H, W], got {type(x).__name__}")
+    if len(x) == 0:
+        raise ValueError(f"{name}: expected at least one level, got an empty sequence")
+    return list(x)
+
+
+def _check_tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor [B, C, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor [B, C, H, W], got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float32, float16, bfloat16 or float64), got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_pair(s: object, t: object, s_name: str, t_name: str) -> None:
+    _check_tensor(s, s_name)
+    _check_tensor(t, t_name)
+    if s.shape != t.shape:
+        raise ValueError(f"{t_name}: expected the shape of {s_name} {tuple(s.shape)}, got {tuple(t.shape)}")
+    if s.device != t.device:
+        raise ValueError(f"{t_name}: expected the device of {s_name} ({s.device}), got {t.device}")
+    if s.dtype != t.dtype:
+        raise TypeError(f"{t_name}: expected the dtype of {s_name} ({s.dtype}), got {t.dtype}")
+
+
+def _check_number(value: object, name: str, *, minimum: float | None = None, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name}: expected a number {'>' if strict else '>='} {minimum}, got {value}")
+    return value
+
+
+def _whiten_code(whiten: str | None) -> int:
+    if whiten not in _WHITEN_CODES:
+        raise ValueError(f"whiten: expected one of 'channel', 'sample' or None, got {whiten!r}")
+    return _WHITEN_CODES[whiten]
+
+
+def _at_code(at_mode: str) -> int:
+    if at_mode not in _AT_CODES:
+        raise ValueError(f"at_mode: expected 'paper' or 'mean_sq', got {at_mode!r}")
+    return _AT_CODES[at_mode]
+
+
+def _level_coefficients(level_weights: Sequence[float] | torch.Tensor | None, n: int) -> list[float]:
+    if level_weights is None:
+        return [1.0 / n] * n
+    if isinstance(level_weights, torch.Tensor):
+        level_weights = level_weights.tolist()
+    if not isinstance(level_weights, (list, tuple)):
+        raise TypeError(f"level_weights: expected a sequence of {n} numbers, got {type(level_weights).__name__}")
+    if len(level_weights) != n:
+        raise ValueError(f"level_weights: expected {n} weights (one per level), got {len(level_weights)}")
+    weights = [_check_number(w, f"level_weights[{i}]", minimum=0.0) for i, w in enumerate(level_weights)]
+    total = sum(weights)
+    if total <= 0.0:
+        raise ValueError(f"level_weights: expected a positive sum, got {list(weights)}")
+    return [w / total for w in weights]
+
+
+def _needs_grad(student: Sequence[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(s.requires_grad for s in student)
+
+
+def fused_feat_loss(student: Sequence[torch.Tensor] | torch.Tensor, teacher: Sequence[torch.Tensor] | torch.Tensor,
+                    *, mse_weight: float = 1.0, at_weight: float = 10.0, at_p: float = 2.0, at_mode: str = "paper",
+                    whiten: str | None = "channel", eps: float = 1e-5,
+                    level_weights: Sequence[float] | None = None,
+                    return_parts: bool = False) -> torch.Tensor | FeatLossParts:
+    """DreamTeacher feature-distillation loss over L feature levels, in one fused call.
+
+    ``loss = sum_l w_l * (mse_weight * mse_l + at_weight * at_l) / sum_l w_l`` with, per level,
+    ``mse_l = mean((s - W(t))**2)`` (``W`` a LayerNorm without affine parameters selected by ``whiten``) and
+    ``at_l`` the attention-transfer loss between the unit-norm maps ``sum_c |x_c|**at_p`` of the student and of the
+    raw teacher. See :mod:`dtkernels.reference` for the exact definition and its gradient.
+
+    Args:
+        student: L tensors ``[B_l, C_l, H_l, W_l]`` (float32, float16, bfloat16 or float64; NCHW or channels_last);
+            the only inputs that receive a gradient. A single tensor counts as one level.
+        teacher: L tensors of the same shapes, dtypes and device, pairwise. Never receives a gradient.
+        mse_weight: weight of the whitened MSE term, ``>= 0``.
+        at_weight: weight of the attention-transfer term, ``>= 0`` (the paper uses 10 with ``at_mode="paper"``).
+        at_p: exponent of the attention map, ``>= 1``.
+        at_mode: ``"paper"``: ``mean_b ||q(s_b) - q(t_b)||_2``; ``"mean_sq"``: ``mean_{b,hw} (q(s) - q(t))**2``.
+        whiten: ``"channel"`` (LayerNorm over C at each position), ``"sample"`` (over C, H, W) or ``None``.
+        eps: LayerNorm epsilon, ``> 0``.
+        level_weights: L non-negative weights with a positive sum; default all 1.
+        return_parts: also return the detached per-level ``mse`` and ``at`` values ``[L]`` (same pass).
+
+    Returns:
+        The 0-dim loss (float32; float64 for float64 inputs), or :class:`FeatLossParts` when ``return_parts``.
+    """
+    student = _as_levels(student, "student")
+    teacher = _as_levels(teacher, "teacher")
+    if len(student) != len(teacher):
+        raise ValueError(f"teacher: expected as many levels as student ({len(student)}), got {len(teacher)}")
+    for i, (s, t) in enumerate(zip(student, teacher)):
+        _check_pair(s, t, f"student[{i}]", f"teacher[{i}]")
+        if s.device != student[0].device:
+            raise ValueError(f"student[{i}]: expected the device of student[0] ({student[0].device}), got {s.device}")
+    mse_weight = _check_number(mse_weight, "mse_weight", minimum=0.0)
+    at_weight = _check_number(at_weight, "at_weight", minimum=0.0)
+    at_p = _check_number(at_p, "at_p", minimum=1.0)
+    eps = _check_number(eps, "eps", minimum=0.0, strict=True)
+    coef = _level_coefficients(level_weights, len(student))
+    loss, mse, at = _library.feat_loss(student, [t.detach() for t in teacher], coef, mse_weight, at_weight, at_p,
+                                       _at_code(at_mode), _whiten_code(whiten), eps, _needs_grad(student))
+    if return_parts:
+        return FeatLossParts(loss, mse.detach(), at.detach())
+    return loss
+
+
+def ln_mse_loss(student: torch.Tensor, teacher: torch.Tensor, *, whiten: str | None = "channel",
+                eps: float = 1e-5) -> torch.Tensor:
+    """``mean((student - W(teacher))**2)`` for one level ``[B, C, H, W]``; gradient w.r.t. the student only."""
+    return fused_feat_loss([student], [teacher], mse_weight=1.0, at_weight=0.0, whiten=whiten, eps=eps)
+
+
+def at_loss(student: torch.Tensor, teacher: torch.Tensor, *, p: float = 2.0, mode: str = "paper") -> torch.Tensor:
+    """Attention-transfer loss for one level ``[B, C, H, W]``; gradient w.r.t. the student only."""
+    return fused_feat_loss([student], [teacher], mse_weight=0.0, at_weight=1.0, at_p=p, at_mode=mode, whiten=None)
+
+
+def attention_map(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Unit-L2-norm spatial attention map ``sum_c |x_c|**p`` per sample, ``[B, C, H, W]`` -> ``[B, H, W]``.
+
+    Composite PyTorch (differentiable, any device); the losses compute the same maps inside their kernels.
+    The result is float32 (float64 for float64 input).
+    """
+    _check_tensor(x, "x")
+    p = _check_number(p, "p", minimum=1.0)
+    return reference.attention_map(x, p)

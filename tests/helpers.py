@@ -1,0 +1,59 @@
+"""Shared test helpers: inputs in every layout, the tolerance rule, allocator poisoning."""
+
+from __future__ import annotations
+
+import torch
+
+#: Relative slack added to the tolerance rule, per dtype (scaled by the reference's magnitude).
+ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LAYOUTS = ("contiguous", "channels_last", "channel_slice", "spatial_slice")
+
+
+def make_levels(shapes, dtype=torch.float32, layout="contiguous", *, scale=1.0, shift=0.0, device="cpu"):
+    """Random ``[B, C, H, W]`` tensors with non-zero mean and varied per-channel scale, in the requested layout.
+
+    ``channel_slice`` returns ``x[:, ::2]`` views and ``spatial_slice`` returns ``x[..., 1:-1, 2:-1]`` views (not
+    contiguous in any layout), so kernels must either honour strides or copy.
+    """
+    out = []
+    for b, c, h, w in shapes:
+        if layout == "channel_slice":
+            full = (b, 2 * c, h, w)
+        elif layout == "spatial_slice":
+            full = (b, c, h + 2, w + 3)
+        else:
+            full = (b, c, h, w)
+        chan_scale = torch.rand(1, full[1], 1, 1, dtype=torch.float64) * 2 + 0.25
+        x = (torch.randn(full, dtype=torch.float64) * chan_scale * scale + shift).to(dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "channel_slice":
+            x = x[:, ::2]
+        elif layout == "spatial_slice":
+            x = x[:, :, 1:-1, 2:-1]
+        assert x.shape == (b, c, h, w)
+        out.append(x.to(device))
+    return out
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference in float64; NaN anywhere counts as infinite."""
+    d = (a.detach().to(torch.float64) - b.detach().to(torch.float64)).abs()
+    if d.isnan().any():
+        return float("inf")
+    return float(d.max()) if d.numel() else 0.0
+
+
+def assert_close_rule(got, ref_lowp, ref64, dtype, what):
+    """The tolerance rule: |got - ref64| <= 2 * |ref_lowp - ref64| + atol(dtype) * max|ref64|."""
+    scale = float(ref64.to(torch.float64).abs().max()) if ref64.numel() else 1.0
+    err = max_err(got, ref64)
+    bound = 2.0 * max_err(ref_lowp, ref64) + ATOL[dtype] * max(scale, 1e-30)
+    assert err <= bound, f"{what}: error {err:.3e} vs float64 reference exceeds {bound:.3e} ({dtype})"
+
+
+def poison_allocator(tensors_like, value=float("nan")):
+    """Allocate and free NaN-filled blocks of the sizes the op will allocate, so an unwritten output element that
+    reuses that memory shows up as NaN (belt and braces: the elementwise comparison catches zeros too)."""
+    blocks = [torch.full((max(t.numel(), 1),), value, dtype=t.dtype) for t in tensors_like]
+    del blocks
