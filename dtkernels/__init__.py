@@ -6,8 +6,8 @@ reference in :mod:`dtkernels.reference`. :func:`backends` says which are availab
 
 from . import reference
 from ._library import backends, get_backend, set_backend, use_backend
-from .functional import FeatLossParts, at_loss, attention_map, fused_feat_loss, ln_mse_loss
-from .modules import FusedFeatLoss
+from .functional import FeatLossParts, at_loss, attention_map, fused_feat_loss, ln_mse_loss, soft_ce
+from .modules import FusedFeatLoss, SoftCrossEntropy
 
 __all__ = [
     "fused_feat_loss",
@@ -16,6 +16,8 @@ __all__ = [
     "attention_map",
     "FeatLossParts",
     "FusedFeatLoss",
+    "soft_ce",
+    "SoftCrossEntropy",
     "backends",
     "get_backend",
     "set_backend",

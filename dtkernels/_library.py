@@ -134,6 +134,14 @@ def _warn_fallback(op: str, device: torch.device) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
+def _triton_launcher(module: str, fn: str) -> Callable:
+    def launch(*args):
+        mod = importlib.import_module(f"dtkernels.triton.{module}")
+        return getattr(mod, fn)(*args)
+
+    return launch
+
+
 # --------------------------------------------------------------------------------------------------------------
 # feat_loss
 # --------------------------------------------------------------------------------------------------------------
@@ -154,14 +162,8 @@ def _feat_loss_fallback(student, teacher, level_coef, mse_weight, at_weight, at_
                                   compute_grad)
 
 
-def _triton_feat_loss(*args):
-    from .triton.feat_loss import feat_loss as launch
-
-    return launch(*args)
-
-
 if _TRITON_ERROR is None:
-    lib.impl("feat_loss", _triton_feat_loss, "CUDA")
+    lib.impl("feat_loss", _triton_launcher("feat_loss", "feat_loss"), "CUDA")
 
 
 @torch.library.register_fake("dtkernels::feat_loss")
@@ -205,20 +207,38 @@ def _feat_loss_backward(ctx, grad_loss, grad_mse, grad_at, grad_grads):
 torch.library.register_autograd("dtkernels::feat_loss", _feat_loss_backward, setup_context=_feat_loss_setup_context)
 
 
-def _feat_loss_impl(backend: str) -> Callable:
+_REFERENCE_IMPLS = {
+    "feat_loss": reference.feat_loss_op,
+    "soft_ce": reference.soft_ce_op,
+    "soft_ce_backward": reference.soft_ce_backward_op,
+}
+_TRITON_IMPLS = {
+    "feat_loss": _triton_launcher("feat_loss", "feat_loss"),
+    "soft_ce": _triton_launcher("soft_ce", "soft_ce"),
+    "soft_ce_backward": _triton_launcher("soft_ce", "soft_ce_backward"),
+}
+
+
+def _impl(op: str, backend: str) -> Callable:
+    """The implementation of ``dtkernels::<op>`` on a forced backend (called with grad mode off)."""
     if backend == "reference":
-        return reference.feat_loss_op
+        return _REFERENCE_IMPLS[op]
     if backend == "cpp":
         if _C is None:
             raise RuntimeError(f"dtkernels backend 'cpp' was forced but is unavailable: {_CPP_ERROR}")
-        # Called inside _ForcedFeatLoss.forward (grad mode off), so this lands on the CPU kernel directly.
-        return lambda *args: torch.ops.dtkernels.feat_loss(*args)
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dtkernels::{op}", "CPU"):
+            raise RuntimeError(f"dtkernels backend 'cpp' was forced but the C++ library has no kernel for {op}")
+        return getattr(torch.ops.dtkernels, op)
     if backend == "triton":
         info = backends()["triton"]
         if not info["available"]:
             raise RuntimeError(f"dtkernels backend 'triton' was forced but is unavailable: {info['detail']}")
-        return _triton_feat_loss
+        return _TRITON_IMPLS[op]
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def _feat_loss_impl(backend: str) -> Callable:
+    return _impl("feat_loss", backend)
 
 
 class _ForcedFeatLoss(torch.autograd.Function):
@@ -252,3 +272,101 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
         loss, mse, at, _ = torch.ops.dtkernels.feat_loss(list(student), list(teacher), *params)
         return loss, mse, at
     return _ForcedFeatLoss.apply(_feat_loss_impl(backend), params, len(student), *student, *teacher)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# soft_ce
+# --------------------------------------------------------------------------------------------------------------
+SOFT_CE_SCHEMA = ("soft_ce(Tensor student, Tensor teacher, Tensor? mask, float tau, float scale, int reduction, "
+                  "bool compute_grad) -> (Tensor, Tensor)")
+SOFT_CE_BACKWARD_SCHEMA = ("soft_ce_backward(Tensor student, Tensor teacher, Tensor? mask, Tensor grad_loss, "
+                           "float tau, float scale) -> Tensor")
+lib.define(SOFT_CE_SCHEMA)
+lib.define(SOFT_CE_BACKWARD_SCHEMA)
+
+
+@torch.library.impl(lib, "soft_ce", "CompositeExplicitAutograd")
+def _soft_ce_fallback(student, teacher, mask, tau, scale, reduction, compute_grad):
+    _warn_fallback("soft_ce", student.device)
+    return reference.soft_ce_op(student, teacher, mask, tau, scale, reduction, compute_grad)
+
+
+@torch.library.impl(lib, "soft_ce_backward", "CompositeExplicitAutograd")
+def _soft_ce_backward_fallback(student, teacher, mask, grad_loss, tau, scale):
+    _warn_fallback("soft_ce", student.device)
+    return reference.soft_ce_backward_op(student, teacher, mask, grad_loss, tau, scale)
+
+
+if _TRITON_ERROR is None:
+    lib.impl("soft_ce", _TRITON_IMPLS["soft_ce"], "CUDA")
+    lib.impl("soft_ce_backward", _TRITON_IMPLS["soft_ce_backward"], "CUDA")
+
+
+@torch.library.register_fake("dtkernels::soft_ce")
+def _soft_ce_fake(student, teacher, mask, tau, scale, reduction, compute_grad):
+    dt = reference.compute_dtype(student)
+    shape = (student.shape[0], student.shape[2]) if reduction == 0 else ()
+    grad = torch.empty_like(student) if (compute_grad and reduction != 0) else student.new_empty((0,))
+    return student.new_empty(shape, dtype=dt), grad
+
+
+@torch.library.register_fake("dtkernels::soft_ce_backward")
+def _soft_ce_backward_fake(student, teacher, mask, grad_loss, tau, scale):
+    return torch.empty_like(student)
+
+
+def _soft_ce_setup_context(ctx, inputs, output):
+    student, teacher, mask, tau, scale, reduction, compute_grad = inputs
+    ctx.reduction, ctx.tau, ctx.scale, ctx.compute_grad = reduction, tau, scale, compute_grad
+    if reduction == 0:
+        ctx.save_for_backward(student, teacher, mask)
+    else:
+        ctx.save_for_backward(output[1])
+
+
+def _soft_ce_backward(ctx, grad_loss, grad_grad):
+    if not ctx.compute_grad:
+        raise RuntimeError("dtkernels.soft_ce: backward called on a call made with compute_grad=False")
+    if ctx.reduction == 0:
+        student, teacher, mask = ctx.saved_tensors
+        grad = torch.ops.dtkernels.soft_ce_backward(student, teacher, mask, grad_loss, ctx.tau, ctx.scale)
+    else:
+        (grad,) = _scale_grads(ctx.saved_tensors, grad_loss)
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd("dtkernels::soft_ce", _soft_ce_backward, setup_context=_soft_ce_setup_context)
+
+
+class _ForcedSoftCE(torch.autograd.Function):
+    """Autograd wrapper used when a backend is forced; same formula as the registered op's backward."""
+
+    @staticmethod
+    def forward(ctx, backend, student, teacher, mask, tau, scale, reduction, compute_grad):
+        loss, grad = _impl("soft_ce", backend)(student, teacher, mask, tau, scale, reduction, compute_grad)
+        ctx.backend, ctx.reduction, ctx.tau, ctx.scale, ctx.compute_grad = backend, reduction, tau, scale, compute_grad
+        if reduction == 0:
+            ctx.save_for_backward(student, teacher, mask)
+        else:
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if not ctx.compute_grad:
+            raise RuntimeError("dtkernels.soft_ce: backward called on a call made with compute_grad=False")
+        if ctx.reduction == 0:
+            student, teacher, mask = ctx.saved_tensors
+            grad = _impl("soft_ce_backward", ctx.backend)(student, teacher, mask, grad_loss, ctx.tau, ctx.scale)
+        else:
+            (grad,) = _scale_grads(ctx.saved_tensors, grad_loss)
+        return None, grad, None, None, None, None, None, None
+
+
+def soft_ce(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, tau: float, scale: float,
+            reduction: int, compute_grad: bool) -> torch.Tensor:
+    """Run ``dtkernels::soft_ce`` on canonical ``[B, K, P]`` inputs on the forced backend or the dispatcher."""
+    backend = get_backend()
+    if backend == "auto":
+        return torch.ops.dtkernels.soft_ce(student, teacher, mask, tau, scale, reduction, compute_grad)[0]
+    return _ForcedSoftCE.apply(backend, student, teacher, mask, tau, scale, reduction, compute_grad)

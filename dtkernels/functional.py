@@ -14,7 +14,7 @@ import torch
 
 from . import _library, reference
 
-__all__ = ["FeatLossParts", "fused_feat_loss", "ln_mse_loss", "at_loss", "attention_map"]
+__all__ = ["FeatLossParts", "fused_feat_loss", "ln_mse_loss", "at_loss", "attention_map", "soft_ce"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _WHITEN_CODES = {None: 0, "channel": 1, "sample": 2}
@@ -179,3 +179,80 @@ def attention_map(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     _check_tensor(x, "x")
     p = _check_number(p, "p", minimum=1.0)
     return reference.attention_map(x, p)
+
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float = 4.0, dim: int = 1,
+            scale_by_tau_sq: bool = False, reduction: str = "mean", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Temperature-scaled soft cross-entropy ``H(softmax(t/tau), softmax(s/tau))`` per position, for dense logits.
+
+    One pass over both inputs with an online softmax; math in fp32 (fp64 for float64) from the raw logits.
+
+    Args:
+        student_logits: ``[B, K, H, W]`` (NCHW or channels_last) or ``[N, K]``, class axis ``dim``; float32,
+            float16, bfloat16 or float64. Receives the gradient.
+        teacher_logits: same shape; any floating dtype (may differ from the student's). Never receives a gradient.
+        tau: temperature, ``> 0`` (DreamTeacher uses 4).
+        dim: the class axis.
+        scale_by_tau_sq: multiply the loss by ``tau**2`` (Hinton's convention); the paper states no such factor.
+        reduction: ``"mean"`` over positions (over valid positions with ``mask``; 0 with a zero gradient when none
+            is valid), ``"sum"``, or ``"none"`` for the per-position map (the input's shape without ``dim``).
+        mask: optional bool or float weights of shape ``[B, H, W]`` (``[N]`` for 2-D logits). Positions where it is
+            0 are skipped entirely: they contribute nothing and NaN logits there do not propagate.
+
+    Returns:
+        float32 loss (float64 for float64 student logits): 0-dim, or the per-position map for ``"none"``.
+    """
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a floating dtype (float32, float16, bfloat16 or float64), "
+                            f"got {x.dtype}")
+        if x.dim() not in (2, 4):
+            raise ValueError(f"{name}: expected [B, K, H, W] or [N, K], got {x.dim()}-D with shape {tuple(x.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits: expected the shape of student_logits {tuple(student_logits.shape)}, "
+                         f"got {tuple(teacher_logits.shape)}")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits: expected the device of student_logits ({student_logits.device}), "
+                         f"got {teacher_logits.device}")
+    ndim = student_logits.dim()
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
+        raise ValueError(f"dim: expected an integer in [{-ndim}, {ndim - 1}] for {ndim}-D logits, got {dim!r}")
+    dim = dim % ndim
+    tau = _check_number(tau, "tau", minimum=0.0, strict=True)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    if student_logits.numel() == 0:
+        raise ValueError(f"student_logits: expected a non-empty tensor, got shape {tuple(student_logits.shape)}")
+
+    # Canonical [B, K, P] views (no copy for NCHW, channels_last or [N, K] row-major inputs).
+    def canonical(x: torch.Tensor) -> torch.Tensor:
+        if ndim == 2:
+            return x.movedim(dim, 0).unsqueeze(0)
+        return x.movedim(dim, 1).reshape(x.shape[0] if dim != 0 else x.shape[1], x.shape[dim], -1)
+
+    s, t = canonical(student_logits), canonical(teacher_logits.detach())
+    pos_shape = tuple(n for i, n in enumerate(student_logits.shape) if i != dim)
+    m = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != pos_shape:
+            raise ValueError(f"mask: expected shape {pos_shape} (the logits without the class axis), "
+                             f"got {tuple(mask.shape)}")
+        if mask.device != student_logits.device:
+            raise ValueError(f"mask: expected the device of student_logits ({student_logits.device}), "
+                             f"got {mask.device}")
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise TypeError(f"mask: expected a bool or floating dtype, got {mask.dtype}")
+        m = mask.reshape(s.shape[0], s.shape[2]).to(reference.compute_dtype(student_logits))
+    scale = tau * tau if scale_by_tau_sq else 1.0
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss = _library.soft_ce(s, t, m, tau, scale, _REDUCTIONS[reduction], compute_grad)
+    if reduction == "none":
+        return loss.reshape(pos_shape)
+    return loss

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import functional as F
 
-__all__ = ["FusedFeatLoss"]
+__all__ = ["FusedFeatLoss", "SoftCrossEntropy"]
 
 
 class FusedFeatLoss(nn.Module):
@@ -46,3 +46,23 @@ class FusedFeatLoss(nn.Module):
         return (f"mse_weight={self.mse_weight}, at_weight={self.at_weight}, at_p={self.at_p}, "
                 f"at_mode={self.at_mode!r}, whiten={self.whiten!r}, eps={self.eps}, "
                 f"level_weights={self.level_weights}, return_parts={self.return_parts}")
+
+
+class SoftCrossEntropy(nn.Module):
+    """Module form of :func:`dtkernels.soft_ce` (label distillation with temperature ``tau``)."""
+
+    def __init__(self, *, tau: float = 4.0, dim: int = 1, scale_by_tau_sq: bool = False,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        F._check_number(tau, "tau", minimum=0.0, strict=True)
+        if reduction not in F._REDUCTIONS:
+            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+        self.tau, self.dim, self.scale_by_tau_sq, self.reduction = float(tau), dim, scale_by_tau_sq, reduction
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.soft_ce(student_logits, teacher_logits, tau=self.tau, dim=self.dim,
+                         scale_by_tau_sq=self.scale_by_tau_sq, reduction=self.reduction, mask=mask)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, dim={self.dim}, scale_by_tau_sq={self.scale_by_tau_sq}, reduction={self.reduction!r}"

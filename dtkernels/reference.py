@@ -47,6 +47,10 @@ __all__ = [
     "fused_feat_loss",
     "feat_loss_level_grad",
     "feat_loss_op",
+    "SOFT_CE_REDUCTIONS",
+    "soft_ce",
+    "soft_ce_op",
+    "soft_ce_backward_op",
 ]
 
 #: Lower bound on the L2 norm of an attention map, as in ``torch.nn.functional.normalize``.
@@ -208,3 +212,122 @@ def feat_loss_op(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor
                 g.copy_(feat_loss_level_grad(s, t, c, mse_weight, at_weight, at_p, mode, whiten_mode, eps))
                 grads.append(g)
     return loss, torch.stack(mse_parts), torch.stack(at_parts), grads
+
+
+# --------------------------------------------------------------------------------------------------------------
+# soft_ce: temperature-scaled soft cross-entropy (label distillation)
+# --------------------------------------------------------------------------------------------------------------
+#
+# Per position p (every index except the class axis): with ``pt = softmax(t_p / tau)`` and
+# ``log ps = log_softmax(s_p / tau)`` over the K classes,
+#
+#     l_p = scale * (-sum_k pt_k * log ps_k),        d l_p / d s_pk = scale * (ps_k - pt_k) / tau,
+#
+# where ``scale`` is ``tau**2`` with ``scale_by_tau_sq`` (Hinton's convention) and 1 otherwise (the DreamTeacher
+# paper). A mask ``m_p`` (bool or float weights) multiplies ``l_p``; positions with ``m_p == 0`` are skipped
+# entirely (not computed, so NaN logits there do not propagate: the caller said to ignore them). Reductions:
+# ``"none"`` -> the map ``m_p * l_p``; ``"sum"`` -> ``sum_p m_p * l_p``; ``"mean"`` -> ``sum_p m_p * l_p / sum_p m_p``
+# (``/ P`` without a mask), defined as 0 with a zero gradient when no position is valid (``sum_p m_p == 0``).
+#
+# Canonical layout used by the op: ``[B, K, P]`` with any strides (class axis 1, positions flattened), mask
+# ``[B, P]`` float or None.
+
+SOFT_CE_REDUCTIONS = ("none", "mean", "sum")
+
+
+def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 4.0, dim: int = 1,
+            scale_by_tau_sq: bool = False, reduction: str = "mean",
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft cross-entropy ``H(softmax(t/tau), softmax(s/tau))`` as a user writes it with ``log_softmax``.
+
+    Args:
+        student_logits: ``[B, K, H, W]`` or ``[N, K]`` (class axis ``dim``); receives the gradient.
+        teacher_logits: same shape, any floating dtype; never receives a gradient.
+        tau: temperature, ``> 0``.
+        dim: the class axis.
+        scale_by_tau_sq: multiply by ``tau**2``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the per-position map, shape of the input without ``dim``).
+        mask: optional ``[B, H, W]`` / ``[N]`` bool or float weights of valid positions.
+
+    Returns:
+        The loss in the compute dtype (float32, or float64 for float64 student logits).
+    """
+    dt = compute_dtype(student_logits)
+    s = student_logits.to(dt)
+    t = teacher_logits.detach().to(dt)
+    log_ps = torch.log_softmax(s / tau, dim=dim)
+    pt = torch.softmax(t / tau, dim=dim)
+    per_pos = -(pt * log_ps).sum(dim=dim)
+    if scale_by_tau_sq:
+        per_pos = per_pos * (tau * tau)
+    if mask is not None:
+        m = mask.to(dt)
+        per_pos = torch.where(m != 0, per_pos * m, torch.zeros_like(per_pos))
+    if reduction == "none":
+        return per_pos
+    if reduction == "sum":
+        return per_pos.sum()
+    if reduction == "mean":
+        if mask is None:
+            return per_pos.mean()
+        denom = mask.to(dt).sum()
+        return torch.where(denom != 0, per_pos.sum() / torch.where(denom != 0, denom, 1.0), per_pos.sum() * 0)
+    raise ValueError(f"reduction: expected one of {SOFT_CE_REDUCTIONS}, got {reduction!r}")
+
+
+_REDUCTION_CODES = {0: "none", 1: "mean", 2: "sum"}
+
+
+def soft_ce_op(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, tau: float, scale: float,
+               reduction: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of the ``dtkernels::soft_ce`` op on canonical ``[B, K, P]`` inputs.
+
+    Args:
+        student, teacher: ``[B, K, P]`` logits (any strides; dtypes may differ).
+        mask: ``[B, P]`` float weights, or None.
+        scale: 1 or ``tau**2``.
+        reduction: 0 = none, 1 = mean, 2 = sum.
+        compute_grad: for ``mean``/``sum``, also return ``d loss / d student`` for ``grad_output == 1``.
+
+    Returns:
+        ``loss`` (``[B, P]`` for none, 0-dim otherwise; float32, float64 for float64 students) and the gradient
+        (dtype and layout of ``torch.empty_like(student)``), or an empty ``[0]`` tensor when not computed.
+    """
+    dt = compute_dtype(student)
+    with torch.no_grad():
+        loss = soft_ce(student, teacher, tau, 1, False, _REDUCTION_CODES[reduction], mask) * scale
+        if not compute_grad or reduction == 0:
+            return loss.to(dt), student.new_empty((0,))
+        weights = torch.ones(student.shape[0], student.shape[2], dtype=dt, device=student.device)
+        if mask is not None:
+            weights = mask.to(dt)
+        if reduction == 1:
+            denom = weights.sum()
+            weights = weights / denom if float(denom) != 0 else torch.zeros_like(weights)
+        grad = torch.empty_like(student)
+        grad.copy_(soft_ce_backward_op(student, teacher, mask, weights, tau, scale, apply_mask=False))
+    return loss.to(dt), grad
+
+
+def soft_ce_backward_op(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None,
+                        grad_loss: torch.Tensor, tau: float, scale: float, apply_mask: bool = True) -> torch.Tensor:
+    """Reference of ``dtkernels::soft_ce_backward``: the student gradient for a per-position upstream gradient.
+
+    ``grad[b, k, p] = grad_loss[b, p] * m[b, p] * scale * (ps_k - pt_k) / tau`` (zero where ``m == 0``).
+
+    Returns:
+        ``[B, K, P]`` with the dtype and layout of ``torch.empty_like(student)``.
+    """
+    dt = compute_dtype(student)
+    with torch.no_grad():
+        ps = torch.softmax(student.to(dt) / tau, dim=1)
+        pt = torch.softmax(teacher.to(dt) / tau, dim=1)
+        w = grad_loss.to(dt)
+        if apply_mask and mask is not None:
+            w = w * mask.to(dt)
+        g = (ps - pt) * (w * (scale / tau)).unsqueeze(1)
+        if mask is not None:
+            g = torch.where((mask != 0).unsqueeze(1), g, torch.zeros_like(g))
+        out = torch.empty_like(student)
+        out.copy_(g)
+    return out

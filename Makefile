@@ -1,0 +1,39 @@
+# Each target creates .venv and installs what it needs first; `make test` is what CI runs.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.dtkernels-installed
+CSRC   := $(wildcard csrc/*.cpp csrc/*.h)
+
+.PHONY: install test test-all bench demo lint clean
+
+install: $(STAMP)
+
+# torch and torchvision come from this machine's disk (a CUDA build that also runs on the CPU); the package is
+# installed without build isolation because its C++ extension is compiled against that torch.
+$(STAMP): pyproject.toml setup.py $(CSRC)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet "setuptools>=64" wheel ninja
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
+	$(BIN)/python -c "import dtkernels, json; print(json.dumps(dtkernels.backends(), indent=1, default=str))"
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+bench: $(STAMP)
+	mkdir -p .benchmarks
+	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-json=.benchmarks/latest.json
+	$(BIN)/python benchmarks/summarize.py .benchmarks/latest.json
+
+demo: $(STAMP)
+	@echo "make demo arrives with the dreamteacher training framework (issue 5); today the repository ships the"
+	@echo "dtkernels library: see README.md, 'make test' and 'make bench'."
+
+lint: $(STAMP)
+	$(BIN)/pip install --quiet ruff
+	$(BIN)/ruff check dtkernels tests benchmarks
+
+clean:
+	rm -rf build dtkernels/_C*.so *.egg-info .pytest_cache
