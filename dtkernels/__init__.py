@@ -6,7 +6,7 @@ reference in :mod:`dtkernels.reference`. :func:`backends` says which are availab
 
 from . import reference
 from ._library import backends, get_backend, set_backend, use_backend
-from .functional import FeatLossParts, at_loss, attention_map, fused_feat_loss, ln_mse_loss, soft_ce
+from .functional import FeatLossParts, at_loss, attention_map, fused_feat_loss, ln_mse_loss, q_sample, soft_ce
 from .modules import FusedFeatLoss, SoftCrossEntropy
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "FeatLossParts",
     "FusedFeatLoss",
     "soft_ce",
+    "q_sample",
     "SoftCrossEntropy",
     "backends",
     "get_backend",

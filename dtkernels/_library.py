@@ -370,3 +370,81 @@ def soft_ce(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | N
     if backend == "auto":
         return torch.ops.dtkernels.soft_ce(student, teacher, mask, tau, scale, reduction, compute_grad)[0]
     return _ForcedSoftCE.apply(backend, student, teacher, mask, tau, scale, reduction, compute_grad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# q_sample
+# --------------------------------------------------------------------------------------------------------------
+Q_SAMPLE_SCHEMA = ("q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor? noise, int seed, bool return_noise)"
+                   " -> (Tensor, Tensor)")
+lib.define(Q_SAMPLE_SCHEMA)
+_REFERENCE_IMPLS["q_sample"] = reference.q_sample_op
+_TRITON_IMPLS["q_sample"] = _triton_launcher("q_sample", "q_sample")
+
+
+@torch.library.impl(lib, "q_sample", "CompositeExplicitAutograd")
+def _q_sample_fallback(x0, t, alphas_cumprod, noise, seed, return_noise):
+    _warn_fallback("q_sample", x0.device)
+    return reference.q_sample_op(x0, t, alphas_cumprod, noise, seed, return_noise)
+
+
+if _TRITON_ERROR is None:
+    lib.impl("q_sample", _TRITON_IMPLS["q_sample"], "CUDA")
+
+
+@torch.library.register_fake("dtkernels::q_sample")
+def _q_sample_fake(x0, t, alphas_cumprod, noise, seed, return_noise):
+    eps = torch.empty_like(x0) if (return_noise and noise is None) else x0.new_empty((0,))
+    return torch.empty_like(x0), eps
+
+
+def _q_sample_coefficients(x0, t, alphas_cumprod):
+    dt = reference.compute_dtype(x0)
+    abar = alphas_cumprod.to(device=x0.device, dtype=dt)[t.to(x0.device).long()]
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return abar.sqrt().view(shape), (1.0 - abar).sqrt().view(shape)
+
+
+def _q_sample_setup_context(ctx, inputs, output):
+    x0, t, alphas_cumprod, noise, seed, return_noise = inputs
+    ctx.save_for_backward(t, alphas_cumprod)
+    ctx.x0_meta = (x0.dtype, x0.dim())
+    ctx.has_noise = noise is not None
+
+
+def _q_sample_backward(ctx, grad_xt, grad_eps):
+    t, alphas_cumprod = ctx.saved_tensors
+    a, b = _q_sample_coefficients(grad_xt, t, alphas_cumprod)
+    grad_x0 = (grad_xt * a).to(ctx.x0_meta[0])
+    grad_noise = (grad_xt * b).to(grad_xt.dtype) if ctx.has_noise else None
+    return grad_x0, None, None, grad_noise, None, None
+
+
+torch.library.register_autograd("dtkernels::q_sample", _q_sample_backward, setup_context=_q_sample_setup_context)
+
+
+class _ForcedQSample(torch.autograd.Function):
+    """Autograd wrapper used when a backend is forced; same formula as the registered op's backward."""
+
+    @staticmethod
+    def forward(ctx, backend, x0, t, alphas_cumprod, noise, seed, return_noise):
+        x_t, eps = _impl("q_sample", backend)(x0, t, alphas_cumprod, noise, seed, return_noise)
+        ctx.save_for_backward(t, alphas_cumprod)
+        ctx.x0_meta = (x0.dtype, x0.dim())
+        ctx.has_noise = noise is not None
+        ctx.mark_non_differentiable(eps)
+        return x_t, eps
+
+    @staticmethod
+    def backward(ctx, grad_xt, grad_eps):
+        grad_x0, _, _, grad_noise, _, _ = _q_sample_backward(ctx, grad_xt, grad_eps)
+        return None, grad_x0, None, None, grad_noise, None, None
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None, seed: int,
+             return_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``dtkernels::q_sample`` on the forced backend or through the dispatcher."""
+    backend = get_backend()
+    if backend == "auto":
+        return torch.ops.dtkernels.q_sample(x0, t, alphas_cumprod, noise, seed, return_noise)
+    return _ForcedQSample.apply(backend, x0, t, alphas_cumprod, noise, seed, return_noise)

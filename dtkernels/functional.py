@@ -14,7 +14,7 @@ import torch
 
 from . import _library, reference
 
-__all__ = ["FeatLossParts", "fused_feat_loss", "ln_mse_loss", "at_loss", "attention_map", "soft_ce"]
+__all__ = ["FeatLossParts", "fused_feat_loss", "ln_mse_loss", "at_loss", "attention_map", "soft_ce", "q_sample"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _WHITEN_CODES = {None: 0, "channel": 1, "sample": 2}
@@ -256,3 +256,70 @@ def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: 
     if reduction == "none":
         return loss.reshape(pos_shape)
     return loss
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None = None, *,
+             seed: int | None = None, return_noise: bool = False):
+    """One-step forward diffusion ``x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps`` with one timestep per sample.
+
+    With ``noise`` given this equals diffusers' ``DDPMScheduler.add_noise(x0, noise, t)`` within float rounding.
+    Without it, ``eps`` is drawn inside the kernel from a counter-based Philox4x32-10 stream keyed by ``seed`` (the
+    stream of ``tl.randn4x``; see :mod:`dtkernels.reference`), so no noise tensor exists unless ``return_noise``.
+    The same seed gives the same noise on every backend (within libm rounding of log/sin/cos).
+
+    Args:
+        x0: ``[B, ...]`` clean samples (floating; NCHW or channels_last; the output keeps the layout).
+        t: ``[B]`` integer timesteps, each in ``[0, T)``.
+        alphas_cumprod: ``[T]`` floating, values in ``(0, 1]`` (e.g. ``scheduler.alphas_cumprod``; any device).
+        noise: optional ``eps`` with ``x0``'s shape.
+        seed: 64-bit key of the noise stream; when None one is drawn from torch's default CPU generator, so
+            ``torch.manual_seed`` makes runs repeatable. Ignored when ``noise`` is given.
+        return_noise: also return ``eps`` (materialized only then).
+
+    Returns:
+        ``x_t`` (dtype and layout of ``x0``), or ``(x_t, eps)`` when ``return_noise``.
+    """
+    if not isinstance(x0, torch.Tensor) or x0.dtype not in _FLOAT_DTYPES:
+        raise TypeError("x0: expected a floating tensor (float32, float16, bfloat16 or float64), got "
+                        f"{x0.dtype if isinstance(x0, torch.Tensor) else type(x0).__name__}")
+    if x0.dim() < 1 or x0.numel() == 0:
+        raise ValueError(f"x0: expected a non-empty tensor [B, ...], got shape {tuple(x0.shape)}")
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError("t: expected an integer tensor [B] of timesteps, got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.shape != (x0.shape[0],):
+        raise ValueError(f"t: expected shape ({x0.shape[0]},) (one timestep per sample of x0), got {tuple(t.shape)}")
+    if not isinstance(alphas_cumprod, torch.Tensor) or not alphas_cumprod.is_floating_point():
+        raise TypeError("alphas_cumprod: expected a floating tensor [T]")
+    if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() == 0:
+        raise ValueError(f"alphas_cumprod: expected a non-empty 1-D tensor [T], got shape {tuple(alphas_cumprod.shape)}")
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+            raise TypeError("noise: expected a floating tensor with the shape of x0")
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise: expected the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        if noise.device != x0.device:
+            raise ValueError(f"noise: expected the device of x0 ({x0.device}), got {noise.device}")
+    if t.device != x0.device and t.device.type != "cpu":
+        raise ValueError(f"t: expected the device of x0 ({x0.device}) or the CPU, got {t.device}")
+    if _library._is_plain_eager(t) and _library._is_plain_eager(alphas_cumprod):
+        # Value checks read the data (a sync on CUDA); skipped while tracing, where they cannot run.
+        n_steps = alphas_cumprod.numel()
+        t_min, t_max = int(t.min()), int(t.max())
+        if t_min < 0 or t_max >= n_steps:
+            raise ValueError(f"t: expected timesteps in [0, {n_steps}) (len(alphas_cumprod)), got values in "
+                             f"[{t_min}, {t_max}]")
+        if not bool(((alphas_cumprod > 0) & (alphas_cumprod <= 1)).all()):
+            raise ValueError("alphas_cumprod: expected every value in (0, 1], got "
+                             f"[{float(alphas_cumprod.min())}, {float(alphas_cumprod.max())}]")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if noise is None else 0
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
+    if seed >= 2**63:
+        seed -= 2**64  # the op's int is signed 64-bit; kernels reinterpret it as unsigned
+    alphas = alphas_cumprod.to(x0.device)
+    x_t, eps = _library.q_sample(x0, t.to(x0.device), alphas, noise, seed, bool(return_noise))
+    if return_noise:
+        return x_t, (noise if noise is not None else eps)
+    return x_t

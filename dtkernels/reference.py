@@ -51,6 +51,10 @@ __all__ = [
     "soft_ce",
     "soft_ce_op",
     "soft_ce_backward_op",
+    "philox4x32",
+    "philox_normal",
+    "q_sample",
+    "q_sample_op",
 ]
 
 #: Lower bound on the L2 norm of an attention map, as in ``torch.nn.functional.normalize``.
@@ -331,3 +335,112 @@ def soft_ce_backward_op(student: torch.Tensor, teacher: torch.Tensor, mask: torc
         out = torch.empty_like(student)
         out.copy_(g)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# q_sample: one-step forward diffusion ("stochastic encoding")
+# --------------------------------------------------------------------------------------------------------------
+#
+# x_t = sqrt(abar[t_b]) * x0 + sqrt(1 - abar[t_b]) * eps, one timestep per sample b, abar = alphas_cumprod [T].
+#
+# When no noise is given, eps is a counter-based stream that every backend reproduces (integers exactly, floats
+# within libm rounding): element i of x0 in logical row-major order uses Philox4x32-10 with key
+# (seed & 0xffffffff, seed >> 32) and counter (g & 0xffffffff, g >> 32, 0, 0), g = i // 4, output word i % 4. Words
+# become uniforms as Triton's ``uint_to_uniform_float`` does (reinterpret as int32, x < 0 -> -x - 1, times 2**-31)
+# and pairs (words 0, 1) and (2, 3) become normals by Box-Muller as Triton's ``pair_uniform_to_normal`` does
+# (u1 clamped to >= 1e-7; r = sqrt(-2 ln u1); (r cos 2 pi u2, r sin 2 pi u2)). This is exactly ``tl.randn4x`` on
+# the GPU, so a seed gives the same noise on the CPU and on CUDA.
+
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _umul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a * b`` for uint32 values held in int64 tensors (no int64 overflow)."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    lo_part = a * b_lo  # < 2**48
+    hi_part = a * b_hi  # < 2**48
+    hi = (hi_part + (lo_part >> 16)) >> 16
+    lo = (lo_part + ((hi_part & 0xFFFF) << 16)) & _U32
+    return hi & _U32, lo
+
+
+def philox4x32(counter: torch.Tensor, seed: int, rounds: int = 10) -> torch.Tensor:
+    """Philox4x32 (Salmon et al., 2011) on int64 tensors holding uint32 words.
+
+    Args:
+        counter: ``[N, 4]`` int64 with values in ``[0, 2**32)``.
+        seed: 64-bit key.
+
+    Returns:
+        ``[N, 4]`` int64 random words in ``[0, 2**32)``.
+    """
+    c0, c1, c2, c3 = (counter[:, i].clone() for i in range(4))
+    seed = int(seed) % 2**64  # signed 64-bit seeds are the same key as their unsigned reinterpretation
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(rounds):
+        hi0, lo0 = _umul32(c0, _PHILOX_M0)
+        hi1, lo1 = _umul32(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W0) & _U32, (k1 + _PHILOX_W1) & _U32
+    return torch.stack([c0, c1, c2, c3], dim=1)
+
+
+def philox_normal(numel: int, seed: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The noise stream of :func:`q_sample`: ``numel`` standard normals for ``seed`` (the spec of every backend)."""
+    groups = (numel + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    counter = torch.stack([g & _U32, g >> 32, torch.zeros_like(g), torch.zeros_like(g)], dim=1)
+    words = philox4x32(counter, int(seed))
+    signed = torch.where(words >= 2**31, words - 2**32, words)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    u = signed.to(torch.float64) * 4.6566127342e-10
+    u = u.to(torch.float32).to(torch.float64)  # Triton rounds the uniforms to float32
+    u1 = torch.clamp(u[:, 0::2], min=1e-7)
+    u2 = u[:, 1::2]
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    th = 6.283185307179586 * u2
+    normals = torch.stack([r * torch.cos(th), r * torch.sin(th)], dim=2)  # [G, 2 pairs, 2]
+    return normals.reshape(-1)[:numel].to(dtype)
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None = None,
+             seed: int = 0, return_noise: bool = False):
+    """``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` per sample (diffusers' ``add_noise`` when ``noise`` is given).
+
+    Args:
+        x0: ``[B, ...]`` clean samples.
+        t: ``[B]`` integer timesteps in ``[0, T)``.
+        alphas_cumprod: ``[T]`` cumulative products of the noise schedule's alphas, in ``(0, 1]``.
+        noise: optional ``eps`` of ``x0``'s shape; drawn from the Philox stream for ``seed`` when None.
+        seed: key of the noise stream.
+        return_noise: also return ``eps``.
+
+    Returns:
+        ``x_t`` in ``x0``'s dtype (math in float32, float64 for float64), and ``eps`` when ``return_noise``.
+    """
+    dt = compute_dtype(x0)
+    if noise is None:
+        noise = philox_normal(x0.numel(), seed, dt, x0.device).view(x0.shape)
+    abar = alphas_cumprod.to(device=x0.device, dtype=dt)[t.to(x0.device).long()]
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    out = (abar.sqrt().view(shape) * x0.to(dt) + (1.0 - abar).sqrt().view(shape) * noise.to(dt)).to(x0.dtype)
+    return (out, noise.to(x0.dtype)) if return_noise else out
+
+
+def q_sample_op(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None,
+                seed: int, return_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``dtkernels::q_sample``: ``(x_t, eps)``; ``eps`` is an empty ``[0]`` tensor unless
+    ``return_noise`` (when ``noise`` is given it is not returned again). ``x_t`` has the layout of
+    ``torch.empty_like(x0)``."""
+    with torch.no_grad():
+        out, eps = q_sample(x0, t, alphas_cumprod, noise, seed, return_noise=True)
+        x_t = torch.empty_like(x0)
+        x_t.copy_(out)
+        if not return_noise or noise is not None:
+            return x_t, x0.new_empty((0,))
+        e = torch.empty_like(x0)
+        e.copy_(eps.view(x0.shape))
+        return x_t, e
