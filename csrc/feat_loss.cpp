@@ -1,0 +1,864 @@
+// CPU kernel of dtkernels::feat_loss (multi-level DreamTeacher feature-distillation loss and its student gradient).
+//
+// The op computes exactly dtkernels.reference.feat_loss_op; the formulas (whitening, MSE, attention transfer and the
+// analytic gradient) are written out in the docstring of dtkernels/reference.py.
+//
+// Work decomposition
+// ------------------
+// A level's student / teacher are [B, C, H, W]; an element lives at b*sb + c*sc + j*shw with j = h*W + w (H and W
+// must flatten: stride_h == W * stride_w). Two layouts run without a copy:
+//   * kHW ("NCHW-like", shw == 1, which includes channel-sliced views x[:, ::2]): vectorized over positions j. A
+//     tile of `tile` contiguous positions across all C channels (C rows of `tile` contiguous elements, stride sc) is
+//     the unit of the channel reductions, so the rows are contiguous chunks and the tile stays cache resident while
+//     it is re-read by the two-pass LayerNorm statistics.
+//   * kC ("NHWC-like", sc == 1, channels_last): vectorized over channels, one position (a row of C contiguous
+//     values) at a time.
+// Anything else (e.g. spatially sliced views whose H and W do not flatten) is copied to NCHW-contiguous; a teacher
+// whose layout does not match the student's is copied to the student's memory format; and when
+// torch.empty_like(student) (the gradient's required layout) does not fit the kernel layout, the gradient is
+// written to a scratch tensor and copied into it.
+//
+// The gradient needs per-sample norms of the attention maps over all H*W positions, i.e. a second touch of s and t
+// after a per-sample reduction. Samples are therefore processed in "waves" whose student + teacher bytes fit in the
+// shared L3 (kWaveBytes): pass 1 runs in parallel over position chunks of the wave's samples (whitening statistics,
+// attention maps a_s / a_t, MSE partial sums); then the per-sample attention scalars are computed; then pass 2
+// re-reads s and t (now from L2 / L3: at::parallel_for gives every thread the same chunk range in both passes, and
+// pass 2 walks it backwards so the most recently read tiles are reused first) and writes the gradient.
+// Forward-only calls with channel / no whitening need a single pass and a single wave.
+//
+// Determinism: every partial sum is stored per chunk (the chunk decomposition depends only on the shapes) and merged
+// in a fixed order on one thread, so results do not depend on the thread count or on scheduling.
+// Accumulation is in float for float / Half / BFloat16 inputs (per-position sums over C, per-tile sums in double)
+// and in double for double inputs; per-sample attention scalars are computed in double.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "utils.h"
+
+namespace dtkernels {
+namespace {
+
+constexpr const char* kOp = "feat_loss";
+constexpr double kAtNormEps = 1e-12;  // dtkernels.reference.AT_NORM_EPS
+constexpr int64_t kMaxTile = 256;     // max positions per kHW tile (size of the per-position stack buffers)
+constexpr int64_t kTileElems = 8192;  // target C * tile of a kHW tile (32 KiB of float32 per tensor)
+constexpr int64_t kChunkElems = 32768;                  // target elements per parallel work item
+constexpr int64_t kWaveBytes = int64_t(16) << 20;       // student + teacher bytes of one wave (half the L3)
+
+enum class Layout { kHW, kC };
+enum class PowMode { kP1, kP2, kP3, kGeneral };
+
+struct Params {
+  int64_t whiten;   // 0 none, 1 channel, 2 sample
+  int64_t at_mode;  // 0 paper, 1 mean_sq
+  double p;
+  double mse_w;
+  double at_w;
+  double eps;
+  bool grad;
+  bool grad_mse;  // mse_w != 0: the gradient has the MSE term
+  bool grad_at;   // at_w != 0: the gradient has the attention term
+};
+
+struct View {
+  int64_t sb, sc, shw;  // element strides of sample, channel and flattened position
+};
+
+struct Chunk {
+  int64_t level;
+  int64_t b;
+  int64_t j0, j1;  // positions [j0, j1) of sample b
+};
+
+struct ChunkOut {
+  double mse = 0.0;    // sum (s - W(t))^2
+  double sum_t = 0.0;  // sum t (sample whitening)
+  double sq_t = 0.0;   // sum (t - mean_b)^2 (sample whitening)
+};
+
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// |x|^p
+template <PowMode PM, typename V>
+inline V pow_abs(const V& x, const V& p) {
+  if constexpr (PM == PowMode::kP1) {
+    return x.abs();
+  } else if constexpr (PM == PowMode::kP2) {
+    return x * x;
+  } else if constexpr (PM == PowMode::kP3) {
+    return x.abs() * x * x;
+  } else {
+    return x.abs().pow(p);
+  }
+}
+
+// d|x|^p / dx = p |x|^(p-1) sign(x), with torch.sign semantics (sign(0) = sign(nan) = 0).
+template <PowMode PM, typename V>
+inline V dphi(const V& x, const V& p, const V& pm1) {
+  const V zero(0), one(1);
+  if constexpr (PM == PowMode::kP1) {
+    return ((x > zero) & one) - ((x < zero) & one);
+  } else if constexpr (PM == PowMode::kP2) {
+    return x + x;
+  } else if constexpr (PM == PowMode::kP3) {
+    return V(3) * x.abs() * x;
+  } else {
+    const V sign = ((x > zero) & one) - ((x < zero) & one);
+    return p * x.abs().pow(pm1) * sign;
+  }
+}
+
+class LevelBase {
+ public:
+  LevelBase(int64_t B, int64_t C, int64_t HW, Layout layout, int64_t elem_bytes, double coef, const Params& P)
+      : B(B), C(C), HW(HW), layout(layout), elem_bytes(elem_bytes), coef(coef), P(P), mse_b(B, 0.0), at_b(B, 0.0) {}
+  virtual ~LevelBase() = default;
+
+  virtual void pass1(const Chunk& ch, ChunkOut& out) = 0;     // a_s, a_t; channel / none: MSE; sample: sum t
+  virtual void pass_var(const Chunk& ch, ChunkOut& out) = 0;  // sample whitening: sum (t - mean_b)^2
+  virtual void pass2(const Chunk& ch, ChunkOut& out) = 0;     // gradient; sample whitening: MSE
+  virtual void set_sample_stats(int64_t b, double mean, double rstd) = 0;
+  virtual void finish_sample(int64_t b) = 0;  // attention scalars of sample b (at_b[b] and the grad coefficients)
+
+  int64_t tile = kMaxTile;  // positions per kHW tile
+
+  void append_chunks(int64_t level, int64_t b, std::vector<Chunk>& chunks) const {
+    int64_t per;
+    if (layout == Layout::kHW) {
+      per = tile * std::max<int64_t>(1, kChunkElems / (C * tile));
+    } else {
+      per = std::max<int64_t>(1, kChunkElems / C);
+    }
+    for (int64_t j0 = 0; j0 < HW; j0 += per) chunks.push_back({level, b, j0, std::min(HW, j0 + per)});
+  }
+
+  const int64_t B, C, HW;
+  const Layout layout;
+  const int64_t elem_bytes;  // bytes of one student + one teacher element
+  const double coef;
+  const Params& P;
+  std::vector<double> mse_b;  // per sample sum of squared differences
+  std::vector<double> at_b;   // per sample ||d_b|| (paper) or sum_j d_bj^2 (mean_sq)
+};
+
+template <typename T, PowMode PM>
+class Level final : public LevelBase {
+  using A = acc_type_t<T>;
+  using Vec = AccVec<T>;
+  static constexpr int64_t kW = Vec::size();
+
+ public:
+  Level(const T* s, const T* t, T* g, View vs, View vt, View vg, int64_t B, int64_t C, int64_t HW, Layout layout,
+        double coef, const Params& P)
+      : LevelBase(B, C, HW, layout, 2 * int64_t(sizeof(T)), coef, P),
+        s_(s), t_(t), g_(g), vs_(vs), vt_(vt), vg_(vg) {
+    // Per-position arrays, padded by one vector so full-vector loads at the end of the last sample stay in bounds.
+    const int64_t n = B * HW + kW;
+    as_.assign(n, A(0));
+    at_.assign(n, A(0));
+    if (P.whiten == 1) {
+      pmean_.assign(n, A(0));
+      prstd_.assign(n, A(0));
+    }
+    if (P.grad) ga_.assign(n, A(0));
+    smean_.assign(B, A(0));
+    srstd_.assign(B, A(1));
+    if (layout == Layout::kHW) {
+      int64_t tl = kMaxTile;
+      while (tl > 16 && tl * C > kTileElems) tl /= 2;  // keep a tile of t within L1 / L2
+      while (tl > kW && tl / 2 >= HW) tl /= 2;          // small H*W
+      tile = tl;
+    }
+  }
+
+  void pass1(const Chunk& ch, ChunkOut& out) override {
+    if (layout == Layout::kHW) {
+      pass1_hw(ch, out);
+    } else {
+      pass1_c(ch, out);
+    }
+  }
+  void pass_var(const Chunk& ch, ChunkOut& out) override {
+    if (layout == Layout::kHW) {
+      pass_var_hw(ch, out);
+    } else {
+      pass_var_c(ch, out);
+    }
+  }
+  void pass2(const Chunk& ch, ChunkOut& out) override {
+    if (layout == Layout::kHW) {
+      pass2_hw(ch, out);
+    } else {
+      pass2_c(ch, out);
+    }
+  }
+
+  void set_sample_stats(int64_t b, double mean, double rstd) override {
+    smean_[b] = static_cast<A>(mean);
+    srstd_[b] = static_cast<A>(rstd);
+  }
+
+  void finish_sample(int64_t b) override {
+    const A* as = as_.data() + b * HW;
+    const A* at = at_.data() + b * HW;
+    double ns2 = 0.0, nt2 = 0.0;
+    for (int64_t j = 0; j < HW; ++j) {
+      ns2 += double(as[j]) * double(as[j]);
+      nt2 += double(at[j]) * double(at[j]);
+    }
+    const double ns = std::sqrt(ns2), nt = std::sqrt(nt2);
+    // F.normalize: divide by max(norm, eps); a NaN norm stays NaN.
+    const double dens = ns < kAtNormEps ? kAtNormEps : ns;
+    const double dent = nt < kAtNormEps ? kAtNormEps : nt;
+    double dn2 = 0.0;
+    for (int64_t j = 0; j < HW; ++j) {
+      const double d = double(as[j]) / dens - double(at[j]) / dent;
+      dn2 += d * d;
+    }
+    at_b[b] = P.at_mode == 0 ? std::sqrt(dn2) : dn2;
+    if (!P.grad) return;
+    A* ga = ga_.data() + b * HW;
+    if (!P.grad_at) {
+      std::fill(ga, ga + HW, A(0));
+      return;
+    }
+    const double cw = coef * P.at_w;
+    double scale;
+    bool zero = false;
+    if (P.at_mode == 0) {
+      const double dn = std::sqrt(dn2);
+      zero = !(dn > 0.0);  // g_q = 0 where ||d_b|| == 0 (torch.where(dn > 0, ..., 0))
+      scale = zero ? 0.0 : cw / (double(B) * dn);
+    } else {
+      scale = 2.0 * cw / (double(B) * double(HW));
+    }
+    double inner = 0.0;  // <g_q, q_s>
+    if (!zero) {
+      for (int64_t j = 0; j < HW; ++j) {
+        const double qs = double(as[j]) / dens;
+        const double d = qs - double(at[j]) / dent;
+        inner += d * scale * qs;
+      }
+    }
+    const bool big = ns > kAtNormEps;
+    for (int64_t j = 0; j < HW; ++j) {
+      const double qs = double(as[j]) / dens;
+      const double gq = zero ? 0.0 : (qs - double(at[j]) / dent) * scale;
+      ga[j] = static_cast<A>(big ? (gq - qs * inner) / ns : gq / kAtNormEps);
+    }
+  }
+
+ private:
+  // ------------------------------------------------------------------------------------------------------------
+  // kHW layout: vectorized over positions; per-position accumulators live in stack buffers of kMaxTile entries.
+  // ------------------------------------------------------------------------------------------------------------
+  void pass1_hw(const Chunk& ch, ChunkOut& out) {
+    const int64_t b = ch.b;
+    const T* sbase = s_ + b * vs_.sb;
+    const T* tbase = t_ + b * vt_.sb;
+    const Vec vp(static_cast<A>(P.p));
+    const Vec vC(static_cast<A>(C));
+    const Vec veps(static_cast<A>(P.eps));
+    const Vec one(A(1));
+    __at_align__ A bsum[kMaxTile], bat[kMaxTile], bas[kMaxTile], bmse[kMaxTile], bvar[kMaxTile];
+    for (int64_t j = ch.j0; j < ch.j1; j += tile) {
+      const int64_t nj = std::min(tile, ch.j1 - j);
+      const int64_t nv = divup(nj, kW);
+      const int64_t rem = nj - (nv - 1) * kW;  // lanes of the last vector
+      const int64_t nb = nv * kW;
+      std::fill(bsum, bsum + nb, A(0));
+      std::fill(bat, bat + nb, A(0));
+      std::fill(bas, bas + nb, A(0));
+      std::fill(bmse, bmse + nb, A(0));
+      auto ld = [&](const T* p, int64_t v) { return v + 1 < nv ? load_acc(p + v * kW) : load_acc(p + v * kW, rem); };
+      if (P.whiten == 1) {
+        // LayerNorm over C at each position: mean, then biased variance (two passes over the cache-resident tile).
+        std::fill(bvar, bvar + nb, A(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const T* tr = tbase + c * vt_.sc + j;
+          for (int64_t v = 0; v < nv; ++v) {
+            const Vec x = ld(tr, v);
+            (Vec::loadu(bsum + v * kW) + x).store(bsum + v * kW);
+            (Vec::loadu(bat + v * kW) + pow_abs<PM>(x, vp)).store(bat + v * kW);
+          }
+        }
+        for (int64_t v = 0; v < nv; ++v) (Vec::loadu(bsum + v * kW) / vC).store(bsum + v * kW);  // mean
+        for (int64_t c = 0; c < C; ++c) {
+          const T* tr = tbase + c * vt_.sc + j;
+          for (int64_t v = 0; v < nv; ++v) {
+            const Vec d = ld(tr, v) - Vec::loadu(bsum + v * kW);
+            (Vec::loadu(bvar + v * kW) + d * d).store(bvar + v * kW);
+          }
+        }
+        for (int64_t v = 0; v < nv; ++v) {
+          (one / (Vec::loadu(bvar + v * kW) / vC + veps).sqrt()).store(bvar + v * kW);  // rstd
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const T* tr = tbase + c * vt_.sc + j;
+          const T* sr = sbase + c * vs_.sc + j;
+          for (int64_t v = 0; v < nv; ++v) {
+            const Vec x = ld(tr, v);
+            const Vec y = ld(sr, v);
+            const Vec d = y - (x - Vec::loadu(bsum + v * kW)) * Vec::loadu(bvar + v * kW);
+            (Vec::loadu(bmse + v * kW) + d * d).store(bmse + v * kW);
+            (Vec::loadu(bas + v * kW) + pow_abs<PM>(y, vp)).store(bas + v * kW);
+          }
+        }
+        A* pm = pmean_.data() + b * HW + j;
+        A* pr = prstd_.data() + b * HW + j;
+        std::copy(bsum, bsum + nj, pm);
+        std::copy(bvar, bvar + nj, pr);
+      } else if (P.whiten == 0) {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* tr = tbase + c * vt_.sc + j;
+          const T* sr = sbase + c * vs_.sc + j;
+          for (int64_t v = 0; v < nv; ++v) {
+            const Vec x = ld(tr, v);
+            const Vec y = ld(sr, v);
+            const Vec d = y - x;
+            (Vec::loadu(bmse + v * kW) + d * d).store(bmse + v * kW);
+            (Vec::loadu(bat + v * kW) + pow_abs<PM>(x, vp)).store(bat + v * kW);
+            (Vec::loadu(bas + v * kW) + pow_abs<PM>(y, vp)).store(bas + v * kW);
+          }
+        }
+      } else {
+        // Sample whitening: the MSE needs the sample's mean and variance, so it is computed in pass 2.
+        for (int64_t c = 0; c < C; ++c) {
+          const T* tr = tbase + c * vt_.sc + j;
+          const T* sr = sbase + c * vs_.sc + j;
+          for (int64_t v = 0; v < nv; ++v) {
+            const Vec x = ld(tr, v);
+            const Vec y = ld(sr, v);
+            (Vec::loadu(bsum + v * kW) + x).store(bsum + v * kW);
+            (Vec::loadu(bat + v * kW) + pow_abs<PM>(x, vp)).store(bat + v * kW);
+            (Vec::loadu(bas + v * kW) + pow_abs<PM>(y, vp)).store(bas + v * kW);
+          }
+        }
+        double st = 0.0;
+        for (int64_t i = 0; i < nj; ++i) st += double(bsum[i]);
+        out.sum_t += st;
+      }
+      std::copy(bas, bas + nj, as_.data() + b * HW + j);
+      std::copy(bat, bat + nj, at_.data() + b * HW + j);
+      if (P.whiten != 2) {
+        double m = 0.0;
+        for (int64_t i = 0; i < nj; ++i) m += double(bmse[i]);
+        out.mse += m;
+      }
+    }
+  }
+
+  void pass_var_hw(const Chunk& ch, ChunkOut& out) {
+    const int64_t b = ch.b;
+    const T* tbase = t_ + b * vt_.sb;
+    const Vec mean(smean_[b]);
+    __at_align__ A bvar[kMaxTile];
+    for (int64_t j = ch.j0; j < ch.j1; j += tile) {
+      const int64_t nj = std::min(tile, ch.j1 - j);
+      const int64_t nv = divup(nj, kW);
+      const int64_t rem = nj - (nv - 1) * kW;
+      std::fill(bvar, bvar + nv * kW, A(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const T* tr = tbase + c * vt_.sc + j;
+        for (int64_t v = 0; v < nv; ++v) {
+          const Vec x = v + 1 < nv ? load_acc(tr + v * kW) : load_acc(tr + v * kW, rem);
+          const Vec d = x - mean;
+          (Vec::loadu(bvar + v * kW) + d * d).store(bvar + v * kW);
+        }
+      }
+      double sq = 0.0;
+      for (int64_t i = 0; i < nj; ++i) sq += double(bvar[i]);
+      out.sq_t += sq;
+    }
+  }
+
+  void pass2_hw(const Chunk& ch, ChunkOut& out) {
+    const int64_t b = ch.b;
+    const T* sbase = s_ + b * vs_.sb;
+    const T* tbase = t_ + b * vt_.sb;
+    T* gbase = P.grad ? g_ + b * vg_.sb : nullptr;
+    const Vec vp(static_cast<A>(P.p)), vpm1(static_cast<A>(P.p - 1.0));
+    const double n_el = double(B) * double(C) * double(HW);
+    const Vec kmse(static_cast<A>(coef * P.mse_w * 2.0 / n_el));
+    const bool do_grad = P.grad;
+    const bool mse_here = P.whiten == 2;             // sample whitening: the MSE is computed here
+    const bool read_t = mse_here || (do_grad && P.grad_mse);
+    const bool use_ga = do_grad && P.grad_at;
+    const Vec smean(smean_[b]), srstd(srstd_[b]);
+    const A* pm = P.whiten == 1 ? pmean_.data() + b * HW : nullptr;
+    const A* pr = P.whiten == 1 ? prstd_.data() + b * HW : nullptr;
+    const A* ga = do_grad ? ga_.data() + b * HW : nullptr;
+    __at_align__ A bmse[kMaxTile];
+    const int64_t ntiles = divup(ch.j1 - ch.j0, tile);
+    for (int64_t k = ntiles - 1; k >= 0; --k) {  // backwards: the last tiles read by pass 1 are still in L2
+      const int64_t j = ch.j0 + k * tile;
+      const int64_t nj = std::min(tile, ch.j1 - j);
+      const int64_t nv = divup(nj, kW);
+      const int64_t rem = nj - (nv - 1) * kW;
+      if (mse_here) std::fill(bmse, bmse + nv * kW, A(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const T* sr = sbase + c * vs_.sc + j;
+        const T* tr = tbase + c * vt_.sc + j;
+        T* gr = do_grad ? gbase + c * vg_.sc + j : nullptr;
+        for (int64_t v = 0; v < nv; ++v) {
+          const int64_t n = v + 1 < nv ? kW : rem;
+          const Vec y = n == kW ? load_acc(sr + v * kW) : load_acc(sr + v * kW, n);
+          Vec diff(A(0));
+          if (read_t) {
+            const Vec x = n == kW ? load_acc(tr + v * kW) : load_acc(tr + v * kW, n);
+            Vec tw;
+            if (P.whiten == 1) {
+              tw = (x - Vec::loadu(pm + j + v * kW)) * Vec::loadu(pr + j + v * kW);
+            } else if (P.whiten == 2) {
+              tw = (x - smean) * srstd;
+            } else {
+              tw = x;
+            }
+            diff = y - tw;
+            if (mse_here) (Vec::loadu(bmse + v * kW) + diff * diff).store(bmse + v * kW);
+          }
+          if (!do_grad) continue;
+          Vec g = (do_grad && P.grad_mse) ? kmse * diff : Vec(A(0));
+          if (use_ga) g = at::vec::fmadd(Vec::loadu(ga + j + v * kW), dphi<PM>(y, vp, vpm1), g);
+          if (n == kW) {
+            store_acc(gr + v * kW, g);
+          } else {
+            store_acc(gr + v * kW, g, n);
+          }
+        }
+      }
+      if (mse_here) {
+        double m = 0.0;
+        for (int64_t i = 0; i < nj; ++i) m += double(bmse[i]);
+        out.mse += m;
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------------------------
+  // kC layout (channels_last): vectorized over channels, one position (C contiguous values) at a time.
+  // ------------------------------------------------------------------------------------------------------------
+  void pass1_c(const Chunk& ch, ChunkOut& out) {
+    const int64_t b = ch.b;
+    const Vec vp(static_cast<A>(P.p));
+    const int64_t nv = divup(C, kW);
+    const int64_t rem = C - (nv - 1) * kW;
+    A* as = as_.data() + b * HW;
+    A* at = at_.data() + b * HW;
+    double mse = 0.0, st = 0.0;
+    for (int64_t j = ch.j0; j < ch.j1; ++j) {
+      const T* tr = t_ + b * vt_.sb + j * vt_.shw;
+      const T* sr = s_ + b * vs_.sb + j * vs_.shw;
+      auto ld = [&](const T* p, int64_t v) { return v + 1 < nv ? load_acc(p + v * kW) : load_acc(p + v * kW, rem); };
+      Vec vas(A(0)), vat(A(0)), vmse(A(0));
+      if (P.whiten == 1) {
+        Vec vsum(A(0));
+        for (int64_t v = 0; v < nv; ++v) {
+          const Vec x = ld(tr, v);
+          vsum = vsum + x;
+          vat = vat + pow_abs<PM>(x, vp);
+        }
+        const A mean = static_cast<A>(hsum(vsum) / double(C));
+        const Vec vmean(mean);
+        Vec vvar(A(0));
+        for (int64_t v = 0; v < nv; ++v) {
+          const Vec d = keep_first(ld(tr, v) - vmean, v + 1 < nv ? kW : rem);
+          vvar = vvar + d * d;
+        }
+        const A var = static_cast<A>(hsum(vvar) / double(C));
+        const A rstd = A(1) / std::sqrt(var + static_cast<A>(P.eps));
+        const Vec vrstd(rstd);
+        for (int64_t v = 0; v < nv; ++v) {
+          const Vec x = ld(tr, v);
+          const Vec y = ld(sr, v);
+          const Vec d = keep_first(y - (x - vmean) * vrstd, v + 1 < nv ? kW : rem);
+          vmse = vmse + d * d;
+          vas = vas + pow_abs<PM>(y, vp);
+        }
+        pmean_[b * HW + j] = mean;
+        prstd_[b * HW + j] = rstd;
+        mse += hsum(vmse);
+      } else if (P.whiten == 0) {
+        for (int64_t v = 0; v < nv; ++v) {
+          const Vec x = ld(tr, v);
+          const Vec y = ld(sr, v);
+          const Vec d = y - x;  // zero in the padding lanes
+          vmse = vmse + d * d;
+          vat = vat + pow_abs<PM>(x, vp);
+          vas = vas + pow_abs<PM>(y, vp);
+        }
+        mse += hsum(vmse);
+      } else {
+        Vec vsum(A(0));
+        for (int64_t v = 0; v < nv; ++v) {
+          const Vec x = ld(tr, v);
+          const Vec y = ld(sr, v);
+          vsum = vsum + x;
+          vat = vat + pow_abs<PM>(x, vp);
+          vas = vas + pow_abs<PM>(y, vp);
+        }
+        st += hsum(vsum);
+      }
+      as[j] = static_cast<A>(hsum(vas));
+      at[j] = static_cast<A>(hsum(vat));
+    }
+    out.mse += mse;
+    out.sum_t += st;
+  }
+
+  void pass_var_c(const Chunk& ch, ChunkOut& out) {
+    const int64_t b = ch.b;
+    const int64_t nv = divup(C, kW);
+    const int64_t rem = C - (nv - 1) * kW;
+    const Vec mean(smean_[b]);
+    double sq = 0.0;
+    for (int64_t j = ch.j0; j < ch.j1; ++j) {
+      const T* tr = t_ + b * vt_.sb + j * vt_.shw;
+      Vec acc(A(0));
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t n = v + 1 < nv ? kW : rem;
+        const Vec d = keep_first((n == kW ? load_acc(tr + v * kW) : load_acc(tr + v * kW, n)) - mean, n);
+        acc = acc + d * d;
+      }
+      sq += hsum(acc);
+    }
+    out.sq_t += sq;
+  }
+
+  void pass2_c(const Chunk& ch, ChunkOut& out) {
+    const int64_t b = ch.b;
+    const int64_t nv = divup(C, kW);
+    const int64_t rem = C - (nv - 1) * kW;
+    const Vec vp(static_cast<A>(P.p)), vpm1(static_cast<A>(P.p - 1.0));
+    const double n_el = double(B) * double(C) * double(HW);
+    const Vec kmse(static_cast<A>(coef * P.mse_w * 2.0 / n_el));
+    const bool do_grad = P.grad;
+    const bool mse_here = P.whiten == 2;
+    const bool read_t = mse_here || (do_grad && P.grad_mse);
+    const bool use_ga = do_grad && P.grad_at;
+    double mse = 0.0;
+    for (int64_t j = ch.j1 - 1; j >= ch.j0; --j) {  // backwards: the last rows read by pass 1 are still cached
+      const T* sr = s_ + b * vs_.sb + j * vs_.shw;
+      const T* tr = t_ + b * vt_.sb + j * vt_.shw;
+      T* gr = do_grad ? g_ + b * vg_.sb + j * vg_.shw : nullptr;
+      A mean = 0, rstd = 1;
+      if (P.whiten == 1) {
+        mean = pmean_[b * HW + j];
+        rstd = prstd_[b * HW + j];
+      } else if (P.whiten == 2) {
+        mean = smean_[b];
+        rstd = srstd_[b];
+      }
+      const Vec vmean(mean), vrstd(rstd);
+      const Vec vga(do_grad ? ga_[b * HW + j] : A(0));
+      Vec vmse(A(0));
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t n = v + 1 < nv ? kW : rem;
+        const Vec y = n == kW ? load_acc(sr + v * kW) : load_acc(sr + v * kW, n);
+        Vec diff(A(0));
+        if (read_t) {
+          const Vec x = n == kW ? load_acc(tr + v * kW) : load_acc(tr + v * kW, n);
+          diff = P.whiten == 0 ? y - x : y - (x - vmean) * vrstd;
+          if (mse_here) {
+            const Vec d = keep_first(diff, n);
+            vmse = vmse + d * d;
+          }
+        }
+        if (!do_grad) continue;
+        Vec g = P.grad_mse ? kmse * diff : Vec(A(0));
+        if (use_ga) g = at::vec::fmadd(vga, dphi<PM>(y, vp, vpm1), g);
+        if (n == kW) {
+          store_acc(gr + v * kW, g);
+        } else {
+          store_acc(gr + v * kW, g, n);
+        }
+      }
+      if (mse_here) mse += hsum(vmse);
+    }
+    out.mse += mse;
+  }
+
+  const T* s_;
+  const T* t_;
+  T* g_;
+  View vs_, vt_, vg_;
+  std::vector<A> as_, at_;        // attention maps sum_c |x|^p, [B*HW] (+ padding)
+  std::vector<A> pmean_, prstd_;  // channel whitening statistics per position
+  std::vector<A> ga_;             // d loss / d a_s per position
+  std::vector<A> smean_, srstd_;  // sample whitening statistics per sample
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Layouts
+// ---------------------------------------------------------------------------------------------------------------
+
+// Stride of the flattened H*W position, if H and W flatten into one dimension.
+bool flat_hw_stride(const at::Tensor& x, int64_t& shw) {
+  const int64_t H = x.size(2), W = x.size(3);
+  if (H * W <= 1) {
+    shw = 1;
+    return true;
+  }
+  if (W == 1) {
+    shw = x.stride(2);
+    return true;
+  }
+  if (H == 1 || x.stride(2) == W * x.stride(3)) {
+    shw = x.stride(3);
+    return true;
+  }
+  return false;
+}
+
+bool fits_layout(const at::Tensor& x, Layout layout) {
+  int64_t shw;
+  if (!flat_hw_stride(x, shw)) return false;
+  if (layout == Layout::kHW) return x.size(2) * x.size(3) == 1 || shw == 1;
+  return x.size(1) == 1 || x.stride(1) == 1;
+}
+
+View make_view(const at::Tensor& x, Layout layout) {
+  int64_t shw = 1;
+  flat_hw_stride(x, shw);
+  View v{x.stride(0), x.stride(1), shw};
+  if (layout == Layout::kHW) v.shw = 1;  // H*W == 1 or already 1
+  if (layout == Layout::kC) v.sc = 1;    // C == 1 or already 1
+  return v;
+}
+
+at::MemoryFormat memory_format(Layout layout) {
+  return layout == Layout::kHW ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+}
+
+PowMode pow_mode(double p) {
+  if (p == 1.0) return PowMode::kP1;
+  if (p == 2.0) return PowMode::kP2;
+  if (p == 3.0) return PowMode::kP3;
+  return PowMode::kGeneral;
+}
+
+template <typename T>
+std::unique_ptr<LevelBase> make_level_typed(const at::Tensor& s, const at::Tensor& t, const at::Tensor& g,
+                                            Layout layout, double coef, const Params& P) {
+  const int64_t B = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
+  const View vs = make_view(s, layout), vt = make_view(t, layout);
+  const View vg = g.defined() ? make_view(g, layout) : View{0, 0, 0};
+  const T* sp = s.const_data_ptr<T>();
+  const T* tp = t.const_data_ptr<T>();
+  T* gp = g.defined() ? g.mutable_data_ptr<T>() : nullptr;
+  switch (pow_mode(P.p)) {
+    case PowMode::kP1:
+      return std::make_unique<Level<T, PowMode::kP1>>(sp, tp, gp, vs, vt, vg, B, C, HW, layout, coef, P);
+    case PowMode::kP2:
+      return std::make_unique<Level<T, PowMode::kP2>>(sp, tp, gp, vs, vt, vg, B, C, HW, layout, coef, P);
+    case PowMode::kP3:
+      return std::make_unique<Level<T, PowMode::kP3>>(sp, tp, gp, vs, vt, vg, B, C, HW, layout, coef, P);
+    default:
+      return std::make_unique<Level<T, PowMode::kGeneral>>(sp, tp, gp, vs, vt, vg, B, C, HW, layout, coef, P);
+  }
+}
+
+template <typename F>
+void parallel_chunks(int64_t n, bool backwards, const F& f) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    if (backwards) {
+      for (int64_t i = end - 1; i >= begin; --i) f(i);
+    } else {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_loss_cpu(
+    at::TensorList student, at::TensorList teacher, at::ArrayRef<double> level_coef, double mse_weight,
+    double at_weight, double at_p, int64_t at_mode, int64_t whiten, double eps, bool compute_grad) {
+  const int64_t L = static_cast<int64_t>(student.size());
+  DTK_CHECK(kOp, L > 0, "student must be a non-empty list of tensors");
+  DTK_CHECK(kOp, static_cast<int64_t>(teacher.size()) == L, "student and teacher must have the same number of levels, got ",
+            L, " and ", teacher.size());
+  DTK_CHECK(kOp, static_cast<int64_t>(level_coef.size()) == L, "level_coef must have one entry per level (", L,
+            "), got ", level_coef.size());
+  DTK_CHECK(kOp, at_mode == 0 || at_mode == 1, "at_mode must be 0 (paper) or 1 (mean_sq), got ", at_mode);
+  DTK_CHECK(kOp, whiten >= 0 && whiten <= 2, "whiten must be 0 (none), 1 (channel) or 2 (sample), got ", whiten);
+  DTK_CHECK(kOp, std::isfinite(at_p) && at_p >= 1.0, "at_p must be a finite number >= 1, got ", at_p);
+  DTK_CHECK(kOp, std::isfinite(eps) && eps >= 0.0, "eps must be a finite number >= 0, got ", eps);
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string ws = "student[" + std::to_string(l) + "]";
+    const std::string wt = "teacher[" + std::to_string(l) + "]";
+    const at::Tensor& s = student[l];
+    const at::Tensor& t = teacher[l];
+    CHECK_DEFINED(kOp, s, ws);
+    CHECK_DEFINED(kOp, t, wt);
+    CHECK_CPU(kOp, s, ws);
+    CHECK_CPU(kOp, t, wt);
+    CHECK_FLOATING(kOp, s, ws);
+    CHECK_FLOATING(kOp, t, wt);
+    CHECK_DIM(kOp, s, 4, ws + " ([B, C, H, W])");
+    CHECK_SAME_SHAPE(kOp, s, t, ws, wt);
+    CHECK_SAME_DTYPE(kOp, s, t, ws, wt);
+    CHECK_NONEMPTY(kOp, s, ws);
+  }
+
+  const at::ScalarType out_dtype = student[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto out_opts = student[0].options().dtype(out_dtype);
+  Params P{whiten, at_mode, at_p, mse_weight, at_weight, eps, compute_grad, mse_weight != 0.0, at_weight != 0.0};
+
+  // Per level: pick the kernel layout, copy what does not fit it, allocate the gradient.
+  std::vector<at::Tensor> keep;  // inputs / scratch tensors that must outlive the kernels
+  std::vector<at::Tensor> grads;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (gradient, scratch) pairs
+  std::vector<std::unique_ptr<LevelBase>> levels;
+  for (int64_t l = 0; l < L; ++l) {
+    at::Tensor s = student[l];
+    at::Tensor t = teacher[l];
+    const int64_t C = s.size(1), HW = s.size(2) * s.size(3);
+    const bool hw_ok = fits_layout(s, Layout::kHW), c_ok = fits_layout(s, Layout::kC);
+    Layout layout;
+    if (hw_ok && c_ok) {
+      layout = HW >= C ? Layout::kHW : Layout::kC;
+    } else if (hw_ok) {
+      layout = Layout::kHW;
+    } else if (c_ok) {
+      layout = Layout::kC;
+    } else {
+      // Copy: H and W do not flatten (e.g. spatially sliced) or neither C nor H*W has unit stride.
+      s = s.contiguous();
+      layout = Layout::kHW;
+    }
+    // Copy: a teacher whose layout differs from the student's is brought to the student's (kernel) layout.
+    if (!fits_layout(t, layout)) t = t.contiguous(memory_format(layout));
+    at::Tensor g, g_work;
+    if (compute_grad) {
+      g = at::empty_like(student[l]);
+      g_work = g;
+      if (!fits_layout(g, layout)) {
+        // Copy: the gradient must have the layout of empty_like(student), which the kernel cannot write directly.
+        g_work = at::empty(s.sizes(), s.options().memory_format(memory_format(layout)));
+        copy_back.emplace_back(g, g_work);
+      }
+      grads.push_back(g);
+    }
+    keep.push_back(s);
+    keep.push_back(t);
+    keep.push_back(g_work);
+    std::unique_ptr<LevelBase> lvl;
+    DTK_DISPATCH_FLOATING_TYPES(s.scalar_type(), "feat_loss", [&] {
+      lvl = make_level_typed<scalar_t>(s, t, g_work, layout, level_coef[l], P);
+    });
+    levels.push_back(std::move(lvl));
+  }
+
+  // Waves of whole samples (level-major order) whose student + teacher bytes fit in kWaveBytes. Without a gradient
+  // and without sample whitening every sample needs a single pass, so everything is one wave.
+  const bool single_wave = !compute_grad && whiten != 2;
+  const bool run_pass2 = compute_grad || whiten == 2;
+  std::vector<std::pair<int64_t, int64_t>> wave;  // (level, sample)
+  int64_t wave_bytes = 0;
+
+  auto run_wave = [&]() {
+    if (wave.empty()) return;
+    std::vector<Chunk> chunks;
+    std::vector<size_t> first;  // first chunk of each sample of the wave, plus the end
+    for (const auto& [l, b] : wave) {
+      first.push_back(chunks.size());
+      levels[l]->append_chunks(l, b, chunks);
+    }
+    first.push_back(chunks.size());
+    const int64_t n = static_cast<int64_t>(chunks.size());
+    std::vector<ChunkOut> outs(n);
+    parallel_chunks(n, false, [&](int64_t i) { levels[chunks[i].level]->pass1(chunks[i], outs[i]); });
+    if (whiten == 2) {
+      for (size_t k = 0; k < wave.size(); ++k) {
+        const auto [l, b] = wave[k];
+        double st = 0.0;
+        for (size_t i = first[k]; i < first[k + 1]; ++i) st += outs[i].sum_t;
+        const LevelBase& lv = *levels[l];
+        levels[l]->set_sample_stats(b, st / (double(lv.C) * double(lv.HW)), 1.0);
+      }
+      parallel_chunks(n, true, [&](int64_t i) { levels[chunks[i].level]->pass_var(chunks[i], outs[i]); });
+      for (size_t k = 0; k < wave.size(); ++k) {
+        const auto [l, b] = wave[k];
+        double st = 0.0, sq = 0.0;
+        for (size_t i = first[k]; i < first[k + 1]; ++i) {
+          st += outs[i].sum_t;
+          sq += outs[i].sq_t;
+        }
+        const LevelBase& lv = *levels[l];
+        const double cnt = double(lv.C) * double(lv.HW);
+        levels[l]->set_sample_stats(b, st / cnt, 1.0 / std::sqrt(sq / cnt + eps));
+      }
+    }
+    for (const auto& [l, b] : wave) levels[l]->finish_sample(b);
+    if (run_pass2) {
+      parallel_chunks(n, true, [&](int64_t i) { levels[chunks[i].level]->pass2(chunks[i], outs[i]); });
+    }
+    for (size_t k = 0; k < wave.size(); ++k) {
+      const auto [l, b] = wave[k];
+      double m = 0.0;
+      for (size_t i = first[k]; i < first[k + 1]; ++i) m += outs[i].mse;
+      levels[l]->mse_b[b] = m;
+    }
+    wave.clear();
+    wave_bytes = 0;
+  };
+
+  for (int64_t l = 0; l < L; ++l) {
+    const LevelBase& lv = *levels[l];
+    const int64_t bytes = lv.C * lv.HW * lv.elem_bytes;
+    for (int64_t b = 0; b < lv.B; ++b) {
+      if (!single_wave && !wave.empty() && wave_bytes + bytes > kWaveBytes) run_wave();
+      wave.emplace_back(l, b);
+      wave_bytes += bytes;
+    }
+  }
+  run_wave();
+
+  for (auto& [g, g_work] : copy_back) g.copy_(g_work);
+
+  // Per-level results, merged in level / sample order.
+  std::vector<double> mse(L), atv(L);
+  double loss = 0.0;
+  for (int64_t l = 0; l < L; ++l) {
+    const LevelBase& lv = *levels[l];
+    double m = 0.0, a = 0.0;
+    for (int64_t b = 0; b < lv.B; ++b) {
+      m += lv.mse_b[b];
+      a += lv.at_b[b];
+    }
+    mse[l] = m / (double(lv.B) * double(lv.C) * double(lv.HW));
+    atv[l] = at_mode == 0 ? a / double(lv.B) : a / (double(lv.B) * double(lv.HW));
+    loss += level_coef[l] * (mse_weight * mse[l] + at_weight * atv[l]);
+  }
+  at::Tensor loss_t = at::empty({}, out_opts);
+  at::Tensor mse_t = at::empty({L}, out_opts);
+  at::Tensor at_t = at::empty({L}, out_opts);
+  if (out_dtype == at::kDouble) {
+    loss_t.fill_(loss);
+    double* mp = mse_t.mutable_data_ptr<double>();
+    double* ap = at_t.mutable_data_ptr<double>();
+    for (int64_t l = 0; l < L; ++l) {
+      mp[l] = mse[l];
+      ap[l] = atv[l];
+    }
+  } else {
+    loss_t.fill_(static_cast<float>(loss));
+    float* mp = mse_t.mutable_data_ptr<float>();
+    float* ap = at_t.mutable_data_ptr<float>();
+    for (int64_t l = 0; l < L; ++l) {
+      mp[l] = static_cast<float>(mse[l]);
+      ap[l] = static_cast<float>(atv[l]);
+    }
+  }
+  return {loss_t, mse_t, at_t, grads};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dtkernels, CPU, m) { m.impl("feat_loss", &feat_loss_cpu); }
+
+}  // namespace dtkernels

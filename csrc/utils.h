@@ -1,0 +1,134 @@
+// Shared helpers of the dtkernels CPU kernels: argument checks, dtype dispatch and vector load/store helpers that
+// move float / double / Half / BFloat16 data to and from the accumulation type (float, or double for double input).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/all.h>
+
+#include <cstdint>
+#include <type_traits>
+
+// ---------------------------------------------------------------------------------------------------------------
+// Argument checks. `op` is the op name (a string literal), `what` names the argument, e.g. "student[2]"; every
+// message starts with the op name so the user knows which call failed.
+// ---------------------------------------------------------------------------------------------------------------
+#define DTK_CHECK(op, cond, ...) TORCH_CHECK((cond), op, ": ", __VA_ARGS__)
+
+#define CHECK_DEFINED(op, x, what) DTK_CHECK(op, (x).defined(), what, " is an undefined tensor")
+
+#define CHECK_CPU(op, x, what) \
+  DTK_CHECK(op, (x).device().is_cpu(), what, " must be a CPU tensor, got device ", (x).device())
+
+#define CHECK_DIM(op, x, n, what) \
+  DTK_CHECK(op, (x).dim() == (n), what, " must have ", (n), " dimensions, got shape ", (x).sizes())
+
+#define CHECK_FLOATING(op, x, what)                                                                               \
+  DTK_CHECK(op, ::dtkernels::is_supported_float((x).scalar_type()), what,                                         \
+            " must be float32, float64, float16 or bfloat16, got ", (x).scalar_type())
+
+#define CHECK_SAME_SHAPE(op, x, y, what_x, what_y) \
+  DTK_CHECK(op, (x).sizes() == (y).sizes(), what_x, " and ", what_y, " must have the same shape, got ", (x).sizes(), \
+            " and ", (y).sizes())
+
+#define CHECK_SAME_DTYPE(op, x, y, what_x, what_y)                                                                 \
+  DTK_CHECK(op, (x).scalar_type() == (y).scalar_type(), what_x, " and ", what_y,                                  \
+            " must have the same dtype, got ", (x).scalar_type(), " and ", (y).scalar_type())
+
+#define CHECK_NONEMPTY(op, x, what) \
+  DTK_CHECK(op, (x).numel() > 0, what, " must not have a zero-size dimension, got shape ", (x).sizes())
+
+// float, double, Half, BFloat16 (the dtypes every dtkernels kernel accepts).
+#define DTK_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+
+namespace dtkernels {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Accumulation type: double for double inputs, float for float / Half / BFloat16.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_type_t = typename AccType<T>::type;
+
+template <typename T>
+using AccVec = at::vec::Vectorized<acc_type_t<T>>;
+
+template <typename T>
+constexpr bool is_reduced_v = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// Load AccVec<T>::size() elements of T starting at p, converted to the accumulation type.
+template <typename T>
+inline AccVec<T> load_acc(const T* p) {
+  if constexpr (is_reduced_v<T>) {
+    at::vec::Vectorized<float> out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  } else {
+    return AccVec<T>::loadu(p);
+  }
+}
+
+// Load n <= AccVec<T>::size() elements (the remaining lanes are zero).
+template <typename T>
+inline AccVec<T> load_acc(const T* p, int64_t n) {
+  using A = acc_type_t<T>;
+  constexpr int64_t kW = AccVec<T>::size();
+  if (n == kW) return load_acc(p);
+  __at_align__ A tmp[kW];
+  for (int64_t i = 0; i < kW; ++i) tmp[i] = i < n ? static_cast<A>(p[i]) : A(0);
+  return AccVec<T>::loadu(tmp);
+}
+
+// Store AccVec<T>::size() lanes of v to p as T (round to nearest even for Half / BFloat16).
+template <typename T>
+inline void store_acc(T* p, const AccVec<T>& v) {
+  if constexpr (is_reduced_v<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, AccVec<T>::size());
+  } else {
+    v.store(p);
+  }
+}
+
+// Store the first n <= AccVec<T>::size() lanes of v.
+template <typename T>
+inline void store_acc(T* p, const AccVec<T>& v, int64_t n) {
+  using A = acc_type_t<T>;
+  constexpr int64_t kW = AccVec<T>::size();
+  if (n == kW) return store_acc(p, v);
+  __at_align__ A tmp[kW];
+  v.store(tmp);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
+}
+
+// Sum of the lanes in a fixed order (deterministic), in double.
+template <typename V>
+inline double hsum(const V& v) {
+  using A = typename V::value_type;
+  __at_align__ A tmp[V::size()];
+  v.store(tmp);
+  double s = 0.0;
+  for (int64_t i = 0; i < V::size(); ++i) s += static_cast<double>(tmp[i]);
+  return s;
+}
+
+// Keep the first n lanes of v, zero the others.
+template <typename V>
+inline V keep_first(const V& v, int64_t n) {
+  if (n >= V::size()) return v;
+  return V::set(V(0), v, n);
+}
+
+}  // namespace dtkernels
