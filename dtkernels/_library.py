@@ -175,11 +175,27 @@ def _feat_loss_fake(student, teacher, level_coef, mse_weight, at_weight, at_p, a
     return loss, student[0].new_empty((n,), dtype=out_dtype), student[0].new_empty((n,), dtype=out_dtype), grads
 
 
-def _scale_grads(grads: Sequence[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
-    """``grad * grad_out`` for each precomputed student gradient, skipping the multiply when it is exactly 1."""
-    if _is_plain_eager(grad_out) and grad_out.device.type == "cpu" and float(grad_out) == 1.0:
-        return list(grads)  # CPU: reading the scalar costs nothing, and loss.backward() passes exactly 1
-    # Traced, or on CUDA (no host sync): one multiply per level.
+def _scale_grads(grads: Sequence[torch.Tensor], grad_out: torch.Tensor, ctx=None) -> list[torch.Tensor]:
+    """``grad * grad_out`` for each precomputed student gradient, skipping the multiply when it is exactly 1.
+
+    CPU: the scalar is read on the host (free) and the multiply skipped when it is 1. CUDA: a Triton kernel reads it
+    on the device and scales the saved buffers in place, returning early when it is 1, so there is no host sync and
+    no extra buffer; a second backward through the same graph (``retain_graph=True``) is then refused rather than
+    scaled twice. Traced (torch.compile): a plain multiply that the compiler fuses.
+    """
+    if _is_plain_eager(grad_out):
+        if grad_out.device.type == "cpu":
+            if float(grad_out) == 1.0:
+                return list(grads)
+        elif grad_out.device.type == "cuda" and _TRITON_ERROR is None:
+            if ctx is not None:
+                if getattr(ctx, "grads_consumed", False):
+                    raise RuntimeError("dtkernels: backward through the same loss twice is not supported on CUDA "
+                                       "(the gradient buffers were scaled in place); recompute the loss instead")
+                ctx.grads_consumed = True
+                from .triton.utils import scale_
+
+                return scale_(grads, grad_out)
     return [g * grad_out.to(g.dtype) for g in grads]
 
 
@@ -200,7 +216,7 @@ def _feat_loss_backward(ctx, grad_loss, grad_mse, grad_at, grad_grads):
     if not ctx.compute_grad:
         raise RuntimeError("dtkernels.feat_loss: backward called on a call made with compute_grad=False; "
                            "call fused_feat_loss with grad mode enabled and a student that requires grad")
-    grads = _scale_grads(ctx.saved_tensors, grad_loss)
+    grads = _scale_grads(ctx.saved_tensors, grad_loss, ctx)
     return grads, [None] * ctx.n_levels, None, None, None, None, None, None, None, None
 
 
@@ -257,7 +273,7 @@ class _ForcedFeatLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_mse, grad_at):
         if not ctx.compute_grad:
             raise RuntimeError("dtkernels.feat_loss: backward called on a call made with compute_grad=False")
-        grads = _scale_grads(ctx.saved_tensors, grad_loss)
+        grads = _scale_grads(ctx.saved_tensors, grad_loss, ctx)
         return (None, None, None, *grads, *([None] * len(grads)))
 
 
@@ -331,7 +347,7 @@ def _soft_ce_backward(ctx, grad_loss, grad_grad):
         student, teacher, mask = ctx.saved_tensors
         grad = torch.ops.dtkernels.soft_ce_backward(student, teacher, mask, grad_loss, ctx.tau, ctx.scale)
     else:
-        (grad,) = _scale_grads(ctx.saved_tensors, grad_loss)
+        (grad,) = _scale_grads(ctx.saved_tensors, grad_loss, ctx)
     return grad, None, None, None, None, None, None
 
 
@@ -359,7 +375,7 @@ class _ForcedSoftCE(torch.autograd.Function):
             student, teacher, mask = ctx.saved_tensors
             grad = _impl("soft_ce_backward", ctx.backend)(student, teacher, mask, grad_loss, ctx.tau, ctx.scale)
         else:
-            (grad,) = _scale_grads(ctx.saved_tensors, grad_loss)
+            (grad,) = _scale_grads(ctx.saved_tensors, grad_loss, ctx)
         return None, grad, None, None, None, None, None, None
 
 
