@@ -33,12 +33,11 @@ import triton.language as tl
 from .utils import (
     AT_NORM_EPS,
     BLOCK_1D,
-    BLOCK_C,
-    BLOCK_HW,
     NUM_WARPS,
     compute_dtype,
     flat_strides,
     shipped_config,
+    tile_constexprs,
 )
 
 __all__ = ["feat_loss"]
@@ -138,7 +137,7 @@ def _sample_stats_kernel(
     MEAN_ptr,  # [B] per-sample mean of the teacher
     RSTD_ptr,  # [B] per-sample 1/sqrt(var + eps)
     C, HW, n_tiles, tile_hw,
-    eps: "fp64",
+    eps: tl.float64,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -183,7 +182,7 @@ def _feat_loss_fwd_kernel(
     MEAN_ptr,  # whiten=1: [B, HW] per-position mean (written if STORE_STATS); whiten=2: [B] (read)
     RSTD_ptr,  # same shape as MEAN_ptr: 1/sqrt(var + eps)
     C, HW, n_tiles,
-    p: "fp64", eps: "fp64",
+    p: tl.float64, eps: tl.float64,
     WHITEN: tl.constexpr, STORE_STATS: tl.constexpr, P_MODE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -258,10 +257,10 @@ def _feat_loss_at_kernel(
     GA_ptr,  # [B, HW] d loss / d a_s (written if COMPUTE_GRAD)
     ATB_ptr,  # [B] AT term of each sample (already divided by B, or by B*HW for mean_sq)
     HW,
-    at_norm: "fp64",  # 1/B (paper) or 1/(B*HW) (mean_sq)
-    g_scale: "fp64",  # c_l*at_weight/B (paper) or 2*c_l*at_weight/(B*HW) (mean_sq)
-    at_eps: "fp64",  # AT_NORM_EPS
-    tiny: "fp64",  # smallest normal number of the compute dtype (the reference's clamp of ||d||)
+    at_norm: tl.float64,  # 1/B (paper) or 1/(B*HW) (mean_sq)
+    g_scale: tl.float64,  # c_l*at_weight/B (paper) or 2*c_l*at_weight/(B*HW) (mean_sq)
+    at_eps: tl.float64,  # AT_NORM_EPS
+    tiny: tl.float64,  # smallest normal number of the compute dtype (the reference's clamp of ||d||)
     AT_MODE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -284,6 +283,7 @@ def _feat_loss_at_kernel(
     den_t = tl.where(n_t < eps_c, eps_c, n_t)
     acc_dd = tl.zeros([BLOCK], dtype=cdt)
     acc_dq = tl.zeros([BLOCK], dtype=cdt)
+    acc_nan = tl.zeros([BLOCK], dtype=cdt)  # NaN if any q_s is NaN, else 0
     for j0 in range(0, HW, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         mask = j < HW
@@ -293,6 +293,8 @@ def _feat_loss_at_kernel(
         acc_dd += d * d
         if COMPUTE_GRAD:
             acc_dq += d * q_s
+            if AT_MODE == 0:
+                acc_nan += tl.where(q_s != q_s, q_s, 0.0)
     dd = tl.sum(acc_dd, axis=0)
     if AT_MODE == 0:
         dn = _sqrt(dd)
@@ -304,10 +306,13 @@ def _feat_loss_at_kernel(
             # g_q = g_scale * d / ||d|| (zero where ||d|| == 0, and where it is NaN, as the reference's where()).
             tiny_c = _scalar(tiny, cdt)
             dn_c = tl.where(dn < tiny_c, tiny_c, dn)
-            k = tl.where(dn > 0, _scalar(g_scale, cdt) / dn_c, 0.0).to(cdt)
+            has_d = dn > 0  # False for NaN too: the reference's where() then zeroes g_q, even where d is NaN
+            k = tl.where(has_d, _scalar(g_scale, cdt) / dn_c, 0.0).to(cdt)
+            # <g_q, q_s>; with g_q zeroed it is sum(0 * q_s): 0, or NaN when q_s has a NaN (an Inf student).
+            inner = tl.where(has_d, k * tl.sum(acc_dq, axis=0), tl.sum(acc_nan, axis=0)).to(cdt)
         else:
             k = _scalar(g_scale, cdt)
-        inner = k * tl.sum(acc_dq, axis=0)  # <g_q, q_s>
+            inner = k * tl.sum(acc_dq, axis=0)
         big = n_s > eps_c
         for j0 in range(0, HW, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
@@ -315,6 +320,8 @@ def _feat_loss_at_kernel(
             q_s = tl.load(AS_ptr + base + j, mask=mask, other=0.0) / den_s
             q_t = tl.load(AT_ptr + base + j, mask=mask, other=0.0) / den_t
             g_q = k * (q_s - q_t)
+            if AT_MODE == 0:
+                g_q = tl.where(has_d, g_q, 0.0)
             g_a = tl.where(big, (g_q - q_s * inner) / den_s, g_q / eps_c)
             tl.store(GA_ptr + base + j, g_a.to(cdt), mask=mask)
 
@@ -328,7 +335,7 @@ def _feat_loss_finalize_kernel(
     CONTRIB_ptr,  # [L] c_l * (mse_weight * mse_l + at_weight * at_l)
     LOSS_ptr,  # [] the loss (written by the last level's call)
     n_mse, B, level, n_levels,
-    inv_n: "fp64", coef: "fp64", mse_weight: "fp64", at_weight: "fp64",
+    inv_n: tl.float64, coef: tl.float64, mse_weight: tl.float64, at_weight: tl.float64,
     IS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     cdt = MSE_ptr.dtype.element_ty
@@ -349,8 +356,8 @@ def _feat_loss_finalize_kernel(
     if IS_LAST:
         # Stream order guarantees the earlier levels' contributions are written; sum them in level order.
         loss = tl.load(CONTRIB_ptr)
-        for l in range(1, n_levels):
-            loss += tl.load(CONTRIB_ptr + l)
+        for lvl in range(1, n_levels):
+            loss += tl.load(CONTRIB_ptr + lvl)
         tl.store(LOSS_ptr, loss)
 
 
@@ -369,8 +376,8 @@ def _feat_loss_grad_kernel(
     MEAN_ptr,  # whiten=1: [B, HW]; whiten=2: [B]
     RSTD_ptr,  # same shape as MEAN_ptr
     C, HW,
-    p: "fp64",
-    mse_scale: "fp64",  # c_l * mse_weight * 2 / (B*C*H*W)
+    p: tl.float64,
+    mse_scale: tl.float64,  # c_l * mse_weight * 2 / (B*C*H*W)
     WHITEN: tl.constexpr, P_MODE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -458,7 +465,8 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
         bsz, chans, h, w = s.shape
         hw = h * w
         cdt = compute_dtype(s.dtype)
-        n_tiles = triton.cdiv(hw, BLOCK_HW)
+        tiles = tile_constexprs(s.dtype)
+        n_tiles = triton.cdiv(hw, tiles["BLOCK_HW"])
         grid = (n_tiles, bsz)
 
         a_s = torch.empty((bsz, hw), dtype=cdt, device=device)
@@ -474,18 +482,17 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
         rstd = torch.empty(stat_shape, dtype=cdt, device=device)
 
         if whiten == 2:
-            cfg = shipped_config("_sample_stats_partial_kernel", t.dtype, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW)
+            cfg = shipped_config("_sample_stats_partial_kernel", t.dtype, **tiles)
             p_mean = torch.empty((bsz, n_tiles), dtype=cdt, device=device)
             p_m2 = torch.empty((bsz, n_tiles), dtype=cdt, device=device)
             _sample_stats_partial_kernel[grid](t, *t_strides, p_mean, p_m2, chans, hw, n_tiles,
                                                num_warps=NUM_WARPS, **cfg)
             cfg = shipped_config("_sample_stats_kernel", cdt, BLOCK=BLOCK_1D)
-            _sample_stats_kernel[(bsz,)](p_mean, p_m2, mean, rstd, chans, hw, n_tiles, BLOCK_HW,
+            _sample_stats_kernel[(bsz,)](p_mean, p_m2, mean, rstd, chans, hw, n_tiles, tiles["BLOCK_HW"],
                                          float(eps), num_warps=NUM_WARPS, **cfg)
 
         cfg = shipped_config("_feat_loss_fwd_kernel", s.dtype, WHITEN=whiten,
-                             STORE_STATS=bool(whiten == 1 and compute_grad), P_MODE=p_mode,
-                             BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW)
+                             STORE_STATS=bool(whiten == 1 and compute_grad), P_MODE=p_mode, **tiles)
         _feat_loss_fwd_kernel[grid](s, *s_strides, t, *t_strides, a_s, a_t, mse_part, mean, rstd, chans, hw,
                                     n_tiles, float(at_p), float(eps), num_warps=NUM_WARPS, **cfg)
 
@@ -516,8 +523,7 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
             g_buf = grad if g_strides is not None else torch.empty(s_in.shape, dtype=s_in.dtype, device=device)
             if g_strides is None:
                 g_strides = flat_strides(g_buf)
-            cfg = shipped_config("_feat_loss_grad_kernel", s.dtype, WHITEN=whiten, P_MODE=p_mode,
-                                 BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW)
+            cfg = shipped_config("_feat_loss_grad_kernel", s.dtype, WHITEN=whiten, P_MODE=p_mode, **tiles)
             _feat_loss_grad_kernel[grid](s, *s_strides, t, *t_strides, g_buf, *g_strides, g_a, mean, rstd,
                                          chans, hw, float(at_p), 2.0 * coef * float(mse_weight) / n_elem,
                                          num_warps=NUM_WARPS, **cfg)

@@ -19,6 +19,7 @@ __all__ = [
     "BLOCK_C",
     "BLOCK_HW",
     "BLOCK_1D",
+    "tile_constexprs",
     "NUM_WARPS",
     "SHIPPED_CONFIGS",
     "shipped_config",
@@ -35,6 +36,8 @@ AT_NORM_EPS = 1e-12
 #: thread with 4 warps). The unit-stride axis (HW for NCHW, C for channels_last) is 4-element vectorized.
 BLOCK_C = 32
 BLOCK_HW = 64
+#: float64 math needs twice the registers: its tiles have half the channels, or ptxas spills (see aot.py).
+BLOCK_C_FP64 = 16
 #: Block of the kernels that stream [B, HW] maps, per-tile partial sums or flat gradients.
 BLOCK_1D = 1024
 NUM_WARPS = 4
@@ -51,19 +54,34 @@ FWD_WHITEN_VARIANTS = ((0, False), (1, False), (1, True), (2, False))
 P_MODES = (1, 2, 0)
 
 
+_TORCH_TO_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Triton's short name (``fp32``, ``fp16``, ``bf16``, ``fp64``) of a floating torch dtype."""
+    return _TORCH_TO_TL[dtype]
+
+
+def tile_constexprs(dtype: str | torch.dtype) -> dict[str, int]:
+    """``{"BLOCK_C": ..., "BLOCK_HW": ...}`` of the streaming kernels for an input dtype (torch or short name)."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    return {"BLOCK_C": BLOCK_C_FP64 if name == "fp64" else BLOCK_C, "BLOCK_HW": BLOCK_HW}
+
+
 def _build_shipped_configs() -> list[dict]:
     """Every (kernel, dtypes, constexprs, layout) the launchers can choose; see the module docstring."""
-    tiles = {"BLOCK_C": BLOCK_C, "BLOCK_HW": BLOCK_HW}
     out = []
     for dt, layout in itertools.product(INPUT_DTYPES, LAYOUTS):
-        out.append({"kernel": "_sample_stats_partial_kernel", "dtype": dt, "layout": layout, "constexprs": tiles})
+        out.append({"kernel": "_sample_stats_partial_kernel", "dtype": dt, "layout": layout,
+                    "constexprs": tile_constexprs(dt)})
     for cdt in ("fp32", "fp64"):
         out.append({"kernel": "_sample_stats_kernel", "dtype": cdt, "layout": None,
                     "constexprs": {"BLOCK": BLOCK_1D}})
     for dt, layout, (whiten, store), p_mode in itertools.product(INPUT_DTYPES, LAYOUTS, FWD_WHITEN_VARIANTS,
                                                                   P_MODES):
         out.append({"kernel": "_feat_loss_fwd_kernel", "dtype": dt, "layout": layout,
-                    "constexprs": {"WHITEN": whiten, "STORE_STATS": store, "P_MODE": p_mode, **tiles}})
+                    "constexprs": {"WHITEN": whiten, "STORE_STATS": store, "P_MODE": p_mode,
+                                   **tile_constexprs(dt)}})
     for cdt, at_mode, grad in itertools.product(("fp32", "fp64"), (0, 1), (False, True)):
         out.append({"kernel": "_feat_loss_at_kernel", "dtype": cdt, "layout": None,
                     "constexprs": {"AT_MODE": at_mode, "COMPUTE_GRAD": grad, "BLOCK": BLOCK_1D}})
@@ -72,7 +90,7 @@ def _build_shipped_configs() -> list[dict]:
                     "constexprs": {"IS_LAST": last, "BLOCK": BLOCK_1D}})
     for dt, layout, whiten, p_mode in itertools.product(INPUT_DTYPES, LAYOUTS, (0, 1, 2), P_MODES):
         out.append({"kernel": "_feat_loss_grad_kernel", "dtype": dt, "layout": layout,
-                    "constexprs": {"WHITEN": whiten, "P_MODE": p_mode, **tiles}})
+                    "constexprs": {"WHITEN": whiten, "P_MODE": p_mode, **tile_constexprs(dt)}})
     for dt, go_dt in itertools.product(INPUT_DTYPES, ("fp32", "fp64")):
         out.append({"kernel": "_scale_kernel", "dtype": dt, "out_dtype": go_dt, "layout": None,
                     "constexprs": {"BLOCK": BLOCK_1D}})
@@ -89,14 +107,6 @@ _CONSTEXPR_INDEX = {}
 for _cfg in SHIPPED_CONFIGS:
     _key = (_cfg["kernel"], _cfg["dtype"], _cfg.get("out_dtype"), tuple(sorted(_cfg["constexprs"].items())))
     _CONSTEXPR_INDEX[_key] = _cfg
-
-
-_TORCH_TO_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Triton's short name (``fp32``, ``fp16``, ``bf16``, ``fp64``) of a floating torch dtype."""
-    return _TORCH_TO_TL[dtype]
 
 
 def shipped_config(kernel: str, dtype: torch.dtype, out_dtype: torch.dtype | None = None, **constexprs) -> dict:
