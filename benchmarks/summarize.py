@@ -40,6 +40,7 @@ def summarize(data: dict) -> str:
     copies: dict[str, dict] = {}
     copy_gbps = None
     backend = None
+    loads = []
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         if bench.get("group") == "copy":
@@ -49,6 +50,8 @@ def summarize(data: dict) -> str:
             continue
         rows.setdefault((info["shapes"], info["mode"]), {})[info["provider"]] = bench
         copy_gbps = info.get("copy_gbps", copy_gbps)
+        if "loadavg_1m" in info:
+            loads.append(info["loadavg_1m"])
         backend = info.get("dtkernels_backend", backend)
 
     order_shapes = {"r50": 0, "small": 1}
@@ -88,6 +91,9 @@ def summarize(data: dict) -> str:
     for size, bench in sorted(copies.items()):
         if "gbps" in bench.get("extra_info", {}):
             bw.append(f"`copy` benchmark {size}: {bench['extra_info']['gbps']:.1f} GB/s")
+    if loads:
+        bw.append(f"1-min load average before each benchmark: {min(loads):.1f}–{max(loads):.1f} "
+                  f"(this run alone brings it to about {some.get('threads', '?')})")
     if bw:
         notes.append("; ".join(bw) + ".")
     notes.append("Mean time per call; × = speed-up of dtkernels (>1 is faster); GB/s = compulsory bytes "
