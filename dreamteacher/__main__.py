@@ -1,0 +1,5 @@
+"""``python -m dreamteacher``."""
+
+from .cli import main
+
+raise SystemExit(main())
