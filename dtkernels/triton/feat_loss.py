@@ -34,6 +34,7 @@ from .utils import (
     AT_NORM_EPS,
     BLOCK_1D,
     NUM_WARPS,
+    at_block,
     compute_dtype,
     flat_strides,
     shipped_config,
@@ -504,7 +505,7 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
         g_a = torch.empty((bsz, hw), dtype=cdt, device=device) if compute_grad else a_s  # a_s: unused placeholder
         at_b = torch.empty((bsz,), dtype=cdt, device=device)
         cfg = shipped_config("_feat_loss_at_kernel", cdt, AT_MODE=at_mode, COMPUTE_GRAD=bool(compute_grad),
-                             BLOCK=BLOCK_1D)
+                             BLOCK=at_block(cdt))
         _feat_loss_at_kernel[(bsz,)](a_s, a_t, g_a, at_b, hw, at_norm, g_scale, AT_NORM_EPS,
                                      torch.finfo(cdt).tiny, num_warps=NUM_WARPS, **cfg)
 
@@ -523,7 +524,8 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
             g_buf = grad if g_strides is not None else torch.empty(s_in.shape, dtype=s_in.dtype, device=device)
             if g_strides is None:
                 g_strides = flat_strides(g_buf)
-            cfg = shipped_config("_feat_loss_grad_kernel", s.dtype, WHITEN=whiten, P_MODE=p_mode, **tiles)
+            cfg = shipped_config("_feat_loss_grad_kernel", s.dtype, WHITEN=whiten, P_MODE=p_mode,
+                                 **tile_constexprs(s.dtype, grad=True))
             _feat_loss_grad_kernel[grid](s, *s_strides, t, *t_strides, g_buf, *g_strides, g_a, mean, rstd,
                                          chans, hw, float(at_p), 2.0 * coef * float(mse_weight) / n_elem,
                                          num_warps=NUM_WARPS, **cfg)

@@ -20,6 +20,7 @@ __all__ = [
     "BLOCK_HW",
     "BLOCK_1D",
     "tile_constexprs",
+    "at_block",
     "NUM_WARPS",
     "SHIPPED_CONFIGS",
     "shipped_config",
@@ -38,6 +39,11 @@ BLOCK_C = 32
 BLOCK_HW = 64
 #: float64 math needs twice the registers: its tiles have half the channels, or ptxas spills (see aot.py).
 BLOCK_C_FP64 = 16
+#: The gradient kernel's tile has 16 channels for every dtype (with 32, ptxas spills 8 bytes in one float16 variant
+#: on sm_90; the kernel is a plain stream, so the smaller tile costs nothing measurable in occupancy terms).
+BLOCK_C_GRAD = 16
+#: The per-sample AT kernel streams [B, HW] maps in blocks of BLOCK_1D (float32) or BLOCK_1D // 2 (float64, which
+#: spills at 1024 on sm_90 with a gradient).
 #: Block of the kernels that stream [B, HW] maps, per-tile partial sums or flat gradients.
 BLOCK_1D = 1024
 NUM_WARPS = 4
@@ -62,10 +68,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _TORCH_TO_TL[dtype]
 
 
-def tile_constexprs(dtype: str | torch.dtype) -> dict[str, int]:
-    """``{"BLOCK_C": ..., "BLOCK_HW": ...}`` of the streaming kernels for an input dtype (torch or short name)."""
+def tile_constexprs(dtype: str | torch.dtype, grad: bool = False) -> dict[str, int]:
+    """``{"BLOCK_C": ..., "BLOCK_HW": ...}`` of the streaming kernels for an input dtype (torch or short name);
+    ``grad`` selects the gradient kernel's tile. Every tile has BLOCK_HW positions, so all phases share n_tiles."""
     name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    if grad:
+        return {"BLOCK_C": BLOCK_C_GRAD, "BLOCK_HW": BLOCK_HW}
     return {"BLOCK_C": BLOCK_C_FP64 if name == "fp64" else BLOCK_C, "BLOCK_HW": BLOCK_HW}
+
+
+def at_block(cdt: str | torch.dtype) -> int:
+    """Block of the per-sample AT kernel for a compute dtype."""
+    name = cdt if isinstance(cdt, str) else dtype_name(cdt)
+    return BLOCK_1D // 2 if name == "fp64" else BLOCK_1D
 
 
 def _build_shipped_configs() -> list[dict]:
@@ -84,13 +99,13 @@ def _build_shipped_configs() -> list[dict]:
                                    **tile_constexprs(dt)}})
     for cdt, at_mode, grad in itertools.product(("fp32", "fp64"), (0, 1), (False, True)):
         out.append({"kernel": "_feat_loss_at_kernel", "dtype": cdt, "layout": None,
-                    "constexprs": {"AT_MODE": at_mode, "COMPUTE_GRAD": grad, "BLOCK": BLOCK_1D}})
+                    "constexprs": {"AT_MODE": at_mode, "COMPUTE_GRAD": grad, "BLOCK": at_block(cdt)}})
     for cdt, out_dt, last in itertools.product(("fp32", "fp64"), ("fp32", "fp64"), (False, True)):
         out.append({"kernel": "_feat_loss_finalize_kernel", "dtype": cdt, "out_dtype": out_dt, "layout": None,
                     "constexprs": {"IS_LAST": last, "BLOCK": BLOCK_1D}})
     for dt, layout, whiten, p_mode in itertools.product(INPUT_DTYPES, LAYOUTS, (0, 1, 2), P_MODES):
         out.append({"kernel": "_feat_loss_grad_kernel", "dtype": dt, "layout": layout,
-                    "constexprs": {"WHITEN": whiten, "P_MODE": p_mode, **tile_constexprs(dt)}})
+                    "constexprs": {"WHITEN": whiten, "P_MODE": p_mode, **tile_constexprs(dt, grad=True)}})
     for dt, go_dt in itertools.product(INPUT_DTYPES, ("fp32", "fp64")):
         out.append({"kernel": "_scale_kernel", "dtype": dt, "out_dtype": go_dt, "layout": None,
                     "constexprs": {"BLOCK": BLOCK_1D}})
