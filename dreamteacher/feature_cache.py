@@ -215,7 +215,8 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
         "config": {**teacher.extraction_config(), "shard_size": shard_size, "seed": seed,
                    "image_shape": image_shape, "store_dtype": "float16"},
         "dataset": dataset_identity(dataset),
-        "dataset_root": str(getattr(dataset, "root", "")),
+        "dataset_root": str(getattr(dataset, "root", "")),  # informative only; the dataset identity is compared
+        "teacher_source": getattr(teacher, "source", None),
         "levels": levels,
         "num_images": n,
         "num_shards": num_shards,

@@ -319,7 +319,7 @@ class DiffusionTeacher(nn.Module):
         self.num_train_timesteps = int(self.scheduler.alphas_cumprod.numel())
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
 
-        cross_dim = getattr(unet, "config", {}).get("cross_attention_dim") if hasattr(unet, "config") else None
+        cross_dim = getattr(unet, "config", {}).get("cross_attention_dim")
         self.conditional = cross_dim is not None and "encoder_hidden_states" in _forward_params(unet)
         if self.conditional:
             if isinstance(cross_dim, (list, tuple)):
@@ -407,7 +407,7 @@ class DiffusionTeacher(nn.Module):
         if "text_embedding" not in kwargs and (root / UNCOND_EMBEDDING_FILE).is_file():
             kwargs["text_embedding"] = root / UNCOND_EMBEDDING_FILE
         teacher = cls(unet, scheduler, vae=vae, **kwargs)
-        teacher.source = str(root)
+        teacher.source = str(root)  # where it came from, for humans (the feature cache records it)
         return teacher
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
