@@ -1,0 +1,347 @@
+"""Configs of the pretraining run: dataclasses, loaded from YAML with ``--key=value`` overrides, type-checked.
+
+A config has sections (``model``, ``teacher``, ``loss``, ``optim``, ``schedule``, ``data``, ``run``), each a dataclass
+whose fields carry their help text. Values come, in order, from the defaults, a YAML file and command-line overrides
+``--section.key=value`` (or ``--key=value`` when ``key`` names a field of one section only). Every value is checked
+against its field's type and choices; unknown keys and bad values raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+__all__ = ["ConfigError", "PretrainConfig", "load_config", "apply_overrides", "config_to_dict", "config_from_dict",
+           "describe_config"]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value has the wrong type or is out of range."""
+
+
+def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None,
+        exclusive: bool = False) -> Any:
+    """A dataclass field with help text and optional checks (``choices``; ``minimum``, ``> minimum`` if exclusive)."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "minimum": minimum,
+            "exclusive": exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    student: str = opt("resnet18", "timm model name of the student backbone (features_only, strides 4-32)")
+    pretrained: bool = opt(False, "start the student from timm's pretrained weights (needs the hub; off in the paper)")
+    reductions: list[int] = opt([4, 8, 16, 32], "student feature strides distilled, fine to coarse")
+    width: int = opt(256, "FPN channels of the feature regressor (256 in the paper)", minimum=1)
+    pool_sizes: list[int] = opt([1, 2, 3, 6], "PPM pooling grid sizes on the deepest level")
+
+
+@dataclass
+class TeacherConfig:
+    path: str = opt("", "local diffusers directory of the frozen teacher (as written by train-teacher); required")
+    taps: list[str] | None = opt(None, "UNet module per student level, fine to coarse; null picks, for each student "
+                                       "stride s, the decoder block whose native stride is closest to s/2 (the paper)")
+    t: int = opt(150, "noise level of the one-step encoding", minimum=0)
+    mode: str = opt("stochastic", "encoding: one-step noising (stochastic) or DDIM inversion (deterministic)",
+                    choices=("stochastic", "deterministic"))
+    n_noise: int = opt(1, "stochastic mode: noise draws whose features are averaged", minimum=1)
+    ddim_steps: int = opt(10, "deterministic mode: inversion steps", minimum=1)
+    dtype: str = opt("auto", "teacher weights and features dtype (auto: bfloat16 on GPU, float32 on CPU)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    early_exit: bool = opt(True, "stop the teacher forward after the last tapped block")
+
+
+@dataclass
+class LossConfig:
+    mse_weight: float = opt(1.0, "weight of the whitened MSE term", minimum=0.0)
+    at_weight: float = opt(10.0, "weight of the attention-transfer term (10 in the paper)", minimum=0.0)
+    at_p: float = opt(2.0, "exponent of the attention maps", minimum=1.0)
+    at_mode: str = opt("paper", "AT loss: paper (mean_b ||q_s - q_t||_2) or mean_sq", choices=("paper", "mean_sq"))
+    whiten: str | None = opt("channel", "teacher whitening: LayerNorm over channels, over the sample, or none (null)",
+                             choices=("channel", "sample", None))
+    eps: float = opt(1e-5, "whitening LayerNorm epsilon", minimum=0.0, exclusive=True)
+    level_weights: list[float] | None = opt(None, "one non-negative weight per level (null: all equal)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", "optimizer: adamw (fused on GPU) or lamb (the paper's ImageNet recipe)",
+                    choices=("adamw", "lamb"))
+    lr: float = opt(1e-3, "peak learning rate (per optimizer step, after warm-up)", minimum=0.0, exclusive=True)
+    betas: list[float] = opt([0.9, 0.999], "Adam betas")
+    weight_decay: float = opt(0.05, "decoupled weight decay (not applied to norms and biases)", minimum=0.0)
+    eps: float = opt(1e-8, "Adam epsilon", minimum=0.0, exclusive=True)
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = opt(100, "linear warm-up steps from 0 to the peak learning rate", minimum=0)
+    min_lr_ratio: float = opt(0.0, "cosine decay ends at lr * min_lr_ratio on the last step", minimum=0.0)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("procedural", "'procedural' (built-in shapes dataset, generated on the fly) or a folder of "
+                                    "images searched recursively")
+    image_size: int = opt(64, "side of the square training images", minimum=8)
+    length: int = opt(10000, "procedural dataset: images per epoch", minimum=1)
+    seed: int = opt(0, "procedural dataset: generator seed (image i is a function of seed and i)")
+    num_workers: int = opt(2, "DataLoader worker processes (0: load in the main process)", minimum=0)
+    prefetch_factor: int = opt(2, "batches each worker prepares ahead", minimum=1)
+
+
+@dataclass
+class RunConfig:
+    steps: int = opt(1000, "optimizer steps", minimum=1)
+    batch_size: int = opt(32, "images per micro-batch per process", minimum=1)
+    accumulation: int = opt(1, "micro-batches per optimizer step (gradients synced on the last one only)",
+                            minimum=1)
+    clip_grad: float = opt(1.0, "max global gradient norm (0 disables clipping)", minimum=0.0)
+    compile: bool = opt(False, "torch.compile the trainable module (student + regressor)")
+    channels_last: bool = opt(True, "channels_last memory format for the models and images")
+    log_every: int = opt(10, "steps between logged losses (the only steps that sync with .item())", minimum=1)
+    ckpt_every: int = opt(500, "steps between checkpoints (one is always written at the end)", minimum=1)
+    out_dir: str = opt("runs/pretrain", "output directory: config, logs, checkpoints, exported backbone")
+    seed: int = opt(0, "seed of the model init, the data order and the teacher noise")
+    device: str = opt("auto", "torch device (auto: cuda when available, else cpu; under torchrun: cuda:LOCAL_RANK)")
+    progress: bool = opt(True, "show a progress bar (rank 0)")
+    max_minutes: float = opt(0.0, "stop (with a checkpoint) after this many minutes of training; 0: no limit",
+                             minimum=0.0)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(PretrainConfig))
+
+
+# ------------------------------------------------------------------------------------------------ type checks
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "int", float: "float", str: "str", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str, *, from_text: bool) -> Any:
+    """Check ``value`` against ``tp``; strings from the command line are converted. Raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if from_text and isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, from_text=from_text)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if from_text and isinstance(value, str):
+            text = value.strip().strip("[]")
+            value = [v.strip() for v in text.split(",")] if text else []
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", from_text=from_text) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected a bool (true or false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(value, str) and (from_text or _looks_like_float(value)):
+            # YAML 1.1 reads '1e-3' as a string; accept it as the number it obviously is.
+            try:
+                value = float(value)
+            except ValueError as e:
+                raise ConfigError(f"{key}: expected a float, got {value!r}") from e
+        else:
+            raise ConfigError(f"{key}: expected a float, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a str, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _set(section: Any, section_name: str, name: str, value: Any, *, from_text: bool) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    key = f"{section_name}.{name}"
+    if name not in fields:
+        raise ConfigError(f"{key}: unknown key; {section_name} has {', '.join(sorted(fields))}")
+    f = fields[name]
+    tp = typing.get_type_hints(type(section))[name]
+    value = _coerce(value, tp, key, from_text=from_text)
+    choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join('null' if c is None else str(c) for c in choices)}, "
+                          f"got {value!r}")
+    if minimum is not None and value is not None:
+        bad = value <= minimum if f.metadata.get("exclusive") else value < minimum
+        if bad:
+            raise ConfigError(f"{key}: expected a value {'>' if f.metadata.get('exclusive') else '>='} {minimum}, "
+                              f"got {value!r}")
+    setattr(section, name, value)
+
+
+def _validate(cfg: PretrainConfig) -> PretrainConfig:
+    """Cross-field checks."""
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.loss.level_weights is not None and len(cfg.loss.level_weights) != len(cfg.model.reductions):
+        raise ConfigError(f"loss.level_weights: expected {len(cfg.model.reductions)} weights (one per level in "
+                          f"model.reductions), got {len(cfg.loss.level_weights)}")
+    if cfg.teacher.taps is not None and len(cfg.teacher.taps) != len(cfg.model.reductions):
+        raise ConfigError(f"teacher.taps: expected {len(cfg.model.reductions)} module names (one per level in "
+                          f"model.reductions), got {len(cfg.teacher.taps)}")
+    if not cfg.model.reductions:
+        raise ConfigError("model.reductions: expected at least one stride")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ load / override
+def config_from_dict(data: Mapping[str, Any], base: PretrainConfig | None = None) -> PretrainConfig:
+    """A config from nested ``{section: {key: value}}`` data (e.g. parsed YAML), checked key by key."""
+    cfg = _copy(base) if base is not None else PretrainConfig()
+    return _validate(config_from_dict_inplace(cfg, data))
+
+
+def _copy(cfg: PretrainConfig) -> PretrainConfig:
+    return PretrainConfig(**{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+
+
+def config_from_dict_inplace(cfg: PretrainConfig, data: Mapping[str, Any]) -> PretrainConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    for section_name, values in data.items():
+        if section_name not in SECTIONS:
+            raise ConfigError(f"{section_name}: unknown section; expected one of {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section_name}: expected a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            _set(getattr(cfg, section_name), section_name, str(name), value, from_text=False)
+    return cfg
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"{key}: unknown section {section!r}; expected one of {', '.join(SECTIONS)}")
+        return section, name.replace("-", "_")
+    name = key.replace("-", "_")
+    owners = [s for s in SECTIONS if name in {f.name for f in dataclasses.fields(getattr(PretrainConfig(), s))}]
+    if not owners:
+        raise ConfigError(f"{key}: unknown key (see --help for every section.key)")
+    if len(owners) > 1:
+        raise ConfigError(f"{key}: ambiguous key, write one of {', '.join(f'{s}.{name}' for s in owners)}")
+    return owners[0], name
+
+
+def apply_overrides(cfg: PretrainConfig, overrides: Sequence[str]) -> PretrainConfig:
+    """Apply ``--section.key=value`` / ``--key=value`` (also ``--key value``) strings to a copy of ``cfg``."""
+    cfg = _copy(cfg)
+    items = list(overrides)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--"):
+            raise ConfigError(f"{item}: expected an override --section.key=value")
+        body = item[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+            key, value = body, items[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"{item}: expected a value (--{body}=VALUE)")
+        section, name = _resolve_key(key)
+        _set(getattr(cfg, section), section, name, value, from_text=True)
+        i += 1
+    return _validate(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: PretrainConfig | None = None) -> PretrainConfig:
+    """Defaults (or ``base``), then the YAML file at ``path``, then the overrides."""
+    cfg = _copy(base) if base is not None else PretrainConfig()
+    if path is not None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        cfg = config_from_dict(data, cfg)
+    return apply_overrides(cfg, overrides)
+
+
+def config_to_dict(cfg: PretrainConfig) -> dict[str, dict[str, Any]]:
+    """Plain nested data (YAML/JSON-able)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe_config(cfg: PretrainConfig | None = None) -> str:
+    """Every ``section.key`` with its type, default and help, for ``--help``."""
+    cfg = cfg or PretrainConfig()
+    lines = []
+    for s in SECTIONS:
+        section = getattr(cfg, s)
+        lines.append(f"{s}:")
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            lines.append(f"  --{s}.{f.name}={'null' if value is None else value}  ({_type_name(hints[f.name])}) "
+                         f"{f.metadata.get('help', '')}")
+    return "\n".join(lines)
