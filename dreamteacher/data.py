@@ -1,8 +1,10 @@
-"""Datasets: folders of images (recursive), returned as ``[3, H, W]`` float tensors in ``[-1, 1]``."""
+"""Datasets: folders of images (recursive), returned as ``[3, H, W]`` float tensors in ``[-1, 1]``; the built-in
+procedural shapes dataset (image + segmentation mask); prefetching, resumable, distributed loaders."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -98,3 +100,223 @@ class ImageFolderDataset(Dataset):
     def relative_paths(self) -> list[str]:
         """The files as POSIX paths relative to ``root``, in dataset order."""
         return [p.relative_to(self.root).as_posix() for p in self.files]
+
+
+# ------------------------------------------------------------------------------------------------ unreadable files
+class SkipUnreadable(Dataset):
+    """Wraps a dataset whose items can fail to decode (a corrupt file that passed the header check): such an item is
+    replaced by the next readable one (deterministically), logged and counted, so an epoch never crashes.
+
+    Args:
+        dataset: the wrapped dataset (e.g. :class:`ImageFolderDataset`).
+        max_tries: consecutive unreadable items tolerated before giving up with an error.
+
+    Attributes:
+        failures: indices that failed in this process (DataLoader workers each keep their own count and log each).
+    """
+
+    def __init__(self, dataset: Dataset, max_tries: int = 16) -> None:
+        self.dataset = dataset
+        self.max_tries = max_tries
+        self.failures: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        n = len(self.dataset)
+        error: Exception | None = None
+        for k in range(self.max_tries):
+            j = (index + k) % n
+            try:
+                return self.dataset[j]
+            except (RuntimeError, OSError, ValueError) as e:
+                error = e
+                self.failures.append(j)
+                logger.warning("skipping unreadable item %d (%d so far in this process): %s", j, len(self.failures), e)
+        raise RuntimeError(f"{self.max_tries} consecutive unreadable items from index {index}") from error
+
+
+# ------------------------------------------------------------------------------------------------ procedural shapes
+#: Class ids of :class:`ProceduralShapes` masks; the class is the shape, never the colour.
+SHAPE_CLASSES = ("background", "circle", "square", "triangle", "ring", "cross")
+
+
+def _shape_mask(kind: int, u, v):
+    """Inside test of a unit shape in its local frame (``u``, ``v`` in units of the shape's radius)."""
+    import numpy as np
+
+    if kind == 1:  # circle
+        return u * u + v * v <= 1.0
+    if kind == 2:  # square (area close to the circle's)
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.85
+    if kind == 3:  # equilateral triangle with circumradius 1
+        return (v >= -0.5) & (v <= 1.0 - np.sqrt(3.0) * np.abs(u))
+    if kind == 4:  # ring
+        r2 = u * u + v * v
+        return (r2 <= 1.0) & (r2 >= 0.55**2)
+    if kind == 5:  # cross (plus sign)
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
+    raise ValueError(f"kind: expected a shape class in 1..{len(SHAPE_CLASSES) - 1}, got {kind}")
+
+
+def render_shapes(shapes: list[dict], size: int, background=None, noise: float = 0.0, rng=None):
+    """Paint shapes (later ones on top) over a background; return ``(image [H, W, 3] in [0, 1], mask [H, W])``.
+
+    Each shape is ``{"kind", "cx", "cy", "radius", "angle", "color", "shade"}`` (pixels, radians, RGB in [0, 1],
+    shade: a linear brightness ramp across the shape). The mask holds the kind of the topmost shape per pixel.
+    """
+    import numpy as np
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    image = np.zeros((size, size, 3), np.float32) if background is None else background.astype(np.float32).copy()
+    mask = np.zeros((size, size), np.int64)
+    for s in shapes:
+        c, si = np.cos(s["angle"]), np.sin(s["angle"])
+        dx, dy = (xx - s["cx"]) / s["radius"], (yy - s["cy"]) / s["radius"]
+        u, v = c * dx + si * dy, -si * dx + c * dy
+        inside = _shape_mask(int(s["kind"]), u, v)
+        color = np.asarray(s["color"], np.float32)[None, :] * (1.0 + s.get("shade", 0.0) * u[inside][:, None] * 0.5)
+        image[inside] = color
+        mask[inside] = int(s["kind"])
+    if noise > 0:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        image = image + rng.normal(0.0, noise, image.shape).astype(np.float32)
+    return np.clip(image, 0.0, 1.0), mask
+
+
+class ProceduralShapes(Dataset):
+    """Built-in segmentation dataset generated on the fly: coloured shapes on textured backgrounds, no download.
+
+    Image ``i`` is a pure function of ``(seed, i)``. Each image holds 1 to ``max_shapes`` shapes of the classes in
+    :data:`SHAPE_CLASSES` (circle, square, triangle, ring, cross) with random colour, size, rotation and a brightness
+    ramp, overlapping (the later shape wins), over a background of a random grating blended with smooth noise, plus
+    pixel noise. Colours are drawn independently of the class, so only shape tells the classes apart.
+
+    Args:
+        length: number of images.
+        image_size: side of the square images.
+        seed: generator seed.
+        max_shapes: most shapes per image.
+        noise: std of the Gaussian pixel noise (images in [0, 1] before the map to [-1, 1]).
+
+    Returns per item:
+        ``(image [3, H, W] float32 in [-1, 1], mask [H, W] int64)`` with 0 = background, k = ``SHAPE_CLASSES[k]``.
+    """
+
+    num_classes = len(SHAPE_CLASSES)
+
+    def __init__(self, length: int = 10000, image_size: int = 64, *, seed: int = 0, max_shapes: int = 4,
+                 noise: float = 0.04) -> None:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length: expected a positive integer, got {length!r}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"image_size: expected an integer >= 8, got {image_size!r}")
+        self.length, self.image_size, self.seed = length, image_size, int(seed)
+        self.max_shapes, self.noise = max_shapes, noise
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _rng(self, index: int):
+        import numpy as np
+
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, self.seed >> 32 & 0xFFFFFFFF, int(index)])
+
+    def shapes(self, index: int, rng=None) -> list[dict]:
+        """The shape parameters of image ``index``."""
+        rng = rng if rng is not None else self._rng(index)
+        size = self.image_size
+        out = []
+        for _ in range(int(rng.integers(1, self.max_shapes + 1))):
+            out.append({"kind": int(rng.integers(1, len(SHAPE_CLASSES))),
+                        "cx": float(rng.uniform(0.12, 0.88) * size), "cy": float(rng.uniform(0.12, 0.88) * size),
+                        "radius": float(rng.uniform(0.09, 0.24) * size), "angle": float(rng.uniform(0, 2 * math.pi)),
+                        "color": rng.uniform(0.0, 1.0, 3).tolist(), "shade": float(rng.uniform(-0.4, 0.4))})
+        return out
+
+    def background(self, rng):
+        """A random grating between two random colours, blended with smooth noise: ``[H, W, 3]`` in [0, 1]."""
+        import numpy as np
+
+        size = self.image_size
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        theta, freq, phase = rng.uniform(0, math.pi), rng.uniform(1.0, 8.0), rng.uniform(0, 2 * math.pi)
+        grating = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)) + phase)
+        coarse = rng.uniform(0, 1, (5, 5)).astype(np.float32)  # smooth noise: bilinear upsampling of a 5x5 grid
+        gx = np.linspace(0, 4, size, dtype=np.float32)
+        i0 = np.minimum(gx.astype(int), 3)
+        f = gx - i0
+        rows = coarse[i0] * (1 - f)[:, None] + coarse[i0 + 1] * f[:, None]
+        smooth = rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
+        mix = float(rng.uniform(0.2, 0.8))
+        t = (mix * grating + (1 - mix) * smooth)[..., None]
+        c1, c2 = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
+        return c1 * (1 - t) + c2 * t
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} images")
+        rng = self._rng(index)
+        background = self.background(rng)
+        image, mask = render_shapes(self.shapes(index, rng), self.image_size, background, self.noise, rng)
+        x = torch.from_numpy(image).permute(2, 0, 1).contiguous().mul_(2.0).sub_(1.0)
+        return x, torch.from_numpy(mask)
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
+    """A :class:`DistributedSampler` that can start an epoch part-way (``start``: samples of this rank to skip), so a
+    resumed run sees exactly the batches an uninterrupted one would. Works without a process group when
+    ``num_replicas`` and ``rank`` are given (1 and 0 for a single process)."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = int(start)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.start:])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C goes to the whole process group: the main process stops the run at a step boundary and shuts the
+    # workers down itself; a worker that died on SIGINT would turn that into a DataLoader error instead.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_loader(dataset: Dataset, batch_size: int, *, seed: int = 0, num_workers: int = 0, prefetch_factor: int = 2,
+                 shuffle: bool = True, drop_last: bool = True, rank: int | None = None,
+                 world_size: int | None = None, pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
+    """A prefetching DataLoader over this process's shard of ``dataset``.
+
+    The sampler is a :class:`ResumableDistributedSampler` (rank and world size from the initialised process group,
+    else 0 and 1): call ``loader.sampler.set_epoch(e)`` and ``loader.sampler.set_start(k)`` before iterating.
+    Memory is pinned when CUDA is available (unless ``pin_memory`` says otherwise); workers stay alive across epochs.
+    """
+    import torch.distributed as dist
+
+    if rank is None or world_size is None:
+        initialised = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialised else 0
+        world_size = dist.get_world_size() if initialised else 1
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                          drop_last=drop_last)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    kwargs = {}
+    if num_workers > 0:
+        kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "worker_init_fn": _worker_init}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin_memory, drop_last=drop_last, **kwargs)
