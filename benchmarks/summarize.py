@@ -103,7 +103,8 @@ def summarize(data: dict) -> str:
 
 def update_readme(path: Path, table: str) -> None:
     text = path.read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
+    # Markers count only on lines of their own, so prose that mentions them (like benchmarks/README.md) is safe.
+    pattern = re.compile(rf"^{re.escape(START)}[ \t]*\n.*?^{re.escape(END)}[ \t]*$", re.DOTALL | re.MULTILINE)
     if not pattern.search(text):
         raise SystemExit(f"{path}: no {START} ... {END} block to replace")
     path.write_text(pattern.sub(lambda _: f"{START}\n{table}{END}", text, count=1))
