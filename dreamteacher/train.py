@@ -1,0 +1,628 @@
+"""The lean DreamTeacher pretraining loop, readable top to bottom (DESIGN.md section 6).
+
+config -> distributed setup from torchrun's environment -> frozen teacher (outside the trainable module) + trainable
+module (student + regressor, channels_last) -> optional ``torch.compile`` -> DDP -> loop (teacher features at the
+regressor's strides, ``dtkernels.fused_feat_loss``, bf16 autocast on GPU / fp32 on CPU, accumulation with gradient
+sync on the last micro-step only, clipping, fused AdamW on GPU or LAMB, warm-up + cosine) -> atomic checkpoints.
+
+Also here: :func:`train_teacher` (a small DDPM ``UNet2DModel`` with the epsilon-prediction MSE, for the embedded
+demo where no pretrained diffusion model can be downloaded) and :func:`export_backbone`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dtkernels
+
+from .config import PretrainConfig, config_from_dict, config_to_dict
+from .regressor import FeatureRegressor
+from .student import StudentBackbone
+from .teacher import DiffusionTeacher
+
+logger = logging.getLogger("dreamteacher")
+
+__all__ = ["DistillationModel", "Lamb", "DistEnv", "setup_distributed", "select_taps", "build_teacher",
+           "build_optimizer", "warmup_cosine", "save_checkpoint", "pretrain", "train_teacher", "export_backbone",
+           "build_dataset", "TINY_UNET", "DEMO_UNET"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------ model pieces
+class DistillationModel(nn.Module):
+    """Everything trainable in one module (the one DDP wraps and the optimizer sees): student + regressor.
+
+    Shapes: ``[B, 3, H, W]`` -> one ``[B, C_teacher_l, H / r_l, W / r_l]`` prediction per student level.
+    """
+
+    def __init__(self, student: StudentBackbone, regressor: FeatureRegressor) -> None:
+        super().__init__()
+        self.student = student
+        self.regressor = regressor
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.regressor(self.student(images))
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020): Adam's bias-corrected update with decoupled weight decay, scaled per tensor by the
+    trust ratio ``||w|| / ||update||`` (1 when either norm is 0). No host syncs: the ratio stays a tensor."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
+                m.lerp_(g, 1.0 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                update = (m / (1.0 - b1 ** state["step"])) / ((v / (1.0 - b2 ** state["step"])).sqrt_().add_(eps))
+                if wd:
+                    update.add_(p, alpha=wd)
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.sub_(update.mul_(trust * lr))
+        return loss
+
+
+def build_optimizer(cfg: PretrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused kernel when available) or LAMB; no weight decay on norms and biases (tensors with ndim <= 1)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    betas = tuple(cfg.optim.betas)
+    if cfg.optim.name == "lamb":
+        return Lamb(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps)
+    try:  # one fused kernel over all parameters (CUDA, and CPU since torch 2.4)
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, foreach=True)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier at optimizer step ``step`` (0-based): linear warm-up to 1, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistEnv:
+    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and start the process group: NCCL on GPU, gloo on
+    CPU. Without torchrun this is a single process on ``device``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(rank, local_rank, world, dev)
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+def select_taps(native_strides: Sequence[int], student_strides: Sequence[int]) -> list[int]:
+    """Indices (into the candidates, in call order) of one teacher block per student level.
+
+    The paper reads ADM decoder blocks one octave finer than the student's C2-C5, so the target native stride of a
+    student level at stride ``s`` is ``s / 2``. Candidates are taken in call order (the decoder runs coarse to fine)
+    and matched to the student levels coarse to fine, minimising the total ``|log2(native) - log2(s / 2)|``; ties
+    go to the earliest blocks (an earlier early exit).
+    """
+    targets = sorted(student_strides, reverse=True)  # coarse to fine, like the decoder's call order
+    if len(native_strides) < len(targets):
+        raise ValueError(f"teacher.taps: the teacher has {len(native_strides)} candidate blocks, fewer than the "
+                         f"{len(targets)} student levels; name the taps explicitly")
+    best, best_cost = None, math.inf
+    for combo in itertools.combinations(range(len(native_strides)), len(targets)):
+        cost = sum(abs(math.log2(native_strides[j]) - math.log2(s / 2)) for j, s in zip(combo, targets))
+        if cost < best_cost - 1e-9:
+            best, best_cost = combo, cost
+    by_stride = dict(zip(targets, best))
+    return [by_stride[s] for s in student_strides]
+
+
+def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int]
+                  ) -> tuple[DiffusionTeacher, list[int]]:
+    """The frozen teacher with one tap per student level, each resized to that level's stride in the hook.
+
+    Returns the teacher and ``order``: ``teacher(x)[order[l]]`` is the target of student level ``l`` (the teacher
+    returns its features in call order).
+    """
+    if not cfg.teacher.path:
+        raise ValueError("teacher.path: expected the directory of a diffusers teacher (see `dreamteacher "
+                         "train-teacher`)")
+    dtype = cfg.teacher.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    common = dict(t=cfg.teacher.t, mode=cfg.teacher.mode, n_noise=cfg.teacher.n_noise,
+                  ddim_steps=cfg.teacher.ddim_steps, early_exit=cfg.teacher.early_exit)
+    names = cfg.teacher.taps
+    probe = DiffusionTeacher.from_pretrained(cfg.teacher.path, taps=None if names else _candidate_taps(cfg),
+                                             **common)
+    if names is None:  # automatic choice from the candidates' native strides (a dry run on a tiny input)
+        info = probe.feature_info
+        picked = select_taps([i["native_reduction"] for i in info], student_strides)
+        names = [info[j]["module"] for j in picked]
+    probe.taps.remove()
+    # Build the real taps in call order; strides per tap are the student's strides of the levels they feed.
+    call_rank = {n: i for i, n in enumerate(_call_order(probe, names))}
+    ordered = sorted(range(len(names)), key=lambda l: call_rank[names[l]])
+    teacher = DiffusionTeacher(probe.unet, probe.scheduler, vae=probe.vae,
+                               text_embedding=probe.uncond_embedding if probe.conditional else None,
+                               taps=[names[l] for l in ordered], strides=[student_strides[l] for l in ordered],
+                               **common)
+    teacher = teacher.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
+    if cfg.run.channels_last and device.type == "cuda":
+        teacher = teacher.to(memory_format=torch.channels_last)
+    order = [ordered.index(l) for l in range(len(names))]
+    return teacher, order
+
+
+def _candidate_taps(cfg: PretrainConfig) -> list[str]:
+    import json as _json
+
+    root = Path(cfg.teacher.path)
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    n_up = len(_json.loads((unet_dir / "config.json").read_text())["up_block_types"])
+    return ["mid_block"] + [f"up_blocks.{i}" for i in range(n_up)]
+
+
+def _call_order(teacher: DiffusionTeacher, names: Sequence[str]) -> list[str]:
+    """The order in which the named UNet modules run (a dry run on a tiny input)."""
+    seen: list[str] = []
+    handles = [teacher.unet.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.append(n))
+               for n in names]
+    try:
+        n_levels = len(teacher.unet.config.block_out_channels)
+        size = max(2 ** (n_levels - 1) * 2, 8)
+        x = torch.zeros(1, teacher.unet.config.in_channels, size, size, device=teacher.device, dtype=teacher.dtype)
+        tt = torch.full((1,), teacher.t, dtype=torch.long, device=teacher.device)
+        with torch.inference_mode():
+            teacher._unet_call(x, tt)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ValueError(f"teacher.taps: modules {missing} did not run in the teacher's forward")
+    return list(dict.fromkeys(seen))
+
+
+# ------------------------------------------------------------------------------------------------ data
+def build_dataset(cfg: PretrainConfig):
+    """The procedural shapes dataset, or an image folder (unreadable files skipped and counted)."""
+    from .data import ImageFolderDataset, ProceduralShapes, SkipUnreadable
+
+    if cfg.data.source == "procedural":
+        return ProceduralShapes(cfg.data.length, cfg.data.image_size, seed=cfg.data.seed)
+    folder = ImageFolderDataset(cfg.data.source, cfg.data.image_size)
+    if len(folder) == 0:
+        raise ValueError(f"data.source: no readable images under {cfg.data.source}")
+    return SkipUnreadable(folder)
+
+
+def _images(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """``torch.save`` to a temporary file in the same directory, then an atomic rename: a crash mid-write never
+    leaves a truncated checkpoint under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        states["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy as np
+
+        np.random.set_state(states["numpy"])
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+class StopFlag:
+    """First SIGINT (Ctrl-C): finish the current step, save a checkpoint, exit cleanly. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self) -> StopFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C raises as usual
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) -> dict:
+    """Distill the teacher into the student. Returns a summary (out dir, final step, last loss, checkpoint paths).
+
+    Writes to ``cfg.run.out_dir``: ``config.yaml``, ``log.jsonl`` (one JSON object per logged step),
+    ``checkpoints/last.pt`` (atomic; every ``ckpt_every`` steps, at the end and on Ctrl-C) and ``backbone.pth``
+    (the student as a plain timm state_dict, see :func:`export_backbone`).
+    """
+    # -- distributed setup and seeds
+    env = setup_distributed(cfg.run.device)
+    device = env.device
+    out = Path(cfg.run.out_dir)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(resume) if resume is not None else None
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+
+    # -- models: the frozen teacher outside, the trainable module (student + regressor) inside
+    student = StudentBackbone(cfg.model.student, pretrained=cfg.model.pretrained,
+                              reductions=tuple(cfg.model.reductions))
+    strides = [info["reduction"] for info in student.feature_info]
+    teacher, order = build_teacher(cfg, device, strides)
+    teacher_channels = [teacher.feature_info[order[l]]["num_chs"] for l in range(len(strides))]
+    regressor = FeatureRegressor(student.feature_info, teacher_channels, width=cfg.model.width,
+                                 pool_sizes=cfg.model.pool_sizes)
+    model = DistillationModel(student, regressor).to(device)
+    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = build_optimizer(cfg, model, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+        s, warmup=cfg.schedule.warmup_steps, total=cfg.run.steps, min_ratio=cfg.schedule.min_lr_ratio))
+    step, epoch, consumed = 0, 0, 0  # optimizer steps done; data epoch; micro-batches of this epoch consumed
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        if state.get("world_size", 1) != env.world_size:
+            logger.warning("resuming a %d-process run with %d processes: the data order changes",
+                           state.get("world_size", 1), env.world_size)
+        _set_rng_states(state["rng"])
+        logger.info("resumed from %s at step %d", resume, step)
+
+    # -- optional compile, then DDP (the optimizer and checkpoints keep using the plain module)
+    train_model: nn.Module = torch.compile(model) if cfg.run.compile else model
+    if env.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # -- data: this rank's shard, restarted exactly where the checkpoint stopped
+    dataset = build_dataset(cfg)
+    from .data import build_loader
+
+    loader = build_loader(dataset, cfg.run.batch_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
+                          prefetch_factor=cfg.data.prefetch_factor)
+    if len(loader.sampler) < 1 or loader.sampler.num_samples < cfg.run.batch_size:
+        raise ValueError(f"data: {len(dataset)} images are fewer than one batch of {cfg.run.batch_size} per process")
+    batches_per_epoch = loader.sampler.num_samples // cfg.run.batch_size
+    epoch, consumed = epoch + consumed // batches_per_epoch, consumed % batches_per_epoch
+
+    def batches():
+        nonlocal epoch, consumed
+        while True:
+            loader.sampler.set_epoch(epoch)
+            loader.sampler.set_start(consumed * cfg.run.batch_size)
+            for batch in loader:
+                consumed += 1
+                yield batch
+            epoch, consumed = epoch + 1, 0
+
+    # -- outputs
+    if env.is_main:
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    log_file = open(out / "log.jsonl", "a") if env.is_main else None  # noqa: SIM115 -- closed in finally
+
+    def checkpoint() -> None:
+        if env.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
+                "world_size": env.world_size, "rng": _rng_states(), "config": config_to_dict(cfg)})
+        if env.distributed:
+            dist.barrier()
+
+    loss_kwargs = dict(mse_weight=cfg.loss.mse_weight, at_weight=cfg.loss.at_weight, at_p=cfg.loss.at_p,
+                       at_mode=cfg.loss.at_mode, whiten=cfg.loss.whiten, eps=cfg.loss.eps,
+                       level_weights=cfg.loss.level_weights, return_parts=True)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    accum = cfg.run.accumulation
+    images_per_step = cfg.run.batch_size * accum * env.world_size
+    pbar = None
+    if env.is_main and cfg.run.progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=cfg.run.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    summary = {"out_dir": str(out), "checkpoint": str(ckpt_path), "interrupted": False, "loss": None}
+    data = batches()
+    model.train()
+    start_time = last_time = time.perf_counter()
+    last_step = step
+    loss_sum = torch.zeros((), device=device)
+    try:
+        with StopFlag() as stop:
+            while step < cfg.run.steps:
+                # Agree on stopping (Ctrl-C, time limit): every step alone, on logging steps under DDP (one
+                # small all-reduce instead of one per step).
+                want = stop.requested or (cfg.run.max_minutes > 0
+                                          and time.perf_counter() - start_time > 60 * cfg.run.max_minutes)
+                if env.distributed and step % cfg.run.log_every == 0:
+                    flag = torch.tensor(float(want), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    want = bool(flag.item())
+                elif env.distributed:
+                    want = False
+                if want:
+                    summary["interrupted"] = True
+                    break
+                for micro in range(accum):
+                    images = _images(next(data)).to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                    # Teacher path: one-step noising in dtkernels.q_sample keyed by (seed, step, micro, rank), taps
+                    # resized to the student's strides, early exit, inference mode.
+                    noise_key = ((cfg.run.seed * 1_000_003 + step * accum + micro) * env.world_size + env.rank)
+                    targets = teacher(images, seed=noise_key % 2**63)
+                    sync = (train_model.no_sync() if env.distributed and micro < accum - 1
+                            else contextlib.nullcontext())
+                    with sync:
+                        with autocast:
+                            preds = train_model(images)
+                        parts = dtkernels.fused_feat_loss(
+                            preds, [targets[order[l]].to(p.dtype) for l, p in enumerate(preds)], **loss_kwargs)
+                        (parts.loss / accum).backward()
+                    loss_sum += parts.loss.detach() / accum
+                if cfg.run.clip_grad > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.run.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                if step % cfg.run.log_every == 0 or step == cfg.run.steps:  # the only host syncs of the loop
+                    if env.distributed:
+                        dist.all_reduce(loss_sum)
+                        loss_sum /= env.world_size
+                    now = time.perf_counter()
+                    record = {"step": step, "loss": loss_sum.item() / (step - last_step),
+                              "mse": parts.mse.tolist(), "at": parts.at.tolist(),
+                              "lr": scheduler.get_last_lr()[0],
+                              "images_per_s": images_per_step * (step - last_step) / (now - last_time),
+                              "epoch": epoch, "time": now - start_time}
+                    summary["loss"] = record["loss"]
+                    loss_sum.zero_()
+                    last_time, last_step = now, step
+                    if log_file is not None:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                    if pbar is not None:
+                        pbar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                if pbar is not None:
+                    pbar.update(1)
+                if step % cfg.run.ckpt_every == 0 and step < cfg.run.steps:
+                    checkpoint()
+            checkpoint()
+    finally:
+        if pbar is not None:
+            pbar.close()
+        if log_file is not None:
+            log_file.close()
+    summary["step"] = step
+    if env.is_main:
+        backbone = out / "backbone.pth"
+        torch.save(student.backbone_state_dict(), backbone)
+        summary["backbone"] = str(backbone)
+    if env.distributed:
+        _write_param_checksum(model, out, env.rank)
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _write_param_checksum(model: nn.Module, out: Path, rank: int) -> None:
+    """sha256 of every parameter and buffer of this rank's replica (tests compare the ranks' files)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    (out / f"params_rank{rank}.sha256").write_text(h.hexdigest() + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the student of a pretraining checkpoint as a plain state_dict that
+    ``timm.create_model(name, pretrained=False).load_state_dict(sd, strict=False)`` loads (only the classifier head
+    missing). ``.safetensors`` suffix: safetensors; anything else: ``torch.save``."""
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"])
+    student = StudentBackbone(cfg.model.student, reductions=tuple(cfg.model.reductions))
+    prefix = "student."
+    student.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    sd = student.backbone_state_dict()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out), metadata={"timm_model": cfg.model.student})
+    else:
+        torch.save(sd, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ teacher training
+#: A tiny pixel UNet for tests (3 levels: mid_block and 3 up blocks, enough taps for 4 student levels).
+TINY_UNET = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+#: The demo's teacher: five levels (native strides 1-16) so that the taps one octave finer than the student's
+#: strides 4-32 exist (mid_block and up_blocks.0-2, early exit before the full-resolution blocks).
+DEMO_UNET = dict(block_out_channels=(16, 32, 64, 64, 128), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D",) * 5, up_block_types=("UpBlock2D",) * 5)
+
+
+def train_teacher(out_dir: str | os.PathLike, *, dataset=None, image_size: int = 64, unet: dict | None = None,
+                  steps: int = 1000, batch_size: int = 16, lr: float = 2e-3, warmup_steps: int = 50,
+                  num_train_timesteps: int = 1000, seed: int = 0, num_workers: int = 2, log_every: int = 25,
+                  max_minutes: float = 0.0, device: str = "auto", progress: bool = True) -> dict:
+    """Train a small DDPM ``UNet2DModel`` with the epsilon-prediction MSE and save it where
+    :meth:`DiffusionTeacher.from_pretrained` finds it (``unet/`` + ``scheduler/``).
+
+    ``loss = mean((unet(x_t, t) - eps)**2)`` with ``t`` uniform in ``[0, T)`` and ``x_t`` from ``dtkernels.q_sample``.
+    AdamW with warm-up + cosine; ``max_minutes`` stops early (the model is saved either way). Logs go to
+    ``out_dir/log.jsonl``. Returns ``{"path", "steps", "first_loss", "last_loss"}`` (mean losses of the first and
+    last logging windows).
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from .data import ProceduralShapes, build_loader
+
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = dataset if dataset is not None else ProceduralShapes(max(steps * batch_size, 1000), image_size,
+                                                                   seed=seed + 1)
+    config = dict(DEMO_UNET if unet is None else unet)
+    model = UNet2DModel(sample_size=image_size, in_channels=3, out_channels=3, **config).to(dev)
+    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps)
+    alphas = scheduler.alphas_cumprod.to(dev, torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+        s, warmup=warmup_steps, total=steps, min_ratio=0.1))
+    loader = build_loader(dataset, batch_size, seed=seed, num_workers=num_workers, rank=0, world_size=1)
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=steps, desc="train-teacher", unit="step", dynamic_ncols=True)
+    history: list[float] = []
+    window = torch.zeros((), device=dev)
+    start = last = time.perf_counter()
+    step, epoch = 0, 0
+    model.train()
+    with open(out / "log.jsonl", "w") as log, StopFlag() as stop:
+        while step < steps and not stop.requested:
+            loader.sampler.set_epoch(epoch)
+            for batch in loader:
+                x0 = _images(batch).to(dev, non_blocking=True)
+                t = torch.randint(0, num_train_timesteps, (x0.shape[0],), device=dev)
+                x_t, eps = dtkernels.q_sample(x0, t, alphas, seed=int(torch.randint(0, 2**62, ()).item()),
+                                              return_noise=True)
+                loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                sched.step()
+                optimizer.zero_grad(set_to_none=True)
+                window += loss.detach()
+                step += 1
+                if step % log_every == 0 or step == steps:
+                    now = time.perf_counter()
+                    n = (step - 1) % log_every + 1
+                    history.append(window.item() / n)
+                    window.zero_()
+                    log.write(json.dumps({"step": step, "loss": history[-1], "images_per_s": n * batch_size
+                                          / (now - last), "time": now - start}) + "\n")
+                    log.flush()
+                    if pbar is not None:
+                        pbar.set_postfix(loss=f"{history[-1]:.4f}", img_s=f"{n * batch_size / (now - last):.1f}")
+                    last = now
+                if pbar is not None:
+                    pbar.update(1)
+                if (step >= steps or stop.requested
+                        or (max_minutes > 0 and time.perf_counter() - start > 60 * max_minutes)):
+                    break
+            else:
+                epoch += 1
+                continue
+            break
+    if pbar is not None:
+        pbar.close()
+    model.eval()
+    DiffusionTeacher(model.cpu(), scheduler).save_pretrained(out)
+    return {"path": str(out), "steps": step, "first_loss": history[0] if history else None,
+            "last_loss": history[-1] if history else None, "interrupted": stop.requested}
