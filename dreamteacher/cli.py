@@ -175,8 +175,9 @@ def run_train_teacher(args: argparse.Namespace) -> int:
                            num_train_timesteps=args.timesteps, seed=args.seed, num_workers=args.num_workers,
                            log_every=args.log_every, max_minutes=args.max_minutes, device=args.device,
                            progress=not args.no_progress)
-    print(f"teacher {result['path']}: {result['steps']} steps, epsilon MSE {result['first_loss']:.4f} (first "
-          f"{args.log_every} steps) -> {result['last_loss']:.4f} (last logged window); log {args.out}/log.jsonl")
+    losses = (f", epsilon MSE {result['first_loss']:.4f} (first logged window) -> {result['last_loss']:.4f} (last)"
+              if result["first_loss"] is not None else "")
+    print(f"teacher {result['path']}: {result['steps']} steps{losses}; log {args.out}/log.jsonl")
     return 0
 
 
@@ -276,8 +277,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ demo
 #: The demo's sizes, chosen to fit `make demo` in 15 minutes on a shared 2-core CPU (see the README).
-DEMO = {"image_size": 64, "teacher_steps": 600, "teacher_batch": 16, "teacher_minutes": 5.5,
-        "pretrain_steps": 300, "pretrain_batch": 16, "pretrain_minutes": 5.0, "width": 128}
+DEMO = {"image_size": 32, "teacher_steps": 400, "teacher_batch": 16, "teacher_minutes": 4.5,
+        "pretrain_steps": 200, "pretrain_batch": 16, "pretrain_minutes": 4.0, "width": 128}
 
 
 def add_demo(subparsers) -> argparse.ArgumentParser:
@@ -318,10 +319,11 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"[1/3] teacher: training a DDPM UNet2DModel {list(DEMO_UNET['block_out_channels'])} on procedural "
               f"shapes at {args.image_size}x{args.image_size}")
         result = train_teacher(teacher_dir, image_size=args.image_size, steps=args.teacher_steps,
-                               batch_size=DEMO["teacher_batch"], num_workers=args.num_workers,
+                               batch_size=DEMO["teacher_batch"], num_workers=args.num_workers, log_every=10,
                                max_minutes=args.teacher_minutes, progress=not args.no_progress)
-        print(f"      {result['steps']} steps, epsilon MSE {result['first_loss']:.4f} -> {result['last_loss']:.4f}"
-              f" ({time.perf_counter() - start:.0f} s so far)")
+        if result["first_loss"] is not None:
+            print(f"      {result['steps']} steps, epsilon MSE {result['first_loss']:.4f} -> "
+                  f"{result['last_loss']:.4f} ({time.perf_counter() - start:.0f} s so far)")
     try:
         cfg = load_config(None, [
             f"--teacher.path={teacher_dir}", "--model.student=resnet18", f"--model.width={DEMO['width']}",

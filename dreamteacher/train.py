@@ -502,11 +502,12 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
 
 
 def _write_param_checksum(model: nn.Module, out: Path, rank: int) -> None:
-    """sha256 of every parameter and buffer of this rank's replica (tests compare the ranks' files)."""
+    """sha256 of every parameter of this rank's replica (tests compare the ranks' files). Buffers are left out: BN
+    running statistics see each rank's own last batch (DDP broadcasts rank 0's before each forward; rank 0 saves)."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(model.named_parameters()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     (out / f"params_rank{rank}.sha256").write_text(h.hexdigest() + "\n")

@@ -1,0 +1,277 @@
+"""The pretraining framework end to end on tiny models: config errors, procedural data, teacher training, the loop
+(loss decreases, exact resume, Ctrl-C, 2-process DDP), export into timm, corrupt images.
+
+Tiny everything: a 3-level 8/16/16-channel DDPM teacher, resnet18 students at 32x32 with a 16-channel regressor,
+batches of 4, a few steps. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamteacher import cli
+from dreamteacher.config import ConfigError, PretrainConfig, config_from_dict, load_config
+from dreamteacher.data import SHAPE_CLASSES, ImageFolderDataset, ProceduralShapes, SkipUnreadable, render_shapes
+from dreamteacher.teacher import DiffusionTeacher
+from dreamteacher.train import TINY_UNET, export_backbone, pretrain, select_taps, train_teacher
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and the same thread count makes repeated runs bitwise equal."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    result = train_teacher(out, image_size=32, unet=TINY_UNET, steps=4, batch_size=4, num_workers=0, log_every=2,
+                           progress=False)
+    assert result["steps"] == 4
+    return out
+
+
+def tiny_overrides(teacher_dir: Path, out: Path, **extra) -> list[str]:
+    values = {"teacher.path": teacher_dir, "data.image_size": 32, "data.length": 64, "data.num_workers": 0,
+              "model.width": 16, "run.batch_size": 4, "run.steps": 4, "run.log_every": 1, "run.out_dir": out,
+              "run.progress": False, "schedule.warmup_steps": 1, "optim.lr": 1e-3, "run.ckpt_every": 100}
+    values.update(extra)
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_overrides_and_types():
+    cfg = load_config(None, ["--lr=3e-4", "--run.steps", "7", "--loss.whiten=null", "--betas=0.9,0.95",
+                             "--compile=true"])
+    assert cfg.optim.lr == 3e-4 and cfg.run.steps == 7 and cfg.loss.whiten is None
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.run.compile is True
+    assert config_from_dict({"optim": {"lr": "1e-3"}}).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--run.stepz=3"], r"run.stepz: unknown key; run has .*steps"),
+    (["--nope=3"], r"nope: unknown key"),
+    (["--foo.bar=3"], r"foo.bar: unknown section 'foo'"),
+    (["--run.steps=many"], r"run.steps: expected an int, got 'many'"),
+    (["--run.steps=0"], r"run.steps: expected a value >= 1, got 0"),
+    (["--loss.at_mode=l1"], r"loss.at_mode: expected one of paper, mean_sq, got 'l1'"),
+    (["--eps=1"], r"eps: ambiguous key, write one of loss.eps, optim.eps"),
+    (["--run.compile=maybe"], r"run.compile: expected a bool"),
+    (["--loss.level_weights=1,2"], r"loss.level_weights: expected 4 weights"),
+])
+def test_bad_overrides_give_clear_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_yaml_gives_clear_errors(tmp_path, capsys):
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("run:\n  steps: 10\n  batchsize: 4\n")
+    with pytest.raises(ConfigError, match="run.batchsize: unknown key"):
+        load_config(bad_key)
+    bad_type = tmp_path / "bad_type.yaml"
+    bad_type.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="optim.lr: expected a float, got 'fast'"):
+        load_config(bad_type)
+    with pytest.raises(ConfigError, match="run.steps: expected an int, got 2.5"):
+        config_from_dict({"run": {"steps": 2.5}})
+    assert cli.main(["pretrain", "--config", str(bad_key)]) == 2
+    assert "run.batchsize: unknown key" in capsys.readouterr().err
+    assert isinstance(load_config(None), PretrainConfig)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_procedural_dataset_is_deterministic_per_seed():
+    a, b, c = ProceduralShapes(8, 32, seed=3), ProceduralShapes(8, 32, seed=3), ProceduralShapes(8, 32, seed=4)
+    for i in range(4):
+        (xa, ma), (xb, mb), (xc, _) = a[i], b[i], c[i]
+        assert torch.equal(xa, xb) and torch.equal(ma, mb)
+        assert not torch.equal(xa, xc)
+        assert xa.shape == (3, 32, 32) and xa.dtype == torch.float32 and -1 <= xa.min() and xa.max() <= 1
+        assert ma.shape == (32, 32) and ma.dtype == torch.long
+        assert 0 <= int(ma.min()) and int(ma.max()) < len(SHAPE_CLASSES)
+    assert not torch.equal(a[0][0], a[1][0])
+
+
+def test_procedural_mask_class_depends_on_shape_not_colour():
+    size = 48
+    base = {"cx": 24.0, "cy": 24.0, "radius": 14.0, "angle": 0.3, "shade": 0.0}
+    masks = {}
+    for kind in range(1, len(SHAPE_CLASSES)):
+        m1 = render_shapes([{**base, "kind": kind, "color": [1.0, 0.0, 0.0]}], size)[1]
+        m2 = render_shapes([{**base, "kind": kind, "color": [0.1, 0.8, 0.9]}], size)[1]
+        assert (m1 == m2).all(), "the colour changed the mask"
+        assert set(m1.ravel().tolist()) == {0, kind}
+        masks[kind] = m1 == kind
+    # the shapes are different regions (so a segmenter has to look at shape)...
+    for i in masks:
+        for j in masks:
+            if i < j:
+                assert (masks[i] != masks[j]).sum() > 20, (SHAPE_CLASSES[i], SHAPE_CLASSES[j])
+    assert not masks[4][24, 24] and masks[1][24, 24]  # the ring has a hole, the circle does not
+    # ...and across the dataset the colours do not predict the class: per-class mean colours are alike.
+    ds = ProceduralShapes(300, 32, seed=0, noise=0.0)
+    means = {k: [] for k in range(1, len(SHAPE_CLASSES))}
+    for i in range(len(ds)):
+        for s in ds.shapes(i):
+            means[s["kind"]].append(s["color"])
+    per_class = torch.tensor([torch.tensor(v).mean(0).tolist() for v in means.values()])
+    assert (per_class - 0.5).abs().max() < 0.12
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (20, 24), (40 * i, 100, 200)).save(tmp_path / f"good{i}.png")
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+    good = (tmp_path / "good0.png").read_bytes()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "sub_truncated.png")
+    full = (tmp_path / "sub_truncated.png").read_bytes()
+    (tmp_path / "sub_truncated.png").write_bytes(full[: len(full) // 2])  # header fine, pixel data cut
+    assert good
+    folder = ImageFolderDataset(tmp_path, 16)
+    assert len(folder.skipped) == 1 and folder.skipped[0].name == "garbage.png"
+    assert len(folder) == 4
+    ds = SkipUnreadable(folder)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2)
+    batches = list(loader)  # never crashes mid-epoch
+    assert sum(b.shape[0] for b in batches) == 4
+    assert [folder.files[j].name for j in ds.failures] == ["sub_truncated.png"]
+    assert "skipping unreadable item" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+def test_train_teacher_saves_a_loadable_teacher(teacher_dir):
+    log = [json.loads(line) for line in (teacher_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4] and all(r["loss"] > 0 for r in log)
+    teacher = DiffusionTeacher.from_pretrained(teacher_dir, strides=None)
+    feats = teacher(torch.rand(2, 3, 32, 32) * 2 - 1, seed=0)
+    assert len(feats) == len(TINY_UNET["block_out_channels"]) and all(torch.isfinite(f).all() for f in feats)
+
+
+def test_select_taps_reads_one_octave_finer():
+    # mid_block and up_blocks of a 5-level UNet: native strides 16, 8, 4, 2, 1, 1
+    assert select_taps([16, 8, 4, 2, 1, 1], [4, 8, 16, 32]) == [3, 2, 1, 0]
+    # a 3-level UNet: 4, 2, 1, 1 -> the earliest blocks win ties
+    assert select_taps([4, 2, 1, 1], [4, 8, 16, 32]) == [3, 2, 1, 0]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def test_loss_decreases_on_a_fixed_batch(teacher_dir, tmp_path):
+    cfg = load_config(None, tiny_overrides(teacher_dir, tmp_path, **{"data.length": 4, "run.steps": 14,
+                                                                     "optim.lr": 3e-3, "loss.at_weight": 1.0}))
+    summary = pretrain(cfg)
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    assert len(losses) == 14 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    assert Path(summary["checkpoint"]).is_file() and Path(summary["backbone"]).is_file()
+
+
+def test_resume_gives_the_same_next_losses(teacher_dir, tmp_path, monkeypatch):
+    import dreamteacher.train as train_mod
+
+    saved = []
+    original = train_mod.save_checkpoint
+
+    def keep_every_checkpoint(path, state):
+        out = original(path, state)
+        copy = Path(path).with_name(f"step{state['step']}.pt")
+        shutil.copy(out, copy)
+        saved.append(copy)
+        return out
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", keep_every_checkpoint)
+    full = tmp_path / "full"
+    pretrain(load_config(None, tiny_overrides(teacher_dir, full, **{"run.ckpt_every": 2, "data.length": 12})))
+    assert [p.name for p in saved] == ["step2.pt", "step4.pt"]
+    resumed = tmp_path / "resumed"
+    pretrain(load_config(None, tiny_overrides(teacher_dir, resumed, **{"run.ckpt_every": 2, "data.length": 12})),
+             resume=saved[0])
+    a, b = read_log(full), read_log(resumed)
+    assert [r["step"] for r in b] == [3, 4]
+    for ra, rb in zip(a[2:], b):  # 12 images / batch 4: step 4 also crosses an epoch boundary
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra, rb)
+    sa = torch.load(full / "checkpoints" / "last.pt", weights_only=False)["model"]
+    sb = torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_export_loads_into_timm(teacher_dir, tmp_path):
+    import timm
+
+    pretrain(load_config(None, tiny_overrides(teacher_dir, tmp_path, **{"run.steps": 1})))
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    for name in ("backbone.pth", "backbone.safetensors"):
+        assert cli.main(["export", str(ckpt), "--out", str(tmp_path / name)]) == 0
+    sd = torch.load(tmp_path / "backbone.pth", weights_only=True)
+    from safetensors.torch import load_file
+
+    for state in (sd, load_file(str(tmp_path / "backbone.safetensors"))):
+        model = timm.create_model("resnet18", pretrained=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+    trained = torch.load(ckpt, weights_only=False)["model"]["student.body.conv1.weight"]
+    assert torch.equal(model.conv1.weight, trained)
+    assert export_backbone(ckpt, tmp_path / "again.pth").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dreamteacher", "pretrain",
+           *tiny_overrides(teacher_dir, out, **{"run.steps": 100000})]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no training step logged"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "pretrain interrupted at step" in output, output
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert 2 <= state["step"] < 100000 and state["step"] == read_log(out)[-1]["step"]
+
+
+def test_two_process_ddp_keeps_replicas_identical(teacher_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dreamteacher", "pretrain",
+           *tiny_overrides(teacher_dir, out, **{"run.steps": 3, "run.accumulation": 2, "run.batch_size": 2})]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sums = [(out / f"params_rank{r}.sha256").read_text() for r in (0, 1)]
+    assert sums[0] == sums[1]
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
+    assert (out / "checkpoints" / "last.pt").is_file()
