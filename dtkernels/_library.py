@@ -175,14 +175,17 @@ def _feat_loss_fake(student, teacher, level_coef, mse_weight, at_weight, at_p, a
     return loss, student[0].new_empty((n,), dtype=out_dtype), student[0].new_empty((n,), dtype=out_dtype), grads
 
 
-def _scale_grads(grads: Sequence[torch.Tensor], grad_out: torch.Tensor, ctx=None) -> list[torch.Tensor]:
+def _scale_grads(grads: Sequence[torch.Tensor], grad_out: torch.Tensor | None, ctx=None) -> list[torch.Tensor | None]:
     """``grad * grad_out`` for each precomputed student gradient, skipping the multiply when it is exactly 1.
 
     CPU: the scalar is read on the host (free) and the multiply skipped when it is 1. CUDA: a Triton kernel reads it
     on the device and scales the saved buffers in place, returning early when it is 1, so there is no host sync and
     no extra buffer; a second backward through the same graph (``retain_graph=True``) is then refused rather than
-    scaled twice. Traced (torch.compile): a plain multiply that the compiler fuses.
+    scaled twice. Traced (torch.compile): a plain multiply that the compiler fuses. ``grad_out`` is None when the
+    loss did not contribute to what is being differentiated (gradients are not materialized).
     """
+    if grad_out is None:
+        return [None] * len(grads)
     if _is_plain_eager(grad_out):
         if grad_out.device.type == "cpu":
             if float(grad_out) == 1.0:
@@ -207,6 +210,9 @@ def _is_plain_eager(t: torch.Tensor) -> bool:
 
 def _feat_loss_setup_context(ctx, inputs, output):
     student, teacher, level_coef, mse_weight, at_weight, at_p, at_mode, whiten, eps, compute_grad = inputs
+    # The unused outputs (parts, gradient buffers) get no gradient: without this autograd would allocate zero
+    # tensors the size of the student gradient for them in backward.
+    ctx.set_materialize_grads(False)
     ctx.n_levels = len(student)
     ctx.compute_grad = compute_grad
     ctx.save_for_backward(*output[3])
@@ -264,6 +270,7 @@ class _ForcedFeatLoss(torch.autograd.Function):
     def forward(ctx, impl, params, n_levels, *tensors):
         student, teacher = list(tensors[:n_levels]), list(tensors[n_levels:])
         loss, mse, at, grads = impl(student, teacher, *params)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*grads)
         ctx.compute_grad = params[-1]
         ctx.mark_non_differentiable(mse, at)
@@ -333,6 +340,7 @@ def _soft_ce_backward_fake(student, teacher, mask, grad_loss, tau, scale):
 
 def _soft_ce_setup_context(ctx, inputs, output):
     student, teacher, mask, tau, scale, reduction, compute_grad = inputs
+    ctx.set_materialize_grads(False)  # no zero-filled gradient-sized tensor for the unused gradient output
     ctx.reduction, ctx.tau, ctx.scale, ctx.compute_grad = reduction, tau, scale, compute_grad
     if reduction == 0:
         ctx.save_for_backward(student, teacher, mask)
@@ -345,6 +353,8 @@ def _soft_ce_backward(ctx, grad_loss, grad_grad):
         raise RuntimeError("dtkernels.soft_ce: backward called on a call made with compute_grad=False")
     if ctx.reduction == 0:
         student, teacher, mask = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None, None, None, None, None, None
         grad = torch.ops.dtkernels.soft_ce_backward(student, teacher, mask, grad_loss, ctx.tau, ctx.scale)
     else:
         (grad,) = _scale_grads(ctx.saved_tensors, grad_loss, ctx)
@@ -373,6 +383,8 @@ class _ForcedSoftCE(torch.autograd.Function):
             raise RuntimeError("dtkernels.soft_ce: backward called on a call made with compute_grad=False")
         if ctx.reduction == 0:
             student, teacher, mask = ctx.saved_tensors
+            if grad_loss is None:
+                return None, None, None, None, None, None, None, None
             grad = _impl("soft_ce_backward", ctx.backend)(student, teacher, mask, grad_loss, ctx.tau, ctx.scale)
         else:
             (grad,) = _scale_grads(ctx.saved_tensors, grad_loss, ctx)
