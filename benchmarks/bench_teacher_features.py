@@ -26,6 +26,9 @@ fallback, about 20 ms per batch where randn_like + arithmetic takes 0.5 ms), fro
     coarse_up  plain 2.6 (3.5) img/s, teacher_full 2.3 (3.4), teacher 3.0 (4.4): 1.16x (1.26x); early exit saves
                22% (23%) of the full-forward teacher's time; FlopCounterMode: 96.5 -> 78.1 GFLOP per batch (-19%)
 
+Rerun after the C++ q_sample kernel landed (0.42 ms per batch, like randn_like + arithmetic), ROUNDS=6:
+all_up 0.94x (1.02x); coarse_up 1.26x (1.31x), early exit saves 23% (24%).
+
 Back-to-back pytest-benchmark groups on that loaded machine drifted by more than these differences; trust the
 interleaved run (or an idle machine).
 """
