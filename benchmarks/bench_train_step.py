@@ -1,0 +1,206 @@
+"""One full DreamTeacher pretraining step on the CPU, demo configuration: this project's loop vs a naive one.
+
+Group ``train-step``, providers side by side in one run, same models and weights:
+
+* ``naive``: the step as the paper's description suggests writing it: noise via ``randn_like`` and the DDPM formula,
+  a full teacher forward (through the output conv) with hooks keeping every block's output, the tapped blocks
+  ``F.interpolate``d to the student's strides afterwards, student + regressor in NCHW fp32, eager per-level losses
+  (LayerNorm-whitened MSE + attention transfer), ``clip_grad_norm_``, ``torch.optim.AdamW`` with its defaults.
+* ``lean``: :mod:`dreamteacher.train`'s step: ``dtkernels.q_sample`` noise, taps resized to the student strides in
+  the hook and an early exit after the last tap, inference mode, channels_last, ``dtkernels.fused_feat_loss``, fused
+  AdamW, ``zero_grad(set_to_none=True)``.
+
+``extra_info`` holds images/s; ``test_train_step_breakdown`` times the lean step's phases (teacher, student +
+regressor forward, loss, backward, optimizer). ``python benchmarks/bench_train_step.py`` prints the same table.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtkernels
+from dreamteacher.cli import DEMO
+from dreamteacher.regressor import FeatureRegressor
+from dreamteacher.student import StudentBackbone
+from dreamteacher.teacher import DiffusionTeacher
+from dreamteacher.train import DEMO_UNET, DistillationModel, select_taps
+
+IMAGE, BATCH, WIDTH, T = DEMO["image_size"], DEMO["pretrain_batch"], DEMO["width"], 150
+
+
+def build(seed: int = 0):
+    """(unet, scheduler alphas, taps in call order, student strides per tap, trainable model, images)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=IMAGE, in_channels=3, out_channels=3, **DEMO_UNET).eval().requires_grad_(False)
+    candidates = ["mid_block"] + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    probe = DiffusionTeacher(unet, taps=candidates)
+    info = probe.feature_info
+    probe.taps.remove()
+    student = StudentBackbone("resnet18")
+    strides = [i["reduction"] for i in student.feature_info]
+    picked = select_taps([i["native_reduction"] for i in info], strides)  # per student level (fine to coarse)
+    taps = [candidates[j] for j in sorted(picked)]  # call order = coarse to fine
+    tap_strides = [strides[picked.index(j)] for j in sorted(picked)]
+    channels = [info[j]["num_chs"] for j in picked]
+    model = DistillationModel(student, FeatureRegressor(student.feature_info, channels, width=WIDTH))
+    alphas = DDPMScheduler().alphas_cumprod.float()
+    images = torch.rand(BATCH, 3, IMAGE, IMAGE) * 2 - 1
+    return unet, alphas, taps, tap_strides, model, images
+
+
+# ------------------------------------------------------------------------------------------------ naive
+def eager_feat_loss(student, teacher, at_weight=10.0, eps=1e-5):
+    total = 0.0
+    for s, t in zip(student, teacher):
+        tn = F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2], eps=eps).permute(0, 3, 1, 2)
+        mse = F.mse_loss(s, tn)
+        qs = F.normalize(s.pow(2).sum(1).flatten(1), dim=1)
+        qt = F.normalize(t.pow(2).sum(1).flatten(1), dim=1)
+        total = total + mse + at_weight * (qs - qt).norm(dim=1).mean()
+    return total / len(student)
+
+
+class NaiveStep:
+    def __init__(self, unet, alphas, taps, tap_strides, model):
+        self.unet, self.alphas, self.model = unet, alphas, model
+        self.kept: dict[str, torch.Tensor] = {}
+        blocks = ([f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
+                  + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))])
+        for name in blocks:  # keep every block's output, as a hook-everything feature extractor does
+            unet.get_submodule(name).register_forward_hook(
+                lambda m, a, o, name=name: self.kept.__setitem__(name, o[0] if isinstance(o, tuple) else o))
+        # per student level (fine to coarse): the tap feeding it
+        self.levels = sorted(zip(tap_strides, taps))
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+
+    def __call__(self, images):
+        with torch.no_grad():
+            t = torch.full((images.shape[0],), T, dtype=torch.long)
+            noise = torch.randn_like(images)
+            a = self.alphas[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * images + (1 - a).sqrt() * noise
+            self.kept.clear()
+            self.unet(x_t, t)
+            targets = [F.interpolate(self.kept[name], size=(IMAGE // s, IMAGE // s), mode="bilinear",
+                                     align_corners=False) for s, name in self.levels]
+        preds = self.model(images)
+        loss = eager_feat_loss(preds, targets)
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return loss
+
+
+# ------------------------------------------------------------------------------------------------ lean
+class LeanStep:
+    def __init__(self, unet, alphas, taps, tap_strides, model):
+        self.teacher = DiffusionTeacher(unet, taps=taps, strides=tap_strides, t=T, early_exit=True)
+        order = sorted(range(len(taps)), key=lambda i: tap_strides[i])  # fine to coarse, like the student
+        self.order = order
+        self.model = model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.05},
+             {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}], lr=1e-3, fused=True)
+        self.key = 0
+        self.times: dict[str, float] = {}
+
+    def __call__(self, images, timed: bool = False):
+        clock = time.perf_counter
+        t0 = clock()
+        images = images.contiguous(memory_format=torch.channels_last)
+        self.key += 1
+        targets = self.teacher(images, seed=self.key)
+        t1 = clock()
+        preds = self.model(images)
+        t2 = clock()
+        loss = dtkernels.fused_feat_loss(preds, [targets[i] for i in self.order])
+        t3 = clock()
+        loss.backward()
+        t4 = clock()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t5 = clock()
+        if timed:
+            for k, v in zip(("teacher", "student+regressor fwd", "loss fwd", "backward (student+regressor+loss)",
+                             "clip+optimizer"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                self.times[k] = self.times.get(k, 0.0) + v
+        return loss
+
+
+PROVIDERS = {"naive": NaiveStep, "lean": LeanStep}
+
+
+def make_step(provider: str):
+    unet, alphas, taps, tap_strides, model, images = build()
+    return PROVIDERS[provider](unet, alphas, taps, tap_strides, copy.deepcopy(model)), images
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_train_step(benchmark, provider):
+    step, images = make_step(provider)
+    loss = step(images)
+    assert torch.isfinite(loss)
+    benchmark.group = "train-step"
+    benchmark.extra_info.update({"provider": provider, "batch": BATCH, "image_size": IMAGE, "regressor_width": WIDTH,
+                                 "threads": torch.get_num_threads()})
+    benchmark.pedantic(step, args=(images,), rounds=8, warmup_rounds=2, iterations=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["images_per_s"] = BATCH / benchmark.stats.stats.mean
+
+
+def breakdown(steps: int = 6) -> dict[str, float]:
+    """Mean seconds per phase of the lean step (after 2 warm-up steps)."""
+    step, images = make_step("lean")
+    for _ in range(2):
+        step(images)
+    step.times.clear()
+    for _ in range(steps):
+        step(images, timed=True)
+    return {k: v / steps for k, v in step.times.items()}
+
+
+def naive_breakdown(steps: int = 6) -> dict[str, float]:
+    """Teacher time of the naive step (noise + full forward with every block kept + interpolation)."""
+    step, images = make_step("naive")
+    step(images)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with torch.no_grad():
+            t = torch.full((images.shape[0],), T, dtype=torch.long)
+            noise = torch.randn_like(images)
+            a = step.alphas[t].view(-1, 1, 1, 1)
+            step.unet(a.sqrt() * images + (1 - a).sqrt() * noise, t)
+    return {"teacher": (time.perf_counter() - t0) / steps}
+
+
+def test_train_step_breakdown():
+    times = breakdown(steps=2)
+    assert set(times) == {"teacher", "student+regressor fwd", "loss fwd", "backward (student+regressor+loss)",
+                          "clip+optimizer"}
+
+
+if __name__ == "__main__":
+    for provider in PROVIDERS:
+        step, images = make_step(provider)
+        for _ in range(2):
+            step(images)
+        t0 = time.perf_counter()
+        n = 6
+        for _ in range(n):
+            step(images)
+        dt = (time.perf_counter() - t0) / n
+        print(f"{provider:6s} {dt * 1e3:8.1f} ms/step  {BATCH / dt:7.1f} images/s")
+    total = breakdown()
+    print("lean step breakdown (ms):")
+    for k, v in total.items():
+        print(f"  {k:36s} {v * 1e3:8.1f}  ({100 * v / sum(total.values()):4.1f}%)")
+    print(f"naive teacher (ms): {naive_breakdown()['teacher'] * 1e3:.1f}")
