@@ -7,28 +7,28 @@
 // ------------------
 // A level's student / teacher are [B, C, H, W]; an element lives at b*sb + c*sc + j*shw with j = h*W + w (H and W
 // must flatten: stride_h == W * stride_w). Two layouts run without a copy:
-//   * kHW ("NCHW-like", shw == 1, which includes channel-sliced views x[:, ::2]): vectorized over positions j. A
-//     tile of `tile` contiguous positions across all C channels (C rows of `tile` contiguous elements, stride sc) is
-//     the unit of the channel reductions, so the rows are contiguous chunks and the tile stays cache resident while
-//     it is re-read by the two-pass LayerNorm statistics.
+//   * kHW ("NCHW-like", shw == 1, which includes channel-sliced views x[:, ::2]): vectorized over positions j. A work
+//     item (chunk) is a range of positions of one sample, walked row by row (c outer), so every pass streams long
+//     contiguous row segments; per-position accumulators (Welford mean / M2 of the teacher, a_s, a_t) stay in L1/L2.
 //   * kC ("NHWC-like", sc == 1, channels_last): vectorized over channels, one position (a row of C contiguous
-//     values) at a time.
+//     values, L1 resident) at a time, so the LayerNorm statistics are a two-pass over the row.
 // Anything else (e.g. spatially sliced views whose H and W do not flatten) is copied to NCHW-contiguous; a teacher
 // whose layout does not match the student's is copied to the student's memory format; and when
 // torch.empty_like(student) (the gradient's required layout) does not fit the kernel layout, the gradient is
 // written to a scratch tensor and copied into it.
 //
 // The gradient needs per-sample norms of the attention maps over all H*W positions, i.e. a second touch of s and t
-// after a per-sample reduction. Samples are therefore processed in "waves" whose student + teacher bytes fit in the
-// shared L3 (kWaveBytes): pass 1 runs in parallel over position chunks of the wave's samples (whitening statistics,
-// attention maps a_s / a_t, MSE partial sums); then the per-sample attention scalars are computed; then pass 2
-// re-reads s and t (now from L2 / L3: at::parallel_for gives every thread the same chunk range in both passes, and
-// pass 2 walks it backwards so the most recently read tiles are reused first) and writes the gradient.
-// Forward-only calls with channel / no whitening need a single pass and a single wave.
+// after a per-sample reduction. Samples are therefore processed in "waves" of whole samples whose student + teacher
+// bytes fit in the shared L3 (kWaveBytes): pass 1 runs in parallel over the wave's chunks (whitening statistics,
+// attention maps a_s / a_t, and the MSE when it needs no statistics); then the per-sample attention scalars are
+// computed; then pass 2 re-reads s and t (from L2 / L3: every thread gets the same contiguous, element-balanced range
+// of chunks in both passes and walks it backwards in pass 2, so the most recently read data is reused first), sums
+// the whitened MSE and writes the gradient with streaming stores. Forward-only calls need pass 2 only for the
+// whitened MSE of the kHW layout (and for sample whitening); otherwise everything is a single pass and wave.
 //
 // Determinism: every partial sum is stored per chunk (the chunk decomposition depends only on the shapes) and merged
 // in a fixed order on one thread, so results do not depend on the thread count or on scheduling.
-// Accumulation is in float for float / Half / BFloat16 inputs (per-position sums over C, per-tile sums in double)
+// Accumulation is in float for float / Half / BFloat16 inputs (per-position sums over C, per-row sums in double)
 // and in double for double inputs; per-sample attention scalars are computed in double.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,10 +45,10 @@ namespace {
 
 constexpr const char* kOp = "feat_loss";
 constexpr double kAtNormEps = 1e-12;  // dtkernels.reference.AT_NORM_EPS
-constexpr int64_t kMaxTile = 256;     // max positions per kHW tile (size of the per-position stack buffers)
-constexpr int64_t kTileElems = 8192;  // target C * tile of a kHW tile (32 KiB of float32 per tensor)
-constexpr int64_t kChunkElems = 32768;                  // target elements per parallel work item
-constexpr int64_t kWaveBytes = int64_t(16) << 20;       // student + teacher bytes of one wave (half the L3)
+constexpr int64_t kChunkElems = int64_t(1) << 18;      // target elements per work item (1 MiB of float32)
+// Student + teacher bytes of one wave. Pass 2 re-reads a wave from the shared L3 (32 MiB on the target Zen 4, but
+// shared with other tenants); measured on the target: 4-8 MiB fastest, 16 MiB and more ~1.7x slower fwd_bwd.
+constexpr int64_t kWaveBytes = int64_t(8) << 20;
 
 enum class Layout { kHW, kC };
 enum class PowMode { kP1, kP2, kP3, kGeneral };
@@ -125,15 +125,13 @@ class LevelBase {
   virtual void set_sample_stats(int64_t b, double mean, double rstd) = 0;
   virtual void finish_sample(int64_t b) = 0;  // attention scalars of sample b (at_b[b] and the grad coefficients)
 
-  int64_t tile = kMaxTile;  // positions per kHW tile
+  // The MSE of whitened targets needs statistics over a whole position (kHW) or sample, so it is summed in pass 2.
+  bool mse_in_pass2() const { return layout == Layout::kHW ? P.whiten != 0 : P.whiten == 2; }
 
+  // Splits sample b into chunks of about kChunkElems elements (whole rows of positions).
   void append_chunks(int64_t level, int64_t b, std::vector<Chunk>& chunks) const {
-    int64_t per;
-    if (layout == Layout::kHW) {
-      per = tile * std::max<int64_t>(1, kChunkElems / (C * tile));
-    } else {
-      per = std::max<int64_t>(1, kChunkElems / C);
-    }
+    int64_t per = std::max<int64_t>(1, kChunkElems / C);
+    if (layout == Layout::kHW) per = std::min(HW, divup(per, 16) * 16);  // whole vectors, long row segments
     for (int64_t j0 = 0; j0 < HW; j0 += per) chunks.push_back({level, b, j0, std::min(HW, j0 + per)});
   }
 
@@ -168,12 +166,6 @@ class Level final : public LevelBase {
     if (P.grad) ga_.assign(n, A(0));
     smean_.assign(B, A(0));
     srstd_.assign(B, A(1));
-    if (layout == Layout::kHW) {
-      int64_t tl = kMaxTile;
-      while (tl > 16 && tl * C > kTileElems) tl /= 2;  // keep a tile of t within L1 / L2
-      while (tl > kW && tl / 2 >= HW) tl /= 2;          // small H*W
-      tile = tl;
-    }
   }
 
   void pass1(const Chunk& ch, ChunkOut& out) override {
@@ -255,191 +247,175 @@ class Level final : public LevelBase {
 
  private:
   // ------------------------------------------------------------------------------------------------------------
-  // kHW layout: vectorized over positions; per-position accumulators live in stack buffers of kMaxTile entries.
+  // kHW layout: vectorized over positions. A chunk is a range of positions [j0, j1) of one sample, walked row by
+  // row (c outer): every row is a contiguous segment, so each pass is a few long sequential streams. Per-position
+  // accumulators (Welford mean / M2, a_s, a_t) live in the level's [B*HW] arrays, L1 / L2 resident for a chunk.
+  // The last vector of a sample is partial; its loads and stores are masked so a chunk never touches positions of
+  // another chunk.
   // ------------------------------------------------------------------------------------------------------------
+  struct Span {
+    int64_t nv, rem;  // vectors and lanes of the last one
+    explicit Span(int64_t n) : nv(divup(n, kW)), rem(n - (divup(n, kW) - 1) * kW) {}
+    int64_t lanes(int64_t v) const { return v + 1 < nv ? kW : rem; }
+  };
+  template <typename U>
+  static Vec ld(const U* p, int64_t n) {
+    if constexpr (std::is_same_v<U, A>) {
+      return n == kW ? Vec::loadu(p) : Vec::loadu(p, n);
+    } else {
+      return n == kW ? load_acc(p) : load_acc(p, n);
+    }
+  }
+  static void st(A* p, const Vec& x, int64_t n) {
+    if (n == kW) {
+      x.store(p);
+    } else {
+      x.store(p, n);
+    }
+  }
+
   void pass1_hw(const Chunk& ch, ChunkOut& out) {
-    const int64_t b = ch.b;
-    const T* sbase = s_ + b * vs_.sb;
-    const T* tbase = t_ + b * vt_.sb;
+    const int64_t b = ch.b, j0 = ch.j0;
+    const Span sp(ch.j1 - j0);
+    const T* sbase = s_ + b * vs_.sb + j0;
+    const T* tbase = t_ + b * vt_.sb + j0;
     const Vec vp(static_cast<A>(P.p));
-    const Vec vC(static_cast<A>(C));
-    const Vec veps(static_cast<A>(P.eps));
-    const Vec one(A(1));
-    __at_align__ A bsum[kMaxTile], bat[kMaxTile], bas[kMaxTile], bmse[kMaxTile], bvar[kMaxTile];
-    for (int64_t j = ch.j0; j < ch.j1; j += tile) {
-      const int64_t nj = std::min(tile, ch.j1 - j);
-      const int64_t nv = divup(nj, kW);
-      const int64_t rem = nj - (nv - 1) * kW;  // lanes of the last vector
-      const int64_t nb = nv * kW;
-      std::fill(bsum, bsum + nb, A(0));
-      std::fill(bat, bat + nb, A(0));
-      std::fill(bas, bas + nb, A(0));
-      std::fill(bmse, bmse + nb, A(0));
-      auto ld = [&](const T* p, int64_t v) { return v + 1 < nv ? load_acc(p + v * kW) : load_acc(p + v * kW, rem); };
-      if (P.whiten == 1) {
-        // LayerNorm over C at each position: mean, then biased variance (two passes over the cache-resident tile).
-        std::fill(bvar, bvar + nb, A(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const T* tr = tbase + c * vt_.sc + j;
-          for (int64_t v = 0; v < nv; ++v) {
-            const Vec x = ld(tr, v);
-            (Vec::loadu(bsum + v * kW) + x).store(bsum + v * kW);
-            (Vec::loadu(bat + v * kW) + pow_abs<PM>(x, vp)).store(bat + v * kW);
-          }
+    A* as = as_.data() + b * HW + j0;
+    A* at = at_.data() + b * HW + j0;
+    if (P.whiten == 1) {
+      // LayerNorm statistics over C at each position: Welford's update, one row (channel) at a time.
+      A* mean = pmean_.data() + b * HW + j0;
+      A* m2 = prstd_.data() + b * HW + j0;
+      for (int64_t c = 0; c < C; ++c) {
+        const T* tr = tbase + c * vt_.sc;
+        const T* sr = sbase + c * vs_.sc;
+        const Vec inv(A(1) / static_cast<A>(c + 1));
+        for (int64_t v = 0; v < sp.nv; ++v) {
+          const int64_t n = sp.lanes(v), o = v * kW;
+          const Vec x = ld(tr + o, n), y = ld(sr + o, n);
+          Vec mu = ld(mean + o, n);
+          const Vec delta = x - mu;
+          mu = at::vec::fmadd(delta, inv, mu);
+          st(mean + o, mu, n);
+          st(m2 + o, at::vec::fmadd(delta, x - mu, ld(m2 + o, n)), n);
+          st(at + o, ld(at + o, n) + pow_abs<PM>(x, vp), n);
+          st(as + o, ld(as + o, n) + pow_abs<PM>(y, vp), n);
         }
-        for (int64_t v = 0; v < nv; ++v) (Vec::loadu(bsum + v * kW) / vC).store(bsum + v * kW);  // mean
-        for (int64_t c = 0; c < C; ++c) {
-          const T* tr = tbase + c * vt_.sc + j;
-          for (int64_t v = 0; v < nv; ++v) {
-            const Vec d = ld(tr, v) - Vec::loadu(bsum + v * kW);
-            (Vec::loadu(bvar + v * kW) + d * d).store(bvar + v * kW);
-          }
-        }
-        for (int64_t v = 0; v < nv; ++v) {
-          (one / (Vec::loadu(bvar + v * kW) / vC + veps).sqrt()).store(bvar + v * kW);  // rstd
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          const T* tr = tbase + c * vt_.sc + j;
-          const T* sr = sbase + c * vs_.sc + j;
-          for (int64_t v = 0; v < nv; ++v) {
-            const Vec x = ld(tr, v);
-            const Vec y = ld(sr, v);
-            const Vec d = y - (x - Vec::loadu(bsum + v * kW)) * Vec::loadu(bvar + v * kW);
-            (Vec::loadu(bmse + v * kW) + d * d).store(bmse + v * kW);
-            (Vec::loadu(bas + v * kW) + pow_abs<PM>(y, vp)).store(bas + v * kW);
-          }
-        }
-        A* pm = pmean_.data() + b * HW + j;
-        A* pr = prstd_.data() + b * HW + j;
-        std::copy(bsum, bsum + nj, pm);
-        std::copy(bvar, bvar + nj, pr);
-      } else if (P.whiten == 0) {
-        for (int64_t c = 0; c < C; ++c) {
-          const T* tr = tbase + c * vt_.sc + j;
-          const T* sr = sbase + c * vs_.sc + j;
-          for (int64_t v = 0; v < nv; ++v) {
-            const Vec x = ld(tr, v);
-            const Vec y = ld(sr, v);
-            const Vec d = y - x;
-            (Vec::loadu(bmse + v * kW) + d * d).store(bmse + v * kW);
-            (Vec::loadu(bat + v * kW) + pow_abs<PM>(x, vp)).store(bat + v * kW);
-            (Vec::loadu(bas + v * kW) + pow_abs<PM>(y, vp)).store(bas + v * kW);
-          }
-        }
-      } else {
-        // Sample whitening: the MSE needs the sample's mean and variance, so it is computed in pass 2.
-        for (int64_t c = 0; c < C; ++c) {
-          const T* tr = tbase + c * vt_.sc + j;
-          const T* sr = sbase + c * vs_.sc + j;
-          for (int64_t v = 0; v < nv; ++v) {
-            const Vec x = ld(tr, v);
-            const Vec y = ld(sr, v);
-            (Vec::loadu(bsum + v * kW) + x).store(bsum + v * kW);
-            (Vec::loadu(bat + v * kW) + pow_abs<PM>(x, vp)).store(bat + v * kW);
-            (Vec::loadu(bas + v * kW) + pow_abs<PM>(y, vp)).store(bas + v * kW);
-          }
-        }
-        double st = 0.0;
-        for (int64_t i = 0; i < nj; ++i) st += double(bsum[i]);
-        out.sum_t += st;
       }
-      std::copy(bas, bas + nj, as_.data() + b * HW + j);
-      std::copy(bat, bat + nj, at_.data() + b * HW + j);
-      if (P.whiten != 2) {
-        double m = 0.0;
-        for (int64_t i = 0; i < nj; ++i) m += double(bmse[i]);
-        out.mse += m;
+      const Vec vC(static_cast<A>(C)), veps(static_cast<A>(P.eps)), one(A(1));
+      for (int64_t v = 0; v < sp.nv; ++v) {
+        const int64_t n = sp.lanes(v), o = v * kW;
+        st(m2 + o, one / (ld(m2 + o, n) / vC + veps).sqrt(), n);  // rstd (biased variance, eps inside the sqrt)
+      }
+    } else {
+      // No whitening: the MSE is computed here. Sample whitening: sum t for the sample mean.
+      double acc = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        const T* tr = tbase + c * vt_.sc;
+        const T* sr = sbase + c * vs_.sc;
+        Vec racc(A(0));
+        for (int64_t v = 0; v < sp.nv; ++v) {
+          const int64_t n = sp.lanes(v), o = v * kW;
+          const Vec x = ld(tr + o, n), y = ld(sr + o, n);
+          if (P.whiten == 0) {
+            const Vec d = y - x;  // zero in masked lanes
+            racc = at::vec::fmadd(d, d, racc);
+          } else {
+            racc = racc + x;
+          }
+          st(at + o, ld(at + o, n) + pow_abs<PM>(x, vp), n);
+          st(as + o, ld(as + o, n) + pow_abs<PM>(y, vp), n);
+        }
+        acc += hsum(racc);
+      }
+      if (P.whiten == 0) {
+        out.mse += acc;
+      } else {
+        out.sum_t += acc;
       }
     }
   }
 
   void pass_var_hw(const Chunk& ch, ChunkOut& out) {
     const int64_t b = ch.b;
-    const T* tbase = t_ + b * vt_.sb;
+    const Span sp(ch.j1 - ch.j0);
+    const T* tbase = t_ + b * vt_.sb + ch.j0;
     const Vec mean(smean_[b]);
-    __at_align__ A bvar[kMaxTile];
-    for (int64_t j = ch.j0; j < ch.j1; j += tile) {
-      const int64_t nj = std::min(tile, ch.j1 - j);
-      const int64_t nv = divup(nj, kW);
-      const int64_t rem = nj - (nv - 1) * kW;
-      std::fill(bvar, bvar + nv * kW, A(0));
-      for (int64_t c = 0; c < C; ++c) {
-        const T* tr = tbase + c * vt_.sc + j;
-        for (int64_t v = 0; v < nv; ++v) {
-          const Vec x = v + 1 < nv ? load_acc(tr + v * kW) : load_acc(tr + v * kW, rem);
-          const Vec d = x - mean;
-          (Vec::loadu(bvar + v * kW) + d * d).store(bvar + v * kW);
-        }
+    double acc = 0.0;
+    for (int64_t c = C - 1; c >= 0; --c) {  // backwards: the end of the chunk is the most recently read
+      const T* tr = tbase + c * vt_.sc;
+      Vec racc(A(0));
+      for (int64_t v = 0; v < sp.nv; ++v) {
+        const int64_t n = sp.lanes(v);
+        const Vec d = keep_first(ld(tr + v * kW, n) - mean, n);
+        racc = at::vec::fmadd(d, d, racc);
       }
-      double sq = 0.0;
-      for (int64_t i = 0; i < nj; ++i) sq += double(bvar[i]);
-      out.sq_t += sq;
+      acc += hsum(racc);
     }
+    out.sq_t += acc;
   }
 
   void pass2_hw(const Chunk& ch, ChunkOut& out) {
-    const int64_t b = ch.b;
-    const T* sbase = s_ + b * vs_.sb;
-    const T* tbase = t_ + b * vt_.sb;
-    T* gbase = P.grad ? g_ + b * vg_.sb : nullptr;
+    const int64_t b = ch.b, j0 = ch.j0;
+    const Span sp(ch.j1 - j0);
+    const T* sbase = s_ + b * vs_.sb + j0;
+    const T* tbase = t_ + b * vt_.sb + j0;
+    T* gbase = P.grad ? g_ + b * vg_.sb + j0 : nullptr;
     const Vec vp(static_cast<A>(P.p)), vpm1(static_cast<A>(P.p - 1.0));
     const double n_el = double(B) * double(C) * double(HW);
     const Vec kmse(static_cast<A>(coef * P.mse_w * 2.0 / n_el));
     const bool do_grad = P.grad;
-    const bool mse_here = P.whiten == 2;             // sample whitening: the MSE is computed here
+    const bool mse_here = mse_in_pass2();  // whitened MSE needs the statistics of pass 1
     const bool read_t = mse_here || (do_grad && P.grad_mse);
     const bool use_ga = do_grad && P.grad_at;
+    // Streaming stores for the gradient (written once, never re-read here): measured 33.6 -> 25.3 ms CPU time for
+    // fwd_bwd of the ResNet-50 levels on one thread, as they skip the read-for-ownership of every gradient line.
+    const bool use_nt = do_grad && stream_store_supported() && !is_reduced_v<T>;
     const Vec smean(smean_[b]), srstd(srstd_[b]);
-    const A* pm = P.whiten == 1 ? pmean_.data() + b * HW : nullptr;
-    const A* pr = P.whiten == 1 ? prstd_.data() + b * HW : nullptr;
-    const A* ga = do_grad ? ga_.data() + b * HW : nullptr;
-    __at_align__ A bmse[kMaxTile];
-    const int64_t ntiles = divup(ch.j1 - ch.j0, tile);
-    for (int64_t k = ntiles - 1; k >= 0; --k) {  // backwards: the last tiles read by pass 1 are still in L2
-      const int64_t j = ch.j0 + k * tile;
-      const int64_t nj = std::min(tile, ch.j1 - j);
-      const int64_t nv = divup(nj, kW);
-      const int64_t rem = nj - (nv - 1) * kW;
-      if (mse_here) std::fill(bmse, bmse + nv * kW, A(0));
-      for (int64_t c = 0; c < C; ++c) {
-        const T* sr = sbase + c * vs_.sc + j;
-        const T* tr = tbase + c * vt_.sc + j;
-        T* gr = do_grad ? gbase + c * vg_.sc + j : nullptr;
-        for (int64_t v = 0; v < nv; ++v) {
-          const int64_t n = v + 1 < nv ? kW : rem;
-          const Vec y = n == kW ? load_acc(sr + v * kW) : load_acc(sr + v * kW, n);
-          Vec diff(A(0));
-          if (read_t) {
-            const Vec x = n == kW ? load_acc(tr + v * kW) : load_acc(tr + v * kW, n);
-            Vec tw;
-            if (P.whiten == 1) {
-              tw = (x - Vec::loadu(pm + j + v * kW)) * Vec::loadu(pr + j + v * kW);
-            } else if (P.whiten == 2) {
-              tw = (x - smean) * srstd;
-            } else {
-              tw = x;
-            }
-            diff = y - tw;
-            if (mse_here) (Vec::loadu(bmse + v * kW) + diff * diff).store(bmse + v * kW);
-          }
-          if (!do_grad) continue;
-          Vec g = (do_grad && P.grad_mse) ? kmse * diff : Vec(A(0));
-          if (use_ga) g = at::vec::fmadd(Vec::loadu(ga + j + v * kW), dphi<PM>(y, vp, vpm1), g);
-          if (n == kW) {
-            store_acc(gr + v * kW, g);
+    const A* pm = P.whiten == 1 ? pmean_.data() + b * HW + j0 : nullptr;
+    const A* pr = P.whiten == 1 ? prstd_.data() + b * HW + j0 : nullptr;
+    const A* ga = do_grad ? ga_.data() + b * HW + j0 : nullptr;
+    double acc = 0.0;
+    for (int64_t c = C - 1; c >= 0; --c) {  // backwards: the end of the chunk is the most recently read
+      const T* sr = sbase + c * vs_.sc;
+      const T* tr = tbase + c * vt_.sc;
+      T* gr = do_grad ? gbase + c * vg_.sc : nullptr;
+      const bool nt_row = use_nt && reinterpret_cast<uintptr_t>(gr) % sizeof(Vec) == 0;
+      Vec racc(A(0));
+      for (int64_t v = 0; v < sp.nv; ++v) {
+        const int64_t n = sp.lanes(v), o = v * kW;
+        const Vec y = ld(sr + o, n);
+        Vec diff(A(0));
+        if (read_t) {
+          const Vec x = ld(tr + o, n);
+          if (P.whiten == 1) {
+            diff = y - (x - ld(pm + o, n)) * ld(pr + o, n);
+          } else if (P.whiten == 2) {
+            diff = y - (x - smean) * srstd;
           } else {
-            store_acc(gr + v * kW, g, n);
+            diff = y - x;
+          }
+          if (mse_here) {
+            const Vec d = keep_first(diff, n);
+            racc = at::vec::fmadd(d, d, racc);
           }
         }
+        if (!do_grad) continue;
+        Vec g = P.grad_mse ? kmse * diff : Vec(A(0));
+        if (use_ga) g = at::vec::fmadd(ld(ga + o, n), dphi<PM>(y, vp, vpm1), g);
+        if (n != kW) {
+          store_acc(gr + o, g, n);
+        } else if (nt_row) {
+          stream_store(gr + o, g);
+        } else {
+          store_acc(gr + o, g);
+        }
       }
-      if (mse_here) {
-        double m = 0.0;
-        for (int64_t i = 0; i < nj; ++i) m += double(bmse[i]);
-        out.mse += m;
-      }
+      if (mse_here) acc += hsum(racc);
     }
+    if (use_nt) stream_fence();
+    out.mse += acc;
   }
-
   // ------------------------------------------------------------------------------------------------------------
   // kC layout (channels_last): vectorized over channels, one position (C contiguous values) at a time.
   // ------------------------------------------------------------------------------------------------------------
@@ -538,14 +514,16 @@ class Level final : public LevelBase {
     const double n_el = double(B) * double(C) * double(HW);
     const Vec kmse(static_cast<A>(coef * P.mse_w * 2.0 / n_el));
     const bool do_grad = P.grad;
-    const bool mse_here = P.whiten == 2;
+    const bool mse_here = mse_in_pass2();
     const bool read_t = mse_here || (do_grad && P.grad_mse);
     const bool use_ga = do_grad && P.grad_at;
+    const bool use_nt = do_grad && stream_store_supported() && !is_reduced_v<T>;  // see pass2_hw
     double mse = 0.0;
     for (int64_t j = ch.j1 - 1; j >= ch.j0; --j) {  // backwards: the last rows read by pass 1 are still cached
       const T* sr = s_ + b * vs_.sb + j * vs_.shw;
       const T* tr = t_ + b * vt_.sb + j * vt_.shw;
       T* gr = do_grad ? g_ + b * vg_.sb + j * vg_.shw : nullptr;
+      const bool nt_row = use_nt && reinterpret_cast<uintptr_t>(gr) % sizeof(Vec) == 0;
       A mean = 0, rstd = 1;
       if (P.whiten == 1) {
         mean = pmean_[b * HW + j];
@@ -572,14 +550,17 @@ class Level final : public LevelBase {
         if (!do_grad) continue;
         Vec g = P.grad_mse ? kmse * diff : Vec(A(0));
         if (use_ga) g = at::vec::fmadd(vga, dphi<PM>(y, vp, vpm1), g);
-        if (n == kW) {
-          store_acc(gr + v * kW, g);
-        } else {
+        if (n != kW) {
           store_acc(gr + v * kW, g, n);
+        } else if (nt_row) {
+          stream_store(gr + v * kW, g);
+        } else {
+          store_acc(gr + v * kW, g);
         }
       }
       if (mse_here) mse += hsum(vmse);
     }
+    if (use_nt) stream_fence();
     out.mse += mse;
   }
 
@@ -663,15 +644,43 @@ std::unique_ptr<LevelBase> make_level_typed(const at::Tensor& s, const at::Tenso
   }
 }
 
+// Runs f(i) for the chunks i in [0, n) on at::get_num_threads() threads. Thread k gets the k-th contiguous range of
+// chunks holding about 1/nt of the elements, the same range in every pass of a wave (so pass 2 re-reads the data
+// the same core read in pass 1); pass 2 walks its range backwards.
 template <typename F>
-void parallel_chunks(int64_t n, bool backwards, const F& f) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    if (backwards) {
-      for (int64_t i = end - 1; i >= begin; --i) f(i);
-    } else {
-      for (int64_t i = begin; i < end; ++i) f(i);
+void parallel_chunks(const std::vector<int64_t>& bounds, bool backwards, const F& f) {
+  const int64_t nt = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      if (backwards) {
+        for (int64_t i = bounds[k + 1] - 1; i >= bounds[k]; --i) f(i);
+      } else {
+        for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) f(i);
+      }
     }
   });
+}
+
+// Boundaries of nt contiguous ranges of chunks with about equal element counts.
+std::vector<int64_t> partition(const std::vector<int64_t>& cost, int64_t nt) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  nt = std::max<int64_t>(1, std::min(nt, n));
+  double total = 0.0;
+  for (int64_t c : cost) total += double(c);
+  std::vector<int64_t> bounds{0};
+  double acc = 0.0;
+  int64_t i = 0;
+  for (int64_t k = 1; k < nt; ++k) {
+    const double target = total * double(k) / double(nt);
+    // Take chunks while that brings the range closer to its share; keep at least one chunk per range.
+    while (i < n - (nt - k) && (i < bounds.back() + 1 || std::abs(acc + cost[i] - target) <= std::abs(acc - target))) {
+      acc += double(cost[i]);
+      ++i;
+    }
+    bounds.push_back(i);
+  }
+  bounds.push_back(n);
+  return bounds;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_loss_cpu(
@@ -755,8 +764,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
 
   // Waves of whole samples (level-major order) whose student + teacher bytes fit in kWaveBytes. Without a gradient
   // and without sample whitening every sample needs a single pass, so everything is one wave.
-  const bool single_wave = !compute_grad && whiten != 2;
-  const bool run_pass2 = compute_grad || whiten == 2;
+  bool run_pass2 = compute_grad;
+  for (const auto& lv : levels) run_pass2 = run_pass2 || lv->mse_in_pass2();
+  const bool single_wave = !run_pass2;
   std::vector<std::pair<int64_t, int64_t>> wave;  // (level, sample)
   int64_t wave_bytes = 0;
 
@@ -771,7 +781,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
     first.push_back(chunks.size());
     const int64_t n = static_cast<int64_t>(chunks.size());
     std::vector<ChunkOut> outs(n);
-    parallel_chunks(n, false, [&](int64_t i) { levels[chunks[i].level]->pass1(chunks[i], outs[i]); });
+    std::vector<int64_t> cost(n);
+    for (int64_t i = 0; i < n; ++i) cost[i] = (chunks[i].j1 - chunks[i].j0) * levels[chunks[i].level]->C;
+    const std::vector<int64_t> bounds = partition(cost, at::get_num_threads());
+    parallel_chunks(bounds, false, [&](int64_t i) { levels[chunks[i].level]->pass1(chunks[i], outs[i]); });
     if (whiten == 2) {
       for (size_t k = 0; k < wave.size(); ++k) {
         const auto [l, b] = wave[k];
@@ -780,7 +793,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
         const LevelBase& lv = *levels[l];
         levels[l]->set_sample_stats(b, st / (double(lv.C) * double(lv.HW)), 1.0);
       }
-      parallel_chunks(n, true, [&](int64_t i) { levels[chunks[i].level]->pass_var(chunks[i], outs[i]); });
+      parallel_chunks(bounds, true, [&](int64_t i) { levels[chunks[i].level]->pass_var(chunks[i], outs[i]); });
       for (size_t k = 0; k < wave.size(); ++k) {
         const auto [l, b] = wave[k];
         double st = 0.0, sq = 0.0;
@@ -795,7 +808,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
     }
     for (const auto& [l, b] : wave) levels[l]->finish_sample(b);
     if (run_pass2) {
-      parallel_chunks(n, true, [&](int64_t i) { levels[chunks[i].level]->pass2(chunks[i], outs[i]); });
+      parallel_chunks(bounds, true, [&](int64_t i) {
+        LevelBase& lv = *levels[chunks[i].level];
+        if (compute_grad || lv.mse_in_pass2()) lv.pass2(chunks[i], outs[i]);
+      });
     }
     for (size_t k = 0; k < wave.size(); ++k) {
       const auto [l, b] = wave[k];

@@ -113,6 +113,42 @@ inline void store_acc(T* p, const AccVec<T>& v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
 }
 
+// Non-temporal (streaming) store of a full vector to a vector-aligned address: the line is written without being
+// read first (no read-for-ownership) and without displacing the cache. Call stream_fence() before the data is used.
+inline bool stream_store_supported() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return true;
+#else
+  return false;
+#endif
+}
+template <typename T>
+inline void stream_store(T* p, const AccVec<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+    return;
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(p, v);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+    return;
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v);
+    return;
+  }
+#endif
+  store_acc(p, v);
+}
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // Sum of the lanes in a fixed order (deterministic), in double.
 template <typename V>
 inline double hsum(const V& v) {
