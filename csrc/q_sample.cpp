@@ -14,15 +14,15 @@
 //
 // Noise generation (the whole cost of the op: ~10 cycles per element of integer and transcendental math against
 // 8 bytes of memory traffic per float32 element):
-//   * Philox runs on blocks of kGroups counters at once as plain uint32 / uint64 loops (SoA arrays, one array per
-//     word) that GCC vectorizes: the 32x32 -> 64-bit products are vpmuludq, the rest xor / shuffles.
+//   * Philox runs on blocks of kGroups counters at once, one 32-bit lane per counter (SoA: one vector per word),
+//     with AVX2 / AVX-512 intrinsics: lo = vpmulld, hi from two vpmuludq (2x faster than GCC's vectorization of the
+//     portable uint64 loops, which the DEFAULT build and the rare blocks whose low counter word wraps use).
 //   * Box-Muller runs on at::vec::Vectorized<float> (Vectorized<double> for float64 x0, where the reference does the
 //     float part in double): sqrt exact, log and sin / cos from Sleef (the library at::vec uses). sin / cos of
 //     2 pi u2 are Sleef's sincospi(2 u2): 2 u2 is exact, so there is no rounded 2 pi u2 argument. float32 uses the
 //     3.5-ulp variants (logf_u35, sincospif_u35: half the cost of the 1-ulp ones; measured max |eps - float64
 //     reference| = 6.0e-7 over 2**20 normals; 3.6e-7 with the 1-ulp ones on the test shapes; the rounding of r
-//     dominates); float64
-//     uses log_u10 and sincospi_u05 (within 2e-15 of the reference).
+//     dominates); float64 uses log_u10 and sincospi_u05 (within 2e-15 of the reference).
 //   * The four per-word normal vectors are interleaved back into element order with two levels of
 //     at::vec::interleave2 and written to a small per-thread buffer, which the combine pass reads from L1.
 //
@@ -81,8 +81,9 @@ inline PhiloxKey key_of(int64_t seed) {
   return {static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32)};
 }
 
-// Philox4x32-10 of the counters (g0 + i, 0, 0) for i in [0, kGroups): w[j][i] is word j of group g0 + i.
-inline void philox_block(uint64_t g0, PhiloxKey key, uint32_t (&w)[4][kGroups]) {
+// Philox4x32-10 of the counters (g0 + i, 0, 0) for i in [0, kGroups): w[j][i] is word j of group g0 + i. Portable
+// version: plain loops that GCC vectorizes (zero-extend, vpmuludq, repack).
+inline void philox_block_scalar(uint64_t g0, PhiloxKey key, uint32_t (&w)[4][kGroups]) {
   alignas(64) uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
   for (int64_t i = 0; i < kGroups; ++i) {
     const uint64_t g = g0 + static_cast<uint64_t>(i);
@@ -111,6 +112,81 @@ inline void philox_block(uint64_t g0, PhiloxKey key, uint32_t (&w)[4][kGroups]) 
   std::memcpy(w[2], c2, sizeof(c2));
   std::memcpy(w[3], c3, sizeof(c3));
 }
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Hand-vectorized Philox, twice as fast as what GCC makes of the loops above (measured on Zen 4, AVX2): per vector
+// of 32-bit lanes, lo = vpmulld, hi = the high halves of two vpmuludq (even lanes, odd lanes shifted down) blended.
+#if defined(CPU_CAPABILITY_AVX512)
+using IVec = __m512i;
+constexpr int kLanes = 16;
+inline IVec iset1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+inline IVec ixor(IVec a, IVec b) { return _mm512_xor_si512(a, b); }
+inline IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
+inline IVec iiota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline void istore(uint32_t* p, IVec v) { _mm512_storeu_si512(p, v); }
+inline void mulhilo(IVec a, IVec m, IVec& hi, IVec& lo) {
+  const IVec even = _mm512_mul_epu32(a, m);
+  const IVec odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mullo_epi32(a, m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+#else
+using IVec = __m256i;
+constexpr int kLanes = 8;
+inline IVec iset1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+inline IVec ixor(IVec a, IVec b) { return _mm256_xor_si256(a, b); }
+inline IVec iadd(IVec a, IVec b) { return _mm256_add_epi32(a, b); }
+inline IVec iiota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+inline void istore(uint32_t* p, IVec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline void mulhilo(IVec a, IVec m, IVec& hi, IVec& lo) {
+  const IVec even = _mm256_mul_epu32(a, m);
+  const IVec odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  lo = _mm256_mullo_epi32(a, m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+#endif
+static_assert(kGroups % kLanes == 0, "kGroups must be a multiple of the integer vector width");
+
+inline void philox_block(uint64_t g0, PhiloxKey key, uint32_t (&w)[4][kGroups]) {
+  const uint32_t lo0 = static_cast<uint32_t>(g0);
+  if (lo0 > UINT32_MAX - static_cast<uint32_t>(kGroups)) {  // the low counter word wraps inside this block
+    philox_block_scalar(g0, key, w);
+    return;
+  }
+  constexpr int V = static_cast<int>(kGroups / kLanes);
+  IVec c0[V], c1[V], c2[V], c3[V];
+  for (int v = 0; v < V; ++v) {
+    c0[v] = iadd(iset1(lo0 + static_cast<uint32_t>(v * kLanes)), iiota());
+    c1[v] = iset1(static_cast<uint32_t>(g0 >> 32));
+    c2[v] = iset1(0);
+    c3[v] = iset1(0);
+  }
+  const IVec m0 = iset1(kM0), m1 = iset1(kM1);
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int r = 0; r < kRounds; ++r) {
+    const IVec vk0 = iset1(k0), vk1 = iset1(k1);
+    for (int v = 0; v < V; ++v) {
+      IVec hi0, lo0v, hi1, lo1v;
+      mulhilo(c0[v], m0, hi0, lo0v);
+      mulhilo(c2[v], m1, hi1, lo1v);
+      c0[v] = ixor(ixor(hi1, c1[v]), vk0);
+      c2[v] = ixor(ixor(hi0, c3[v]), vk1);
+      c1[v] = lo1v;
+      c3[v] = lo0v;
+    }
+    k0 += kW0;
+    k1 += kW1;
+  }
+  for (int v = 0; v < V; ++v) {
+    istore(&w[0][v * kLanes], c0[v]);
+    istore(&w[1][v * kLanes], c1[v]);
+    istore(&w[2][v * kLanes], c2[v]);
+    istore(&w[3][v * kLanes], c3[v]);
+  }
+}
+#else
+inline void philox_block(uint64_t g0, PhiloxKey key, uint32_t (&w)[4][kGroups]) { philox_block_scalar(g0, key, w); }
+#endif
 
 // A word as a uniform in [0, 1), exactly as dtkernels.reference.philox_normal: reinterpret as int32, x < 0 -> -x - 1
 // (== ~x), times 4.6566127342e-10 (Triton's uint_to_uniform_float constant) in double, rounded once to float32.
