@@ -332,14 +332,26 @@ void fill_normals(uint64_t start, int64_t n, PhiloxKey key, A* out) {
 // the optimize("fp-contract=off") pragma for the inlined at::vec operators).
 template <typename A>
 inline Vec<A> rounded(const Vec<A>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-  auto r = std::conditional_t<std::is_same_v<A, float>, __m512, __m512d>(v);
-  __asm__("" : "+v"(r));
-  return Vec<A>(r);
-#elif defined(CPU_CAPABILITY_AVX2)
-  auto r = std::conditional_t<std::is_same_v<A, float>, __m256, __m256d>(v);
-  __asm__("" : "+x"(r));
-  return Vec<A>(r);
+    __m512 r = v;
+    __asm__("" : "+v"(r));
+#else
+    __m256 r = v;
+    __asm__("" : "+x"(r));
+#endif
+    return Vec<A>(r);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512d r = v;
+    __asm__("" : "+v"(r));
+#else
+    __m256d r = v;
+    __asm__("" : "+x"(r));
+#endif
+    return Vec<A>(r);
+  }
 #else
   __at_align__ volatile A tmp[Vec<A>::size()];
   __at_align__ A out[Vec<A>::size()];
