@@ -10,7 +10,8 @@
 // word becomes a uniform as Triton's uint_to_uniform_float does (int32 x, x < 0 -> -x - 1, times 4.6566127342e-10,
 // rounded to float32) and
 // the pairs (words 0, 1), (2, 3) become normals by Box-Muller (u1 clamped to >= 1e-7; r = sqrt(-2 ln u1);
-// (r cos 2 pi u2, r sin 2 pi u2)). That is tl.randn4x, so a seed gives the same noise here and on CUDA.
+// (r cos 2 pi u2, r sin 2 pi u2)). That is tl.randn4x, so a seed gives the same noise here and on CUDA (within
+// ~1e-6: compiled Triton rounds the uniforms and its float32 log / sin / cos slightly differently).
 //
 // Noise generation is the whole cost of the op: ~2 ns (7-8 cycles) per element on one Zen 4 core of integer and
 // transcendental math against 8 bytes of memory traffic per float32 element, so the op runs at ~20% of copy
