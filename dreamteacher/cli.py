@@ -347,7 +347,7 @@ def run_demo(args: argparse.Namespace) -> int:
     # ProceduralShapes masks here and print its mIoU and output paths.
     print("[3/3] downstream evaluation: not implemented yet (a later issue); hook in dreamteacher/cli.py run_demo")
     print(f"demo finished in {time.perf_counter() - start:.0f} s. Outputs:")
-    print(f"  teacher:           {teacher_dir}  (DiffusionTeacher.from_pretrained; training log {teacher_dir}/log.jsonl)")
+    print(f"  teacher:           {teacher_dir}  (DiffusionTeacher.from_pretrained; log {teacher_dir}/log.jsonl)")
     print(f"  pretraining run:   {summary['out_dir']}  (config.yaml, log.jsonl)")
     print(f"  checkpoint:        {summary['checkpoint']}")
     print(f"  exported backbone: {backbone}  (timm.create_model('resnet18').load_state_dict(..., strict=False))")

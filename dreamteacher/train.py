@@ -175,7 +175,7 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
                   ) -> tuple[DiffusionTeacher, list[int]]:
     """The frozen teacher with one tap per student level, each resized to that level's stride in the hook.
 
-    Returns the teacher and ``order``: ``teacher(x)[order[l]]`` is the target of student level ``l`` (the teacher
+    Returns the teacher and ``order``: ``teacher(x)[order[lvl]]`` is the target of student level ``l`` (the teacher
     returns its features in call order).
     """
     if not cfg.teacher.path:
@@ -196,15 +196,15 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
     probe.taps.remove()
     # Build the real taps in call order; strides per tap are the student's strides of the levels they feed.
     call_rank = {n: i for i, n in enumerate(_call_order(probe, names))}
-    ordered = sorted(range(len(names)), key=lambda l: call_rank[names[l]])
+    ordered = sorted(range(len(names)), key=lambda lvl: call_rank[names[lvl]])
     teacher = DiffusionTeacher(probe.unet, probe.scheduler, vae=probe.vae,
                                text_embedding=probe.uncond_embedding if probe.conditional else None,
-                               taps=[names[l] for l in ordered], strides=[student_strides[l] for l in ordered],
+                               taps=[names[lvl] for lvl in ordered], strides=[student_strides[lvl] for lvl in ordered],
                                **common)
     teacher = teacher.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
     if cfg.run.channels_last and device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
-    order = [ordered.index(l) for l in range(len(names))]
+    order = [ordered.index(lvl) for lvl in range(len(names))]
     return teacher, order
 
 
@@ -341,7 +341,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                               reductions=tuple(cfg.model.reductions))
     strides = [info["reduction"] for info in student.feature_info]
     teacher, order = build_teacher(cfg, device, strides)
-    teacher_channels = [teacher.feature_info[order[l]]["num_chs"] for l in range(len(strides))]
+    teacher_channels = [teacher.feature_info[order[lvl]]["num_chs"] for lvl in range(len(strides))]
     regressor = FeatureRegressor(student.feature_info, teacher_channels, width=cfg.model.width,
                                  pool_sizes=cfg.model.pool_sizes)
     model = DistillationModel(student, regressor).to(device)
@@ -451,7 +451,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                         with autocast:
                             preds = train_model(images)
                         parts = dtkernels.fused_feat_loss(
-                            preds, [targets[order[l]].to(p.dtype) for l, p in enumerate(preds)], **loss_kwargs)
+                            preds, [targets[order[lvl]].to(p.dtype) for lvl, p in enumerate(preds)], **loss_kwargs)
                         (parts.loss / accum).backward()
                     loss_sum += parts.loss.detach() / accum
                 if cfg.run.clip_grad > 0:
