@@ -435,12 +435,16 @@ def _q_sample_coefficients(x0, t, alphas_cumprod):
 
 def _q_sample_setup_context(ctx, inputs, output):
     x0, t, alphas_cumprod, noise, seed, return_noise = inputs
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[1])  # eps is a draw, not a function of x0
     ctx.save_for_backward(t, alphas_cumprod)
     ctx.x0_meta = (x0.dtype, x0.dim())
     ctx.has_noise = noise is not None
 
 
 def _q_sample_backward(ctx, grad_xt, grad_eps):
+    if grad_xt is None:
+        return None, None, None, None, None, None
     t, alphas_cumprod = ctx.saved_tensors
     a, b = _q_sample_coefficients(grad_xt, t, alphas_cumprod)
     grad_x0 = (grad_xt * a).to(ctx.x0_meta[0])
@@ -457,6 +461,7 @@ class _ForcedQSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, x0, t, alphas_cumprod, noise, seed, return_noise):
         x_t, eps = _impl("q_sample", backend)(x0, t, alphas_cumprod, noise, seed, return_noise)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(t, alphas_cumprod)
         ctx.x0_meta = (x0.dtype, x0.dim())
         ctx.has_noise = noise is not None

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import importlib
+
 import pytest
 
 pytestmark = pytest.mark.aot
@@ -20,24 +22,40 @@ pytestmark = pytest.mark.aot
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# soft_ce ships 776 configurations (16 student/teacher dtype pairs x tiles x modes): ~1550 compiles, hours on 2
+# cores, so its full sweep is `slow` (run it with `pytest -m slow tests/test_triton_aot.py`); see issue 3.
+MODULES = ["feat_loss", "q_sample", pytest.param("soft_ce", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module", params=MODULES)
+def module(request):
+    return request.param
+
+
+_ROWS: dict[str, list] = {}
+
+
 @pytest.fixture(scope="module")
-def aot_rows():
+def aot_rows(module):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "dtkernels.triton.aot", "--jobs", str(os.cpu_count() or 1)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False)
-    assert res.stdout.strip(), f"aot produced no output (exit {res.returncode}):\n{res.stderr[-4000:]}"
-    return json.loads(res.stdout)
+    if module not in _ROWS:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "dtkernels.triton.aot", "--module", module, "--jobs", str(os.cpu_count() or 1)]
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=4 * 3600, check=False)
+        assert res.stdout.strip(), f"aot produced no output (exit {res.returncode}):\n{res.stderr[-4000:]}"
+        _ROWS[module] = json.loads(res.stdout)
+    return _ROWS[module]
 
 
-def _shipped():
-    env_had = os.environ.get("TRITON_INTERPRET")
+def _shipped(module):
     # SHIPPED_CONFIGS is plain data; importing it under the interpreter is fine.
     from dtkernels.triton.aot import _config_label
-    from dtkernels.triton.utils import SHIPPED_CONFIGS
 
-    assert env_had == os.environ.get("TRITON_INTERPRET")
-    return [(c["kernel"], _config_label(c)) for c in SHIPPED_CONFIGS]
+    if module == "feat_loss":  # feat_loss keeps its list (with scale_'s) in utils
+        from dtkernels.triton.utils import SHIPPED_CONFIGS as configs
+    else:
+        configs = importlib.import_module(f"dtkernels.triton.{module}").SHIPPED_CONFIGS
+    return [(c["kernel"], _config_label(c)) for c in configs]
 
 
 def test_every_config_compiles_without_spills(aot_rows):
@@ -49,14 +67,16 @@ def test_every_config_compiles_without_spills(aot_rows):
     assert not spills, "register spills:\n" + "\n".join(spills)
 
 
-def test_every_shipped_config_appears_for_both_arches(aot_rows):
+def test_every_shipped_config_appears_for_both_arches(aot_rows, module):
     seen = {(r["kernel"], r["config"], r["arch"]) for r in aot_rows}
-    missing = [(k, c, a) for k, c in _shipped() for a in ("sm_80", "sm_90") if (k, c, a) not in seen]
+    missing = [(k, c, a) for k, c in _shipped(module) for a in ("sm_80", "sm_90") if (k, c, a) not in seen]
     assert not missing, f"{len(missing)} shipped configs were not compiled, e.g. {missing[:5]}"
 
 
-def test_main_loads_vectorize_for_nchw(aot_rows):
+def test_main_loads_vectorize_for_nchw(aot_rows, module):
     """The float32 NCHW tile kernels load the unit-stride HW axis 128 bits at a time."""
+    if module != "feat_loss":
+        pytest.skip("the vectorization check is written for feat_loss's tile kernels")
     rows = [r for r in aot_rows if r["kernel"] in ("_feat_loss_fwd_kernel", "_feat_loss_grad_kernel",
                                                    "_sample_stats_partial_kernel")
             and r["config"].startswith("fp32,nchw")]
