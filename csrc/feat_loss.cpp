@@ -282,29 +282,57 @@ class Level final : public LevelBase {
   void pass1_hw(const Chunk& ch, ChunkOut& out) {
     const int64_t b = ch.b, j0 = ch.j0;
     const Span sp(ch.j1 - j0);
+    const int64_t npad = sp.nv * kW;
     const T* sbase = s_ + b * vs_.sb + j0;
     const T* tbase = t_ + b * vt_.sb + j0;
     const Vec vp(static_cast<A>(P.p));
     A* as = as_.data() + b * HW + j0;
     A* at = at_.data() + b * HW + j0;
+    // Sums over C are blocked: kRowBlock rows are accumulated into block buffers (fresh per block) that are then
+    // added to the chunk's accumulators, so a position's sum is ~kRowBlock + C / kRowBlock roundings deep instead of
+    // C (a plain running sum in float is ~4x less accurate than torch's cascade sums for C = 512).
+    constexpr int64_t kRowBlock = 16;
+    static thread_local std::vector<A> buf;
+    buf.resize(4 * npad);
+    A* bas = buf.data();
+    A* bat = bas + npad;
+    A* bmu = bat + npad;
+    A* bm2 = bmu + npad;
     if (P.whiten == 1) {
-      // LayerNorm statistics over C at each position: Welford's update, one row (channel) at a time.
+      // LayerNorm statistics over C at each position: Welford's update within a block of rows, blocks merged with
+      // Chan's formula; mean then biased variance, never E[t^2] - E[t]^2.
       A* mean = pmean_.data() + b * HW + j0;
       A* m2 = prstd_.data() + b * HW + j0;
-      for (int64_t c = 0; c < C; ++c) {
-        const T* tr = tbase + c * vt_.sc;
-        const T* sr = sbase + c * vs_.sc;
-        const Vec inv(A(1) / static_cast<A>(c + 1));
+      for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
+        const int64_t cn = std::min(kRowBlock, C - c0);
+        std::fill(buf.begin(), buf.end(), A(0));
+        for (int64_t c = c0; c < c0 + cn; ++c) {
+          const T* tr = tbase + c * vt_.sc;
+          const T* sr = sbase + c * vs_.sc;
+          const Vec inv(A(1) / static_cast<A>(c - c0 + 1));
+          for (int64_t v = 0; v < sp.nv; ++v) {
+            const int64_t n = sp.lanes(v), o = v * kW;
+            const Vec x = ld(tr + o, n), y = ld(sr + o, n);
+            Vec mu = Vec::loadu(bmu + o);
+            const Vec delta = x - mu;
+            mu = at::vec::fmadd(delta, inv, mu);
+            mu.store(bmu + o);
+            at::vec::fmadd(delta, x - mu, Vec::loadu(bm2 + o)).store(bm2 + o);
+            (Vec::loadu(bat + o) + pow_abs<PM>(x, vp)).store(bat + o);
+            (Vec::loadu(bas + o) + pow_abs<PM>(y, vp)).store(bas + o);
+          }
+        }
+        // Chan et al.: merge (c0, mean, m2) with the block (cn, bmu, bm2).
+        const A na = static_cast<A>(c0), nb = static_cast<A>(cn), nn = na + nb;
+        const Vec wb(nb / nn), wab(na * nb / nn);
         for (int64_t v = 0; v < sp.nv; ++v) {
           const int64_t n = sp.lanes(v), o = v * kW;
-          const Vec x = ld(tr + o, n), y = ld(sr + o, n);
-          Vec mu = ld(mean + o, n);
-          const Vec delta = x - mu;
-          mu = at::vec::fmadd(delta, inv, mu);
-          st(mean + o, mu, n);
-          st(m2 + o, at::vec::fmadd(delta, x - mu, ld(m2 + o, n)), n);
-          st(at + o, ld(at + o, n) + pow_abs<PM>(x, vp), n);
-          st(as + o, ld(as + o, n) + pow_abs<PM>(y, vp), n);
+          const Vec mu = ld(mean + o, n);
+          const Vec delta = Vec::loadu(bmu + o) - mu;
+          st(mean + o, at::vec::fmadd(delta, wb, mu), n);
+          st(m2 + o, ld(m2 + o, n) + Vec::loadu(bm2 + o) + delta * delta * wab, n);
+          st(at + o, ld(at + o, n) + Vec::loadu(bat + o), n);
+          st(as + o, ld(as + o, n) + Vec::loadu(bas + o), n);
         }
       }
       const Vec vC(static_cast<A>(C)), veps(static_cast<A>(P.eps)), one(A(1));
@@ -315,23 +343,32 @@ class Level final : public LevelBase {
     } else {
       // No whitening: the MSE is computed here. Sample whitening: sum t for the sample mean.
       double acc = 0.0;
-      for (int64_t c = 0; c < C; ++c) {
-        const T* tr = tbase + c * vt_.sc;
-        const T* sr = sbase + c * vs_.sc;
-        Vec racc(A(0));
+      for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
+        const int64_t cn = std::min(kRowBlock, C - c0);
+        std::fill(bas, bas + 2 * npad, A(0));
+        for (int64_t c = c0; c < c0 + cn; ++c) {
+          const T* tr = tbase + c * vt_.sc;
+          const T* sr = sbase + c * vs_.sc;
+          Vec racc(A(0));
+          for (int64_t v = 0; v < sp.nv; ++v) {
+            const int64_t n = sp.lanes(v), o = v * kW;
+            const Vec x = ld(tr + o, n), y = ld(sr + o, n);
+            if (P.whiten == 0) {
+              const Vec d = y - x;  // zero in masked lanes
+              racc = at::vec::fmadd(d, d, racc);
+            } else {
+              racc = racc + x;
+            }
+            (Vec::loadu(bat + o) + pow_abs<PM>(x, vp)).store(bat + o);
+            (Vec::loadu(bas + o) + pow_abs<PM>(y, vp)).store(bas + o);
+          }
+          acc += hsum(racc);
+        }
         for (int64_t v = 0; v < sp.nv; ++v) {
           const int64_t n = sp.lanes(v), o = v * kW;
-          const Vec x = ld(tr + o, n), y = ld(sr + o, n);
-          if (P.whiten == 0) {
-            const Vec d = y - x;  // zero in masked lanes
-            racc = at::vec::fmadd(d, d, racc);
-          } else {
-            racc = racc + x;
-          }
-          st(at + o, ld(at + o, n) + pow_abs<PM>(x, vp), n);
-          st(as + o, ld(as + o, n) + pow_abs<PM>(y, vp), n);
+          st(at + o, ld(at + o, n) + Vec::loadu(bat + o), n);
+          st(as + o, ld(as + o, n) + Vec::loadu(bas + o), n);
         }
-        acc += hsum(racc);
       }
       if (P.whiten == 0) {
         out.mse += acc;
