@@ -292,7 +292,8 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, no
     if not isinstance(alphas_cumprod, torch.Tensor) or not alphas_cumprod.is_floating_point():
         raise TypeError("alphas_cumprod: expected a floating tensor [T]")
     if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() == 0:
-        raise ValueError(f"alphas_cumprod: expected a non-empty 1-D tensor [T], got shape {tuple(alphas_cumprod.shape)}")
+        raise ValueError("alphas_cumprod: expected a non-empty 1-D tensor [T], got shape "
+                         f"{tuple(alphas_cumprod.shape)}")
     if noise is not None:
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
             raise TypeError("noise: expected a floating tensor with the shape of x0")

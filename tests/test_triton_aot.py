@@ -7,13 +7,12 @@ configurations per arch (a few minutes on 2 CPU cores); later runs hit Triton's 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import importlib
 
 import pytest
 
