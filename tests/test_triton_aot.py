@@ -34,9 +34,8 @@ def module(request):
 _ROWS: dict[str, list] = {}
 
 
-@pytest.fixture(scope="module")
-def aot_rows(module):
-    pytest.importorskip("triton")
+def _aot(module: str) -> list:
+    """Compile ``module``'s shipped configs once per session (in a subprocess without TRITON_INTERPRET)."""
     if module not in _ROWS:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-m", "dtkernels.triton.aot", "--module", module, "--jobs", str(os.cpu_count() or 1)]
@@ -44,6 +43,12 @@ def aot_rows(module):
         assert res.stdout.strip(), f"aot produced no output (exit {res.returncode}):\n{res.stderr[-4000:]}"
         _ROWS[module] = json.loads(res.stdout)
     return _ROWS[module]
+
+
+@pytest.fixture(scope="module")
+def aot_rows(module):
+    pytest.importorskip("triton")
+    return _aot(module)
 
 
 def _shipped(module):
@@ -72,11 +77,10 @@ def test_every_shipped_config_appears_for_both_arches(aot_rows, module):
     assert not missing, f"{len(missing)} shipped configs were not compiled, e.g. {missing[:5]}"
 
 
-def test_main_loads_vectorize_for_nchw(aot_rows, module):
-    """The float32 NCHW tile kernels load the unit-stride HW axis 128 bits at a time."""
-    if module != "feat_loss":
-        pytest.skip("the vectorization check is written for feat_loss's tile kernels")
-    rows = [r for r in aot_rows if r["kernel"] in ("_feat_loss_fwd_kernel", "_feat_loss_grad_kernel",
+def test_main_loads_vectorize_for_nchw():
+    """The float32 NCHW tile kernels of feat_loss load the unit-stride HW axis 128 bits at a time."""
+    pytest.importorskip("triton")
+    rows = [r for r in _aot("feat_loss") if r["kernel"] in ("_feat_loss_fwd_kernel", "_feat_loss_grad_kernel",
                                                    "_sample_stats_partial_kernel")
             and r["config"].startswith("fp32,nchw")]
     assert rows
