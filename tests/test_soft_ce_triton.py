@@ -274,21 +274,29 @@ def test_deterministic():
 
 
 def test_shipped_configs():
-    """Each configuration once; every (student, teacher) dtype pair, tile and mode is shipped, and the launchers'
-    tiles are among them (shipped_config raises otherwise)."""
+    """Each configuration once; every shipped (student, teacher) dtype pair, tile and mode is there, and the
+    launchers' tiles are among them (shipped_config raises otherwise)."""
     keys = [(c["kernel"], c["dtype"], c.get("out_dtype"), c["layout"], tuple(sorted(c["constexprs"].items())))
             for c in sc.SHIPPED_CONFIGS]
     assert len(keys) == len(set(keys))
     assert {c["kernel"] for c in sc.SHIPPED_CONFIGS} == {"_soft_ce_fwd_kernel", "_soft_ce_bwd_kernel",
                                                          "_soft_ce_finalize_kernel"}
     fwd = [c for c in sc.SHIPPED_CONFIGS if c["kernel"] == "_soft_ce_fwd_kernel"]
-    assert len(fwd) == 16 * len(sc.TILES) * 10
+    n_pairs = sum(len(v) for v in sc.TEACHER_DTYPES.values())
+    assert n_pairs == 6
+    assert len(fwd) == n_pairs * len(sc.TILES) * 10
     for x in (logits((2, 19, 3, 3)), logits((2, 150, 3, 3), layout="channels_last"), logits((5, 1000), dim=1),
               logits((2, 3, 1, 1), torch.float64)):
         _, block_k, block_p = sc.tile_for(canonical(x))
         for reduction, has_mask, grad in sc.FWD_VARIANTS:
             sc.shipped_config("_soft_ce_fwd_kernel", x.dtype, x.dtype, REDUCTION=reduction, HAS_MASK=has_mask,
                               COMPUTE_GRAD=grad, BLOCK_K=block_k, BLOCK_P=block_p)
+    # Unshipped pairings are converted to the student's compute dtype before launch.
+    s32 = logits((2, 19, 3, 3))
+    assert sc._teacher_for(s32, s32.bfloat16()).dtype == torch.float32
+    s16 = s32.half()
+    assert sc._teacher_for(s16, s32.double()).dtype == torch.float32
+    assert sc._teacher_for(s16, s16) is s16
     for c in sc.SHIPPED_CONFIGS:
         fn, signature, constexprs, attrs = sc.aot_source_args(c)
         assert list(signature) == fn.arg_names
