@@ -53,7 +53,7 @@ __all__ = ["soft_ce", "soft_ce_backward", "SHIPPED_CONFIGS", "shipped_config", "
 #: registers per element; the full tile spills).
 SMALL_K = 32
 TILES = {
-    ("nchw", "small_k"): (4, 512),
+    ("nchw", "small_k"): (4, 256),  # 4 x 512 spilled 8-16 bytes (fp32 masked mean/sum on sm_80, bf16 grad on sm_90)
     ("nchw", "large_k"): (16, 128),
     ("channels_last", "small_k"): (32, 64),
     ("channels_last", "large_k"): (64, 32),
@@ -63,7 +63,10 @@ TILES = {
 def _tile(layout: str, k: int, dtype: str) -> tuple[int, int]:
     """``(BLOCK_K, BLOCK_P)`` for a layout, class count and student dtype name."""
     block_k, block_p = TILES[(layout, "small_k" if k <= SMALL_K else "large_k")]
-    return (block_k, block_p // 2) if dtype == "fp64" else (block_k, block_p)
+    # fp64 everywhere, and half types in channels_last (the fp16 backward spilled 4 bytes on sm_90), use half the
+    # positions per program.
+    halve = dtype == "fp64" or (layout == "channels_last" and dtype in ("fp16", "bf16"))
+    return (block_k, block_p // 2) if halve else (block_k, block_p)
 
 
 #: Forward variants (REDUCTION, HAS_MASK, COMPUTE_GRAD); reduction "none" never writes a gradient.
