@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INPUT_DTYPES, NUM_WARPS, compute_dtype, dtype_name
+from .utils import INPUT_DTYPES, NUM_WARPS, ConfigIndex, compute_dtype
 
 __all__ = ["q_sample", "SHIPPED_CONFIGS", "shipped_config", "aot_source_args", "BLOCK_GROUPS"]
 
@@ -140,17 +140,7 @@ def _build_shipped_configs() -> list[dict]:
 #: The kernel configurations the launcher can choose (the ahead-of-time compile check covers exactly these).
 SHIPPED_CONFIGS: list[dict] = _build_shipped_configs()
 
-_INDEX = {(c["kernel"], c["dtype"], c.get("out_dtype"), tuple(sorted(c["constexprs"].items()))): c
-          for c in SHIPPED_CONFIGS}
-
-
-def shipped_config(kernel: str, dtype: torch.dtype, out_dtype: torch.dtype | None = None, **constexprs) -> dict:
-    """The constexprs of a shipped configuration; raises if the launcher asks for one that is not shipped."""
-    key = (kernel, dtype_name(dtype), None if out_dtype is None else dtype_name(out_dtype),
-           tuple(sorted(constexprs.items())))
-    if key not in _INDEX:
-        raise RuntimeError(f"dtkernels.triton.q_sample: {kernel} has no shipped configuration for {key}")
-    return dict(_INDEX[key]["constexprs"])
+shipped_config = ConfigIndex(SHIPPED_CONFIGS, "dtkernels.triton.q_sample")
 
 
 def aot_source_args(cfg: dict) -> tuple:

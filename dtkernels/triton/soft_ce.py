@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import BLOCK_1D, INPUT_DTYPES, NUM_WARPS, compute_dtype, dtype_name
+from .utils import BLOCK_1D, INPUT_DTYPES, NUM_WARPS, ConfigIndex, compute_dtype, dtype_name
 
 __all__ = ["soft_ce", "soft_ce_backward", "SHIPPED_CONFIGS", "shipped_config", "tile_for", "aot_source_args"]
 
@@ -115,17 +115,7 @@ def _build_shipped_configs() -> list[dict]:
 #: the format of :data:`dtkernels.triton.utils.SHIPPED_CONFIGS`.
 SHIPPED_CONFIGS: list[dict] = _build_shipped_configs()
 
-_INDEX = {(c["kernel"], c["dtype"], c.get("out_dtype"), tuple(sorted(c["constexprs"].items()))): c
-          for c in SHIPPED_CONFIGS}
-
-
-def shipped_config(kernel: str, dtype: torch.dtype, out_dtype: torch.dtype | None = None, **constexprs) -> dict:
-    """The constexprs of a shipped configuration; raises if a launcher asks for one that is not shipped."""
-    key = (kernel, dtype_name(dtype), None if out_dtype is None else dtype_name(out_dtype),
-           tuple(sorted(constexprs.items())))
-    if key not in _INDEX:
-        raise RuntimeError(f"dtkernels.triton.soft_ce: {kernel} has no shipped configuration for {key}")
-    return dict(_INDEX[key]["constexprs"])
+shipped_config = ConfigIndex(SHIPPED_CONFIGS, "dtkernels.triton.soft_ce")
 
 
 def tile_for(student: torch.Tensor) -> tuple[str, int, int]:

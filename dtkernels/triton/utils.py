@@ -24,6 +24,7 @@ __all__ = [
     "NUM_WARPS",
     "SHIPPED_CONFIGS",
     "shipped_config",
+    "ConfigIndex",
     "flat_strides",
     "layout_of",
     "compute_dtype",
@@ -118,19 +119,30 @@ def _build_shipped_configs() -> list[dict]:
 #: strided inputs run the same constexprs with no unit-stride specialization).
 SHIPPED_CONFIGS: list[dict] = _build_shipped_configs()
 
-_CONSTEXPR_INDEX = {}
-for _cfg in SHIPPED_CONFIGS:
-    _key = (_cfg["kernel"], _cfg["dtype"], _cfg.get("out_dtype"), tuple(sorted(_cfg["constexprs"].items())))
-    _CONSTEXPR_INDEX[_key] = _cfg
+class ConfigIndex:
+    """Looks up the constexprs of a shipped configuration; the one lookup every Triton module's launchers use.
+
+    Args:
+        configs: a module's ``SHIPPED_CONFIGS``.
+        owner: the module's name, for the error message.
+    """
+
+    def __init__(self, configs: list[dict], owner: str) -> None:
+        self.owner = owner
+        self._index = {(c["kernel"], c["dtype"], c.get("out_dtype"), tuple(sorted(c["constexprs"].items()))): c
+                       for c in configs}
+
+    def __call__(self, kernel: str, dtype: torch.dtype, out_dtype: torch.dtype | None = None, **constexprs) -> dict:
+        """The constexprs of a shipped configuration; raises if a launcher asks for one that is not shipped."""
+        key = (kernel, dtype_name(dtype), None if out_dtype is None else dtype_name(out_dtype),
+               tuple(sorted(constexprs.items())))
+        if key not in self._index:
+            raise RuntimeError(f"{self.owner}: {kernel} has no shipped configuration for {key}")
+        return dict(self._index[key]["constexprs"])
 
 
-def shipped_config(kernel: str, dtype: torch.dtype, out_dtype: torch.dtype | None = None, **constexprs) -> dict:
-    """The constexprs of a shipped configuration; raises if the launcher asks for one that is not shipped."""
-    key = (kernel, dtype_name(dtype), None if out_dtype is None else dtype_name(out_dtype),
-           tuple(sorted(constexprs.items())))
-    if key not in _CONSTEXPR_INDEX:
-        raise RuntimeError(f"dtkernels.triton: {kernel} has no shipped configuration for {key}")
-    return dict(_CONSTEXPR_INDEX[key]["constexprs"])
+#: Lookup for feat_loss and scale_ (the configurations above).
+shipped_config = ConfigIndex(SHIPPED_CONFIGS, "dtkernels.triton")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
