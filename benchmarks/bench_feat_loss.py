@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from throughput import record_throughput
 
 import dtkernels
 
@@ -133,17 +134,6 @@ def min_bytes(student: list[torch.Tensor], teacher: list[torch.Tensor], mode: st
     read = sum(t.numel() * t.element_size() for t in (*student, *teacher))
     write = sum(s.numel() * s.element_size() for s in student) if mode == "fwd_bwd" else 0
     return read + write
-
-
-def record_throughput(benchmark, nbytes: int, copy_bandwidth: dict[str, float] | None) -> None:
-    benchmark.extra_info["min_bytes"] = nbytes
-    if benchmark.stats is None:  # disabled mode (smoke run): nothing was timed
-        return
-    gbps = nbytes / benchmark.stats.stats.mean / 1e9
-    benchmark.extra_info["gbps"] = gbps
-    if copy_bandwidth is not None:
-        benchmark.extra_info["copy_gbps"] = copy_bandwidth["gbps"]
-        benchmark.extra_info["frac_copy_bw"] = gbps / copy_bandwidth["gbps"]
 
 
 # --------------------------------------------------------------------------------------------------------------

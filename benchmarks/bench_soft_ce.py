@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+from throughput import record_throughput
 from torch.profiler import ProfilerActivity, profile
 
 import dtkernels
@@ -127,17 +128,6 @@ def min_bytes(student: torch.Tensor, teacher: torch.Tensor, mode: str) -> int:
     """Compulsory traffic: read student and teacher once; fwd_bwd also writes the student gradient once."""
     read = student.numel() * student.element_size() + teacher.numel() * teacher.element_size()
     return read + (student.numel() * student.element_size() if mode == "fwd_bwd" else 0)
-
-
-def record_throughput(benchmark, nbytes: int, copy_bandwidth: dict[str, float] | None) -> None:
-    benchmark.extra_info["min_bytes"] = nbytes
-    if benchmark.stats is None:  # disabled mode (smoke run): nothing was timed
-        return
-    gbps = nbytes / benchmark.stats.stats.mean / 1e9
-    benchmark.extra_info["gbps"] = gbps
-    if copy_bandwidth is not None:
-        benchmark.extra_info["copy_gbps"] = copy_bandwidth["gbps"]
-        benchmark.extra_info["frac_copy_bw"] = gbps / copy_bandwidth["gbps"]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+from throughput import record_throughput
 
 import dtkernels
 
@@ -96,17 +97,6 @@ def q_sample_min_bytes(x0: torch.Tensor) -> int:
     return 2 * x0.numel() * x0.element_size()
 
 
-def _record_throughput(benchmark, nbytes: int, copy_bandwidth: dict[str, float] | None) -> None:
-    benchmark.extra_info["min_bytes"] = nbytes
-    if benchmark.stats is None:  # disabled mode (smoke run): nothing was timed
-        return
-    gbps = nbytes / benchmark.stats.stats.mean / 1e9
-    benchmark.extra_info["gbps"] = gbps
-    if copy_bandwidth is not None:
-        benchmark.extra_info["copy_gbps"] = copy_bandwidth["gbps"]
-        benchmark.extra_info["frac_copy_bw"] = gbps / copy_bandwidth["gbps"]
-
-
 @pytest.mark.parametrize("provider", Q_SAMPLE_PROVIDERS)
 @pytest.mark.parametrize("shape", list(Q_SAMPLE_SHAPES))
 def test_q_sample(benchmark, copy_bandwidth, shape: str, provider: str) -> None:
@@ -127,4 +117,4 @@ def test_q_sample(benchmark, copy_bandwidth, shape: str, provider: str) -> None:
             "cpp" if dtkernels.backends()["cpp"]["available"] else "reference (fallback: C++ library not built)")
     benchmark.extra_info["loadavg_1m"] = os.getloadavg()[0]  # other work on the machine distorts every number
     benchmark.pedantic(fn, args=(x0, t, alphas_cumprod), rounds=rounds, warmup_rounds=warmup)
-    _record_throughput(benchmark, q_sample_min_bytes(x0), copy_bandwidth)
+    record_throughput(benchmark, q_sample_min_bytes(x0), copy_bandwidth)
