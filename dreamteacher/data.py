@@ -265,6 +265,27 @@ class ProceduralShapes(Dataset):
         return x, torch.from_numpy(mask)
 
 
+#: Seeds of the built-in dataset's three disjoint roles: unlabeled pretraining images use the pretraining config's
+#: ``data.seed`` (0 by default); labelled images (interpreter training, fine-tuning) come from a pool drawn with
+#: :data:`LABELLED_POOL_SEED`; held-out evaluation images from :data:`TEST_SEED`.
+LABELLED_POOL_SEED = 1
+TEST_SEED = 2
+#: Images in the labelled pool of the built-in dataset.
+LABELLED_POOL_SIZE = 10_000
+
+
+def labelled_indices(n: int, seed: int, pool_size: int = LABELLED_POOL_SIZE) -> list[int]:
+    """The ``n`` labelled images of a label budget: the first ``n`` of a permutation of the pool drawn with ``seed``.
+
+    Budgets are nested for one seed (the 8 images of ``n=8`` are the first 8 of ``n=32``), so a larger budget only
+    adds labels. Used by the feature interpreter and the downstream evaluation alike.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= pool_size:
+        raise ValueError(f"n: expected an integer label budget in [1, {pool_size}], got {n!r}")
+    perm = torch.randperm(pool_size, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[:n].tolist()
+
+
 # ------------------------------------------------------------------------------------------------ loaders
 class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     """A :class:`DistributedSampler` that can start an epoch part-way (``start``: samples of this rank to skip), so a
