@@ -313,6 +313,23 @@ def test_compile_fullgraph_matches_eager():
         assert max_err(gc, s.grad) < 1e-6
 
 
+def test_eager_calls_skip_the_generic_autograd_wrapper_and_traced_calls_keep_the_op():
+    """Eager automatic-backend calls run a plain autograd.Function around the dispatcher (about 0.15 ms less Python
+    per call); traced calls must still put the registered op (with its register_autograd formula) in the graph."""
+    student = [s.requires_grad_() for s in make_levels(R50_SMALL[:2])]
+    teacher = make_levels(R50_SMALL[:2], shift=0.5)
+    loss = dtkernels.fused_feat_loss(student, teacher)
+    assert type(loss.grad_fn).__name__ == "_FeatLossFunctionBackward"
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fs = [mode.from_tensor(s.detach()).requires_grad_() for s in student]
+    ft = [mode.from_tensor(t) for t in teacher]
+    with mode:
+        fake_loss = dtkernels.fused_feat_loss(fs, ft)
+    assert "feat_loss" in type(fake_loss.grad_fn).__name__ and "Function" not in type(fake_loss.grad_fn).__name__
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------------------------
