@@ -1,0 +1,153 @@
+"""Downstream evaluation: metrics against hand-computed values, data pairing, backbone loading, a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreamteacher import cli
+from dreamteacher.data import ProceduralShapes
+from dreamteacher.evaluate import (
+    SegmentationFolder,
+    SegmentationModel,
+    confusion_matrix,
+    evaluate_backbones,
+    finetune,
+    iou_from_confusion,
+    load_backbone,
+    load_segmentation_model,
+    markdown_table,
+    write_results,
+)
+from dreamteacher.student import StudentBackbone
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_miou_matches_a_hand_computed_confusion_matrix():
+    # 4 classes; class 3 appears in neither truth nor prediction; one pixel is ignored (255).
+    truth = torch.tensor([[0, 0, 1, 1], [1, 2, 2, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 3]])  # the ignored pixel's prediction (3) must not count
+    cm = confusion_matrix(pred, truth, 4, ignore_index=255)
+    want = torch.tensor([[1, 1, 0, 0],   # truth 0: predicted 0, 1
+                         [0, 2, 1, 0],   # truth 1: predicted 1, 1, 2
+                         [1, 0, 1, 0],   # truth 2: predicted 2, 0
+                         [0, 0, 0, 0]])
+    assert torch.equal(cm, want)
+    iou, miou = iou_from_confusion(cm)
+    # class 0: TP 1, FP 1 (truth 2 -> 0), FN 1 -> 1/3; class 1: TP 2, FP 1, FN 1 -> 2/4; class 2: TP 1, FP 1, FN 1
+    assert iou[:3] == pytest.approx([1 / 3, 2 / 4, 1 / 3]) and math.isnan(iou[3])
+    assert miou == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
+
+
+def test_confusion_matrix_rejects_out_of_range_labels():
+    with pytest.raises(ValueError, match=r"target: class ids must be in \[0, 3\)"):
+        confusion_matrix(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 7, 2]), 3)
+    with pytest.raises(ValueError, match="pred: expected the shape of target"):
+        confusion_matrix(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), 3)
+
+
+def _write_pair(images, masks, name, size, rng):
+    img = (rng.uniform(0, 255, (size[1], size[0], 3))).astype(np.uint8)
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[: size[1] // 2] = 3
+    mask[size[1] // 2:, : size[0] // 3] = 255
+    (images / name).parent.mkdir(parents=True, exist_ok=True)
+    (masks / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(images / f"{name}.jpg")
+    Image.fromarray(mask, mode="L").save(masks / f"{name}.png")
+
+
+def test_segmentation_folder_pairs_and_resizes_masks_with_nearest(tmp_path):
+    rng = np.random.default_rng(0)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    _write_pair(images, masks, "a", (48, 40), rng)
+    _write_pair(images, masks, "sub/b", (40, 40), rng)
+    ds = SegmentationFolder(images, masks, 20)
+    assert len(ds) == 2
+    x, y = ds[0]
+    assert x.shape == (3, 20, 20) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    assert y.shape == (20, 20) and y.dtype == torch.int64
+    assert set(y.unique().tolist()) == {0, 3, 255}  # nearest: no blended class ids
+    (images / "c.png").write_bytes((images / "a.jpg").read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"masks: no mask c.png .* for image"):
+        SegmentationFolder(images, masks, 20)
+
+
+def test_load_backbone_accepts_an_export_and_rejects_another_model(tmp_path):
+    torch.manual_seed(0)
+    source = StudentBackbone("resnet18")
+    path = tmp_path / "r18.pth"
+    torch.save({**source.backbone_state_dict(), "fc.weight": torch.zeros(2, 512)}, path)  # a head is allowed
+    target = load_backbone(StudentBackbone("resnet18"), path)
+    for k, v in source.body.state_dict().items():
+        assert torch.equal(v, target.body.state_dict()[k]), k
+    other = tmp_path / "r34.pth"
+    torch.save(StudentBackbone("resnet34").backbone_state_dict(), other)
+    with pytest.raises(ValueError, match=r"backbone: .*r34.pth does not match timm 'resnet18': 0 missing keys .* "
+                                         r"unexpected keys \['layer1.2"):
+        load_backbone(StudentBackbone("resnet18"), other)
+    with pytest.raises(FileNotFoundError, match="backbone: .*nope.pth: no such file"):
+        load_backbone(StudentBackbone("resnet18"), tmp_path / "nope.pth")
+
+
+def test_finetune_reduces_the_training_loss_on_a_fixed_batch():
+    ds = ProceduralShapes(4, 32, seed=5)
+    images = torch.stack([ds[i][0] for i in range(4)])
+    masks = torch.stack([ds[i][1] for i in range(4)])
+    torch.manual_seed(0)
+    losses = finetune(SegmentationModel("resnet18", 6, width=16), images, masks, steps=25, batch_size=4, lr=3e-3)
+    assert all(map(math.isfinite, losses)) and sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+
+
+def test_evaluate_backbones_writes_json_and_markdown(tmp_path):
+    torch.manual_seed(1)
+    exported = tmp_path / "pre.pth"
+    torch.save(StudentBackbone("resnet18").backbone_state_dict(), exported)
+    train, test = ProceduralShapes(64, 32, seed=1), ProceduralShapes(6, 32, seed=2)
+    results = evaluate_backbones({"scratch": None, "pre": exported}, train, test, budgets=[3], seeds=[0, 1],
+                                 steps=2, batch_size=2, width=8, class_names=[f"c{k}" for k in range(6)],
+                                 save_models=tmp_path / "models", progress=False)
+    assert [(r["backbone"], r["seed"]) for r in results["runs"]] == [("scratch", 0), ("scratch", 1), ("pre", 0),
+                                                                      ("pre", 1)]
+    for run in results["runs"]:
+        assert 0.0 <= run["miou"] <= 1.0 and len(run["iou"]) == 6 and run["seconds"] > 0
+    summary = {s["backbone"]: s for s in results["summary"]}
+    mious = [r["miou"] for r in results["runs"] if r["backbone"] == "pre"]
+    assert summary["pre"]["miou_mean"] == pytest.approx(sum(mious) / 2)
+    assert summary["pre"]["miou_std"] == pytest.approx(abs(mious[0] - mious[1]) / math.sqrt(2))
+    json_path, md_path = write_results(results, tmp_path / "out")
+    data = json.loads(json_path.read_text())  # strict JSON: NaN IoUs are null
+    assert len(data["runs"]) == 4 and data["config"]["budgets"] == [3]
+    md = md_path.read_text()
+    assert md == markdown_table(results) and "| scratch |" in md and "| pre |" in md and "3 labels" in md
+    model = load_segmentation_model(results["runs"][0]["model"])
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 6, 32, 32) and not model.training
+
+
+def test_evaluate_cli_runs_and_rejects_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = cli.main(["evaluate", "--backbone", "scratch", "--labels", "2", "--seeds", "0", "--image-size", "32",
+                     "--n-test", "4", "--steps", "1", "--batch-size", "2", "--width", "8", "--out", str(out),
+                     "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| scratch |" in printed and str(out / "results.json") in printed
+    assert (out / "results.md").is_file()
+    assert cli.main(["evaluate", "--backbone", "x=/no/such/file.pth", "--out", str(out), "--no-progress"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--backbone", "scratch", "--train-images", str(tmp_path), "--out", str(out)]) == 2
+    assert "--train-masks" in capsys.readouterr().err
