@@ -1,9 +1,10 @@
 """Configs of the pretraining run: dataclasses, loaded from YAML with ``--key=value`` overrides, type-checked.
 
-A config has sections (``model``, ``teacher``, ``loss``, ``optim``, ``schedule``, ``data``, ``run``), each a dataclass
-whose fields carry their help text. Values come, in order, from the defaults, a YAML file and command-line overrides
-``--section.key=value`` (or ``--key=value`` when ``key`` names a field of one section only). Every value is checked
-against its field's type and choices; unknown keys and bad values raise :class:`ConfigError` naming the key.
+A config has sections (``model``, ``teacher``, ``loss``, ``label``, ``optim``, ``schedule``, ``data``, ``run``),
+each a dataclass whose fields carry their help text. Values come, in order, from the defaults, a YAML file and
+command-line overrides ``--section.key=value`` (or ``--key=value`` when ``key`` names a field of one section only).
+Every value is checked against its field's type and choices; unknown keys and bad values raise :class:`ConfigError`
+naming the key.
 """
 
 from __future__ import annotations
@@ -118,10 +119,21 @@ class RunConfig:
 
 
 @dataclass
+class LabelConfig:
+    interpreter: str = opt("", "label distillation: interpreter file from `dreamteacher train-interpreter` (its soft "
+                               "labels train a logit head on the finest regressor level); empty: feature distillation "
+                               "only")
+    weight: float = opt(1.0, "lambda_ld: weight of the soft-label term (L_mix = L_feat + weight * L_ld)", minimum=0.0)
+    tau: float = opt(4.0, "softmax temperature of the soft-label cross-entropy (4 in the paper)", minimum=0.0,
+                     exclusive=True)
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)

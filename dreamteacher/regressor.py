@@ -63,11 +63,15 @@ class FeatureRegressor(nn.Module):
         self.smooth = nn.ModuleList(conv_bn_relu(width, width, 3) for _ in chans[:-1])
         self.heads = nn.ModuleList(nn.Conv2d(width, int(c), 1) for c in teacher_channels)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, feats: Sequence[torch.Tensor], *, return_fpn: bool = False
+                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Predictions per level; with ``return_fpn`` also the ``width``-channel FPN maps they are read from (the
+        finest one feeds the logit head of mixed distillation)."""
         top = self.ppm(feats[-1])
         outs = [top]
         for i in range(len(feats) - 2, -1, -1):
             lat = self.lateral[i](feats[i])
             top = lat + F.interpolate(top, size=lat.shape[-2:], mode="bilinear", align_corners=False)
             outs.insert(0, self.smooth[i](top))
-        return [head(x) for head, x in zip(self.heads, outs)]
+        preds = [head(x) for head, x in zip(self.heads, outs)]
+        return (preds, outs) if return_fpn else preds

@@ -47,18 +47,25 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 # ------------------------------------------------------------------------------------------------ model pieces
 class DistillationModel(nn.Module):
-    """Everything trainable in one module (the one DDP wraps and the optimizer sees): student + regressor.
+    """Everything trainable in one module (the one DDP wraps and the optimizer sees): student + regressor, and for
+    mixed distillation a logit head (1x1 conv) on the regressor's finest FPN map.
 
-    Shapes: ``[B, 3, H, W]`` -> one ``[B, C_teacher_l, H / r_l, W / r_l]`` prediction per student level.
+    Shapes: ``[B, 3, H, W]`` -> one ``[B, C_teacher_l, H / r_l, W / r_l]`` prediction per student level; with a
+    logit head ``(predictions, logits [B, K, H / r_0, W / r_0])``.
     """
 
-    def __init__(self, student: StudentBackbone, regressor: FeatureRegressor) -> None:
+    def __init__(self, student: StudentBackbone, regressor: FeatureRegressor, num_classes: int | None = None,
+                 width: int | None = None) -> None:
         super().__init__()
         self.student = student
         self.regressor = regressor
+        self.logit_head = nn.Conv2d(width, num_classes, 1) if num_classes is not None else None
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.regressor(self.student(images))
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+        if self.logit_head is None:
+            return self.regressor(self.student(images))
+        preds, fpn = self.regressor(self.student(images), return_fpn=True)
+        return preds, self.logit_head(fpn[0])
 
 
 class Lamb(torch.optim.Optimizer):
@@ -344,7 +351,14 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     teacher_channels = [teacher.feature_info[order[lvl]]["num_chs"] for lvl in range(len(strides))]
     regressor = FeatureRegressor(student.feature_info, teacher_channels, width=cfg.model.width,
                                  pool_sizes=cfg.model.pool_sizes)
-    model = DistillationModel(student, regressor).to(device)
+    interpreter = None  # label distillation: frozen, outside the trainable module like the teacher
+    if cfg.label.interpreter:
+        from .interpreter import check_interpreter_matches, load_interpreter
+
+        interpreter, record = load_interpreter(cfg.label.interpreter, device)
+        check_interpreter_matches(record, cfg, teacher, order)
+    model = DistillationModel(student, regressor, num_classes=interpreter.config["num_classes"] if interpreter
+                              else None, width=cfg.model.width).to(device)
     memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(cfg, model, device)
@@ -423,6 +437,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     start_time = last_time = time.perf_counter()
     last_step = step
     loss_sum = torch.zeros((), device=device)
+    ld_sum = torch.zeros((), device=device)  # the label term of mixed distillation (stays 0 without it)
     try:
         with StopFlag() as stop:
             while step < cfg.run.steps:
@@ -449,11 +464,21 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                             else contextlib.nullcontext())
                     with sync:
                         with autocast:
-                            preds = train_model(images)
+                            outputs = train_model(images)
+                        preds, logits = outputs if interpreter is not None else (outputs, None)
+                        level_targets = [targets[order[lvl]] for lvl in range(len(preds))]
                         parts = dtkernels.fused_feat_loss(
-                            preds, [targets[order[lvl]].to(p.dtype) for lvl, p in enumerate(preds)], **loss_kwargs)
-                        (parts.loss / accum).backward()
-                    loss_sum += parts.loss.detach() / accum
+                            preds, [t.to(p.dtype) for t, p in zip(level_targets, preds)], **loss_kwargs)
+                        loss = parts.loss
+                        if interpreter is not None:
+                            # Soft labels from the teacher features just computed (no second teacher forward).
+                            with torch.inference_mode():
+                                soft = interpreter(level_targets)
+                            ld = dtkernels.soft_ce(logits.float(), soft.float(), tau=cfg.label.tau)
+                            ld_sum += ld.detach() / accum
+                            loss = loss + cfg.label.weight * ld
+                        (loss / accum).backward()
+                    loss_sum += loss.detach() / accum
                 if cfg.run.clip_grad > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.run.clip_grad)
                 optimizer.step()
@@ -465,20 +490,28 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                     if env.distributed:
                         dist.all_reduce(loss_sum)
                         loss_sum /= env.world_size
+                        if interpreter is not None:
+                            dist.all_reduce(ld_sum)
+                            ld_sum /= env.world_size
                     now = time.perf_counter()
                     record = {"step": step, "loss": loss_sum.item() / (step - last_step),
                               "mse": parts.mse.tolist(), "at": parts.at.tolist(),
                               "lr": scheduler.get_last_lr()[0],
                               "images_per_s": images_per_step * (step - last_step) / (now - last_time),
                               "epoch": epoch, "time": now - start_time}
+                    if interpreter is not None:
+                        record["ld"] = ld_sum.item() / (step - last_step)
                     summary["loss"] = record["loss"]
                     loss_sum.zero_()
+                    ld_sum.zero_()
                     last_time, last_step = now, step
                     if log_file is not None:
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
                     if pbar is not None:
-                        pbar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                        pbar.set_postfix(loss=f"{record['loss']:.4f}", **({"ld": f"{record['ld']:.4f}"}
+                                                                          if "ld" in record else {}),
+                                         img_s=f"{record['images_per_s']:.1f}")
                 if pbar is not None:
                     pbar.update(1)
                 if step % cfg.run.ckpt_every == 0 and step < cfg.run.steps:
