@@ -425,6 +425,86 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ viz
+def add_viz(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "viz", help="pictures: PCA of teacher and student features, masks, loss curves (PNG)",
+        description="features.png: for a few images, the input, the first three PCA components of the teacher's "
+                    "finest features and of the student's prediction of them (same components and colour scale), "
+                    "the ground-truth mask and, with --seg-model, the predicted mask. curves.png: loss vs step of "
+                    "JSON-lines logs (pretrain, train-teacher, train-interpreter).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=None, metavar="CKPT", help="pretrain checkpoint (OUT/checkpoints/last.pt)")
+    p.add_argument("--seg-model", default=None, metavar="FILE",
+                   help="fine-tuned segmentation model from `dreamteacher evaluate --save-models`")
+    p.add_argument("--data", default="procedural",
+                   help="'procedural' (held-out built-in images with masks) or a folder of images (no masks)")
+    p.add_argument("--num-images", type=_positive_int, default=4, help="rows of features.png")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="image side (default: the checkpoint config's data.image_size)")
+    p.add_argument("--logs", action="append", default=None, metavar="NAME=PATH",
+                   help="a JSON-lines log to plot (repeatable)")
+    p.add_argument("--out", default="runs/viz", metavar="DIR", help="output directory")
+    return p
+
+
+def run_viz(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import SHAPE_CLASSES, TEST_SEED, ImageFolderDataset, ProceduralShapes
+    from .viz import feature_figure, loss_curves, student_teacher_features
+
+    if args.checkpoint is None and not args.logs:
+        print("error: nothing to draw: give --checkpoint (features.png) and/or --logs NAME=PATH (curves.png)",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        logs = {}
+        for item in args.logs or []:
+            if "=" not in item:
+                raise ValueError(f"--logs: expected NAME=PATH, got {item!r}")
+            name, path = item.split("=", 1)
+            logs[name] = path
+        if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint: {args.checkpoint}: no such file")
+        if args.seg_model is not None and not Path(args.seg_model).is_file():
+            raise FileNotFoundError(f"--seg-model: {args.seg_model}: no such file")
+        written = []
+        if args.checkpoint is not None:
+            from .train import load_checkpoint
+
+            size = args.image_size or load_checkpoint(args.checkpoint)["config"]["data"]["image_size"]
+            if args.data == "procedural":
+                ds = ProceduralShapes(args.num_images, size, seed=TEST_SEED)
+                items = [ds[i] for i in range(len(ds))]
+                images, masks = torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+                class_names = list(SHAPE_CLASSES)
+            else:
+                ds = ImageFolderDataset(args.data, size)
+                images = torch.stack([ds[i] for i in range(min(args.num_images, len(ds)))])
+                masks, class_names = None, []
+            teacher, student = student_teacher_features(args.checkpoint, images)
+            pred = None
+            if args.seg_model is not None:
+                from .evaluate import load_segmentation_model
+
+                seg = load_segmentation_model(args.seg_model)
+                class_names = class_names or list(seg.class_names)
+                with torch.inference_mode():
+                    pred = seg(images).argmax(1)
+            written.append(feature_figure(images, teacher, student, masks, pred, out / "features.png",
+                                          class_names=class_names or [str(k) for k in range(2)]))
+        if logs:
+            written.append(loss_curves(logs, out / "curves.png"))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"picture: {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ demo
 #: The demo's sizes, chosen to fit `make demo` in 15 minutes on a shared 2-core CPU (see the README).
 DEMO = {"image_size": 32, "teacher_steps": 400, "teacher_batch": 16, "teacher_minutes": 4.5,
@@ -512,6 +592,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "export": (add_export, run_export),
     "train-interpreter": (add_train_interpreter, run_train_interpreter),
     "evaluate": (add_evaluate, run_evaluate),
+    "viz": (add_viz, run_viz),
     "demo": (add_demo, run_demo),
 }
 
