@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 import dtkernels
-from dreamteacher.cli import DEMO
+from dreamteacher.demo import DemoSettings
 from dreamteacher.regressor import FeatureRegressor
 from dreamteacher.student import StudentBackbone
 from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.train import DEMO_UNET, DistillationModel, select_taps
 
-IMAGE, BATCH, WIDTH, T = DEMO["image_size"], DEMO["pretrain_batch"], DEMO["width"], 150
+_DEMO = DemoSettings()
+IMAGE, BATCH, WIDTH, T = _DEMO.image_size, _DEMO.pretrain_batch, _DEMO.width, 150
 
 
 def build(seed: int = 0):

@@ -8,7 +8,6 @@ this module prints.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -506,81 +505,70 @@ def run_viz(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ demo
-#: The demo's sizes, chosen to fit `make demo` in 15 minutes on a shared 2-core CPU (see the README).
-DEMO = {"image_size": 32, "teacher_steps": 400, "teacher_batch": 16, "teacher_minutes": 4.5,
-        "pretrain_steps": 200, "pretrain_batch": 16, "pretrain_minutes": 4.0, "width": 128}
-
-
 def add_demo(subparsers) -> argparse.ArgumentParser:
+    from .demo import DemoSettings
+
+    d = DemoSettings()
     p = subparsers.add_parser(
-        "demo", help="end to end on the built-in dataset: teacher, pretraining, export (no downloads)",
-        description="Train a small DDPM teacher on the built-in procedural shapes dataset unless OUT/teacher "
-                    "already holds one, pretrain a resnet18 by distilling it, export the backbone and print where "
-                    "every output is. Each phase has a wall-clock cap so the whole demo stays within about 15 "
-                    "minutes on a 2-core CPU even when the machine is shared.",
+        "demo", help="end to end on the built-in dataset: teacher, interpreter, pretraining, evaluation, pictures",
+        description="Train a small DDPM teacher on the built-in procedural shapes (unless OUT/teacher holds one), "
+                    "a feature interpreter on the smallest label budget, pretrain a resnet18 by feature distillation "
+                    "and by mixed distillation, fine-tune scratch and both pretrained backbones on each label budget "
+                    "with several seeds, and print the mIoU table (mean ± std), the time of every phase and where "
+                    "every output is. Phases have wall-clock caps so the demo fits in about 15 minutes on a 2-core "
+                    "CPU. Extra --section.key=value options override the pretraining config of both runs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
-    p.add_argument("--image-size", type=_positive_int, default=DEMO["image_size"], help="image side")
-    p.add_argument("--teacher-steps", type=_positive_int, default=DEMO["teacher_steps"], help="teacher steps")
-    p.add_argument("--teacher-minutes", type=float, default=DEMO["teacher_minutes"],
+    p.add_argument("--image-size", type=_positive_int, default=d.image_size, help="image side")
+    p.add_argument("--teacher-steps", type=_positive_int, default=d.teacher_steps, help="teacher training steps")
+    p.add_argument("--teacher-minutes", type=float, default=d.teacher_minutes,
                    help="wall-clock cap of the teacher training (0: none)")
-    p.add_argument("--steps", type=_positive_int, default=DEMO["pretrain_steps"], help="pretraining steps")
-    p.add_argument("--pretrain-minutes", type=float, default=DEMO["pretrain_minutes"],
-                   help="wall-clock cap of the pretraining (0: none)")
-    p.add_argument("--batch-size", type=_positive_int, default=DEMO["pretrain_batch"], help="pretraining batch")
-    p.add_argument("--num-workers", type=int, default=1, help="DataLoader worker processes")
+    p.add_argument("--interpreter-steps", type=_positive_int, default=d.interpreter_steps, help="interpreter steps")
+    p.add_argument("--steps", type=_positive_int, default=d.pretrain_steps, help="steps of each pretraining run")
+    p.add_argument("--pretrain-minutes", type=float, default=d.pretrain_minutes,
+                   help="wall-clock cap of each pretraining run (0: none)")
+    p.add_argument("--batch-size", type=_positive_int, default=d.pretrain_batch, help="pretraining batch")
+    p.add_argument("--labels", type=_positive_int, nargs="+", default=d.budgets, metavar="N",
+                   help="label budgets of the evaluation (the interpreter uses the smallest)")
+    p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, metavar="S", help="evaluation seeds")
+    p.add_argument("--eval-steps", type=_positive_int, default=d.eval_steps, help="fine-tuning steps per run")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(_accepts_overrides=True)
     return p
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import time
-
     from .config import ConfigError, load_config
-    from .train import DEMO_UNET, export_backbone, pretrain, train_teacher
+    from .demo import DemoSettings
+    from .demo import run_demo as demo
 
-    start = time.perf_counter()
-    out = Path(args.out)
-    teacher_dir = out / "teacher"
-    if (teacher_dir / "unet" / "config.json").is_file():
-        print(f"[1/3] teacher: using the cached {teacher_dir} (delete it to retrain)")
-    else:
-        print(f"[1/3] teacher: training a DDPM UNet2DModel {list(DEMO_UNET['block_out_channels'])} on procedural "
-              f"shapes at {args.image_size}x{args.image_size}")
-        result = train_teacher(teacher_dir, image_size=args.image_size, steps=args.teacher_steps,
-                               batch_size=DEMO["teacher_batch"], num_workers=args.num_workers, log_every=10,
-                               max_minutes=args.teacher_minutes, progress=not args.no_progress)
-        if result["first_loss"] is not None:
-            print(f"      {result['steps']} steps, epsilon MSE {result['first_loss']:.4f} -> "
-                  f"{result['last_loss']:.4f} ({time.perf_counter() - start:.0f} s so far)")
     try:
-        cfg = load_config(None, [
-            f"--teacher.path={teacher_dir}", "--model.student=resnet18", f"--model.width={DEMO['width']}",
-            f"--data.image_size={args.image_size}", f"--run.steps={args.steps}", f"--run.batch_size={args.batch_size}",
-            f"--data.num_workers={args.num_workers}", f"--run.out_dir={out / 'pretrain'}", "--run.log_every=10",
-            "--run.ckpt_every=100", "--schedule.warmup_steps=20", "--optim.lr=2e-3",
-            f"--run.max_minutes={args.pretrain_minutes}", f"--run.progress={not args.no_progress}",
-            *args.overrides])
+        load_config(None, args.overrides)  # check the overrides before an hour of work
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[2/3] pretrain: resnet18 student, FPN+PPM regressor ({cfg.model.width} channels), {cfg.run.steps} steps "
-          f"of {cfg.run.batch_size} images")
-    summary = pretrain(cfg)
-    log = [json.loads(line) for line in open(Path(summary["out_dir"]) / "log.jsonl")]
-    if log:
-        print(f"      {summary['step']} steps, loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}, "
-              f"{log[-1]['images_per_s']:.1f} images/s ({time.perf_counter() - start:.0f} s so far)")
-    backbone = export_backbone(summary["checkpoint"], out / "resnet18_dreamteacher.pth")
-    # HOOK(downstream evaluation, a later issue): run the label-efficient segmentation evaluation of `backbone` on
-    # ProceduralShapes masks here and print its mIoU and output paths.
-    print("[3/3] downstream evaluation: not implemented yet (a later issue); hook in dreamteacher/cli.py run_demo")
-    print(f"demo finished in {time.perf_counter() - start:.0f} s. Outputs:")
-    print(f"  teacher:           {teacher_dir}  (DiffusionTeacher.from_pretrained; log {teacher_dir}/log.jsonl)")
-    print(f"  pretraining run:   {summary['out_dir']}  (config.yaml, log.jsonl)")
-    print(f"  checkpoint:        {summary['checkpoint']}")
-    print(f"  exported backbone: {backbone}  (timm.create_model('resnet18').load_state_dict(..., strict=False))")
+    settings = DemoSettings(image_size=args.image_size, teacher_steps=args.teacher_steps,
+                            teacher_minutes=args.teacher_minutes, interpreter_steps=args.interpreter_steps,
+                            pretrain_steps=args.steps, pretrain_minutes=args.pretrain_minutes,
+                            pretrain_batch=args.batch_size, budgets=sorted(args.labels), seeds=args.seeds,
+                            eval_steps=args.eval_steps, num_workers=args.num_workers, progress=not args.no_progress)
+    result = demo(args.out, settings, args.overrides, say=print)
+    print()
+    print(result["table"])
+    print("Mixed distillation's interpreter saw the smallest budget's labelled images of seed 0.")
+    print(f"demo finished in {result['seconds']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in
+                                                                     result["phase_seconds"].items()) + "). Outputs:")
+    print(f"  teacher:            {result['teacher']}  (DiffusionTeacher.from_pretrained)")
+    print(f"  interpreter:        {result['interpreter']}")
+    for name, path in result["runs"].items():
+        print(f"  pretraining run:    {path}  ({name} distillation: config.yaml, log.jsonl, checkpoints/)")
+    for name, path in result["backbones"].items():
+        if path is not None:
+            print(f"  exported backbone:  {path}  ({name}; timm.create_model('resnet18').load_state_dict(...))")
+    print(f"  evaluation:         {result['json']}\n                      {result['markdown']}")
+    for path in result["pictures"]:
+        print(f"  picture:            {path}")
     return 0
 
 

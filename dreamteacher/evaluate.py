@@ -288,7 +288,8 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
                        num_classes: int = len(SHAPE_CLASSES), class_names: Sequence[str] | None = None,
                        ignore_index: int | None = 255, steps: int = 200, batch_size: int = 8, lr: float = 1e-3,
                        width: int = 64, device: str | torch.device = "cpu",
-                       save_models: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+                       save_models: str | os.PathLike | None = None, save_seeds: Sequence[int] | None = None,
+                       progress: bool = True) -> dict[str, Any]:
     """Fine-tune and test every (backbone, label budget, seed).
 
     Args:
@@ -296,7 +297,8 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
         train_set: the labelled pool; budget N with seed s uses ``labelled_indices(N, s, len(train_set))``.
         test_set: the held-out split (all of it is evaluated).
         budgets, seeds: label budgets and seeds.
-        save_models: directory to write every fine-tuned model to (``load_segmentation_model`` reads them).
+        save_models: directory to write the fine-tuned models to (``load_segmentation_model`` reads them).
+        save_seeds: save only the runs of these seeds (None: every run).
 
     Returns:
         ``{"config": {...}, "runs": [{"backbone", "labels", "seed", "miou", "iou", "seconds", "final_loss"}],
@@ -332,7 +334,7 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
             seconds = time.perf_counter() - start
             run = {"backbone": name, "labels": n_labels, "seed": seed, "miou": miou, "iou": iou, "seconds": seconds,
                    "final_loss": sum(losses[-10:]) / len(losses[-10:])}
-            if save_models is not None:
+            if save_models is not None and (save_seeds is None or seed in save_seeds):
                 path = Path(save_models) / f"{name}_{n_labels}labels_seed{seed}.pt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"kind": "dreamteacher.segmentation", "state_dict": model.cpu().state_dict(),

@@ -1,0 +1,39 @@
+"""`dreamteacher demo` end to end at a tiny size: every phase runs and every output it names exists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamteacher import cli
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
+
+
+def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys, monkeypatch):
+    import dreamteacher.train as train_mod
+
+    monkeypatch.setattr(train_mod, "DEMO_UNET", train_mod.TINY_UNET)  # the demo's teacher, shrunk for a test
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(["demo", "--out", str(tmp_path), "--image-size", "32", "--teacher-steps", "2",
+                         "--interpreter-steps", "2", "--steps", "2", "--batch-size", "4", "--labels", "2", "4",
+                         "--seeds", "0", "1", "--eval-steps", "1", "--num-workers", "0", "--no-progress",
+                         "--model.width=16"])
+    finally:
+        torch.set_num_threads(n)
+    assert code == 0
+    printed = capsys.readouterr().out
+    for needle in ("| scratch |", "| DreamTeacher (feature) |", "| DreamTeacher (mixed) |", "2 labels", "4 labels"):
+        assert needle in printed, needle
+    results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+    assert len(results["runs"]) == 3 * 2 * 2 and set(results["config"]["phase_seconds"]) >= {"teacher", "interpreter"}
+    for line in printed.split("Outputs:", 1)[1].splitlines():
+        if line.strip().startswith(("picture:", "evaluation:", "interpreter:", "exported backbone:")):
+            path = line.split(":", 1)[1].split("(")[0].strip()
+            assert Path(path).exists(), line
+    assert (tmp_path / "features.png").is_file() and (tmp_path / "curves.png").is_file()
