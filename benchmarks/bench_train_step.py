@@ -7,7 +7,8 @@ Group ``train-step``, providers side by side in one run, same models and weights
   ``F.interpolate``d to the student's strides afterwards, student + regressor in NCHW fp32, eager per-level losses
   (LayerNorm-whitened MSE + attention transfer), ``clip_grad_norm_``, ``torch.optim.AdamW`` with its defaults.
 * ``lean``: :mod:`dreamteacher.train`'s step: ``dtkernels.q_sample`` noise, taps resized to the student strides in
-  the hook and an early exit after the last tap, inference mode, channels_last, ``dtkernels.fused_feat_loss``, fused
+  the hook and an early exit after the last tap, inference mode, the loop's memory format (NCHW on CPU),
+  ``dtkernels.fused_feat_loss``, fused
   AdamW, ``zero_grad(set_to_none=True)``.
 
 ``extra_info`` holds images/s; ``test_train_step_breakdown`` times the lean step's phases (teacher, student +
@@ -106,7 +107,9 @@ class LeanStep:
         self.teacher = DiffusionTeacher(unet, taps=taps, strides=tap_strides, t=T, early_exit=True)
         order = sorted(range(len(taps)), key=lambda i: tap_strides[i])  # fine to coarse, like the student
         self.order = order
-        self.model = model.to(memory_format=torch.channels_last)
+        # the loop's memory format on this device (run.channels_last=null: channels_last on GPU only)
+        self.memory_format = torch.channels_last if torch.cuda.is_available() else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.05},
              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}], lr=1e-3, fused=True)
@@ -116,7 +119,7 @@ class LeanStep:
     def __call__(self, images, timed: bool = False):
         clock = time.perf_counter
         t0 = clock()
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=self.memory_format)
         self.key += 1
         targets = self.teacher(images, seed=self.key)
         t1 = clock()

@@ -209,10 +209,15 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
                                taps=[names[lvl] for lvl in ordered], strides=[student_strides[lvl] for lvl in ordered],
                                **common)
     teacher = teacher.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
-    if cfg.run.channels_last and device.type == "cuda":
+    if _channels_last(cfg, device) and device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
     order = [ordered.index(lvl) for lvl in range(len(names))]
     return teacher, order
+
+
+def _channels_last(cfg: PretrainConfig, device: torch.device) -> bool:
+    """``run.channels_last``, where null means: on GPU (tensor-core convolutions want it), not on CPU."""
+    return cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
 
 
 def _candidate_taps(cfg: PretrainConfig) -> list[str]:
@@ -359,7 +364,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         check_interpreter_matches(record, cfg, teacher, order)
     model = DistillationModel(student, regressor, num_classes=interpreter.config["num_classes"] if interpreter
                               else None, width=cfg.model.width).to(device)
-    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
