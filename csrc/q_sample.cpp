@@ -526,6 +526,8 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::
   const bool want_eps = return_noise && !has_noise;
   at::Tensor out = at::empty_like(x0);
   at::Tensor eps = want_eps ? at::empty_like(x0) : x0.new_empty({0});
+  advise_huge_pages(out);  // fresh large buffers: 2 MiB pages instead of a fault per 4 KiB (utils.h)
+  if (want_eps) advise_huge_pages(eps);
   const int64_t numel = x0.numel();
   const int64_t B = x0.size(0);
   const int64_t per_sample = numel / B;

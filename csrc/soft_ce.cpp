@@ -685,6 +685,7 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_cpu(const at::Tensor& student, const 
   const at::Tensor m = (mask.has_value() && mask->defined()) ? as_compute(*mask, acc) : at::Tensor();
   const bool grad = compute_grad && reduction != 0;
   at::Tensor g = grad ? at::empty_like(student) : at::Tensor();
+  if (grad) advise_huge_pages(g);  // fresh large buffers: 2 MiB pages instead of a fault per 4 KiB (utils.h)
   at::Tensor loss_map = reduction == 0 ? at::empty({B, P}, student.options().dtype(acc)) : at::Tensor();
   at::Tensor loss = reduction == 0 ? loss_map : at::empty({}, student.options().dtype(acc));
 
@@ -722,6 +723,7 @@ at::Tensor soft_ce_backward_cpu(const at::Tensor& student, const at::Tensor& tea
   const at::Tensor m = (mask.has_value() && mask->defined()) ? as_compute(*mask, acc) : at::Tensor();
   const at::Tensor gl = as_compute(grad_loss, acc);
   at::Tensor g = at::empty_like(student);
+  advise_huge_pages(g);
   AT_DISPATCH_FLOATING_TYPES(acc, "soft_ce_backward_cpu", [&] {
     using A = scalar_t;
     Problem<A> pr;

@@ -12,6 +12,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 // ---------------------------------------------------------------------------------------------------------------
 // Argument checks. `op` is the op name (a string literal), `what` names the argument, e.g. "student[2]"; every
 // message starts with the op name so the user knows which call failed.
@@ -147,6 +151,29 @@ inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
 #endif
+}
+
+// Ask the kernel to back a freshly allocated output buffer with transparent huge pages before its first touch.
+// Large buffers (the r50 gradient is 63 MB) come straight from mmap, so every call pays one page fault per 4 KiB page
+// on first write: measured ~12 ms of the 34 ms single-thread fwd_bwd of the ResNet-50 levels on the target VM. With
+// THP in "madvise" or "always" mode the 2 MiB-aligned interior of the buffer faults in 2 MiB pages instead; with THP
+// off (or on non-Linux systems) this is a no-op. Memory that glibc recycles (already faulted in) is unaffected apart
+// from khugepaged being allowed to collapse it later. Only for buffers of at least kHugeAdviseBytes.
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kHugeAdviseBytes = size_t(4) << 20;
+inline void advise_huge_pages(void* ptr, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (ptr == nullptr || nbytes < kHugeAdviseBytes) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + nbytes) & ~(uintptr_t(kHugePage) - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+#else
+  (void)ptr;
+  (void)nbytes;
+#endif
+}
+inline void advise_huge_pages(const at::Tensor& t) {
+  advise_huge_pages(t.data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
 }
 
 // Sum of the lanes in a fixed order (deterministic), in double.

@@ -95,6 +95,13 @@ def test_odd_shapes_low_precision_channels_last(backend, dtype):
     run_case(ODD, dtype, "channels_last", at_mode="mean_sq", at_weight=1000.0)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_levels_take_the_streaming_path(backend, layout):
+    """Samples larger than a core's L2 (> 1 MiB of student + teacher: software prefetch in the C++ kHW passes) and a
+    gradient of >= 4 MiB (its fresh buffer is advised to use huge pages) give the same result as smaller ones."""
+    run_case([(2, 67, 61, 131), (1, 129, 33, 35)], torch.float32, layout, grad_scale=-1.7)
+
+
 def test_large_mean_teacher_is_whitened_exactly(backend):
     """A teacher with a mean 1000x its spread: sum-of-squares variance formulas lose everything here."""
     student = make_levels([(2, 96, 8, 8)], torch.float32)
