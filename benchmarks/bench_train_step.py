@@ -11,6 +11,15 @@ Group ``train-step``, providers side by side in one run, same models and weights
   ``dtkernels.fused_feat_loss``, fused
   AdamW, ``zero_grad(set_to_none=True)``.
 
+* ``naive_kept_malloc``: the naive step in a process where glibc malloc keeps freed memory (what ``lean`` gets
+  from :func:`dreamteacher.perf.keep_freed_memory`, like every ``dreamteacher`` command), to show how much of the
+  difference is the allocator and how much the step itself.
+
+Every provider runs in its own worker process (``python bench_train_step.py --worker PROVIDER``, driven over a
+pipe: one line per step), so a process-wide setting of one provider cannot leak into another, and each process
+starts the way its loop would. The timed call is one round trip to the worker (tens of microseconds of a ~100 ms
+step).
+
 ``extra_info`` holds images/s; ``test_train_step_breakdown`` times the lean step's phases (teacher, student +
 regressor forward, loss, backward, optimizer). ``python benchmarks/bench_train_step.py`` prints the same table.
 """
@@ -18,7 +27,12 @@ regressor forward, loss, backward, optimizer). ``python benchmarks/bench_train_s
 from __future__ import annotations
 
 import copy
+import json
+import math
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,30 +154,86 @@ class LeanStep:
         return loss
 
 
-PROVIDERS = {"naive": NaiveStep, "lean": LeanStep}
+#: provider -> (step class, keep freed memory in its process)
+PROVIDERS = {"naive": (NaiveStep, False), "naive_kept_malloc": (NaiveStep, True), "lean": (LeanStep, True)}
 
 
 def make_step(provider: str):
+    """The provider's step and the batch, built in this process (applies the provider's malloc setting here)."""
+    cls, keep = PROVIDERS[provider]
+    if keep:
+        from dreamteacher.perf import keep_freed_memory
+
+        keep_freed_memory()
     unet, alphas, taps, tap_strides, model, images = build()
-    return PROVIDERS[provider](unet, alphas, taps, tap_strides, copy.deepcopy(model)), images
+    return cls(unet, alphas, taps, tap_strides, copy.deepcopy(model)), images
+
+
+class Worker:
+    """A provider's step in its own process; ``step()`` runs one training step there and returns its loss."""
+
+    def __init__(self, provider: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", provider],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._expect("ready")
+
+    def _expect(self, what: str) -> str:
+        line = self.proc.stdout.readline()
+        if not line.startswith(what):
+            self.close()
+            raise RuntimeError(f"train-step worker: expected {what!r}, got {line!r} (exit code {self.proc.poll()})")
+        return line[len(what):].strip()
+
+    def ask(self, command: str, answer: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        return self._expect(answer)
+
+    def step(self) -> float:
+        return float(self.ask("step", "loss"))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+def worker_main(provider: str) -> None:
+    step, images = make_step(provider)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command = line.split()
+        if not command or command[0] == "quit":
+            break
+        if command[0] == "step":
+            print(f"loss {step(images).item():.9g}", flush=True)
+        elif command[0] == "breakdown":
+            print("times " + json.dumps(breakdown(int(command[1]), (step, images))), flush=True)
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_train_step(benchmark, provider):
-    step, images = make_step(provider)
-    loss = step(images)
-    assert torch.isfinite(loss)
-    benchmark.group = "train-step"
-    benchmark.extra_info.update({"provider": provider, "batch": BATCH, "image_size": IMAGE, "regressor_width": WIDTH,
-                                 "threads": torch.get_num_threads()})
-    benchmark.pedantic(step, args=(images,), rounds=8, warmup_rounds=2, iterations=1)
-    if benchmark.stats is not None:
-        benchmark.extra_info["images_per_s"] = BATCH / benchmark.stats.stats.mean
+    worker = Worker(provider)
+    try:
+        loss = worker.step()
+        assert math.isfinite(loss)
+        benchmark.group = "train-step"
+        benchmark.extra_info.update({"provider": provider, "batch": BATCH, "image_size": IMAGE,
+                                     "regressor_width": WIDTH, "threads": torch.get_num_threads(),
+                                     "process": "own worker process", "keeps_freed_memory": PROVIDERS[provider][1]})
+        benchmark.pedantic(worker.step, rounds=12, warmup_rounds=2, iterations=1)
+        if benchmark.stats is not None:
+            benchmark.extra_info["images_per_s"] = BATCH / benchmark.stats.stats.mean
+    finally:
+        worker.close()
 
 
-def breakdown(steps: int = 6) -> dict[str, float]:
+def breakdown(steps: int = 6, built=None) -> dict[str, float]:
     """Mean seconds per phase of the lean step (after 2 warm-up steps)."""
-    step, images = make_step("lean")
+    step, images = built if built is not None else make_step("lean")
     for _ in range(2):
         step(images)
     step.times.clear()
@@ -187,23 +257,38 @@ def naive_breakdown(steps: int = 6) -> dict[str, float]:
 
 
 def test_train_step_breakdown():
-    times = breakdown(steps=2)
+    worker = Worker("lean")
+    try:
+        times = json.loads(worker.ask("breakdown 2", "times"))
+    finally:
+        worker.close()
     assert set(times) == {"teacher", "student+regressor fwd", "loss fwd", "backward (student+regressor+loss)",
                           "clip+optimizer"}
+    assert all(v > 0 for v in times.values()), times
 
 
 if __name__ == "__main__":
-    for provider in PROVIDERS:
-        step, images = make_step(provider)
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2])
+        sys.exit(0)
+    # Interleaved rounds (each provider in its own process), so slow phases of a shared machine hit all of them.
+    workers = {p: Worker(p) for p in PROVIDERS}
+    per = {p: [] for p in PROVIDERS}
+    for w in workers.values():
         for _ in range(2):
-            step(images)
-        t0 = time.perf_counter()
-        n = 6
-        for _ in range(n):
-            step(images)
-        dt = (time.perf_counter() - t0) / n
-        print(f"{provider:6s} {dt * 1e3:8.1f} ms/step  {BATCH / dt:7.1f} images/s")
-    total = breakdown()
+            w.step()
+    for _ in range(4):
+        for p, w in workers.items():
+            t0 = time.perf_counter()
+            for _ in range(3):
+                w.step()
+            per[p].append((time.perf_counter() - t0) / 3)
+    for p, ts in per.items():
+        dt = sorted(ts)[len(ts) // 2]
+        print(f"{p:18s} {dt * 1e3:8.1f} ms/step  {BATCH / dt:7.1f} images/s  (median of {len(ts)} blocks of 3)")
+    total = json.loads(workers["lean"].ask("breakdown 6", "times"))
+    for w in workers.values():
+        w.close()
     print("lean step breakdown (ms):")
     for k, v in total.items():
         print(f"  {k:36s} {v * 1e3:8.1f}  ({100 * v / sum(total.values()):4.1f}%)")

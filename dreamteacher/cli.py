@@ -641,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="DreamTeacher-style generative pretraining: teacher features, "
                                                  "distillation, evaluation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc malloc at its defaults (by default every command makes it keep freed memory "
+                             "for reuse: CPU training steps otherwise page-fault their buffers back in each step; "
+                             "see dreamteacher/perf.py)")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for add, run in COMMANDS.values():
         add(subparsers).set_defaults(_run=run)
@@ -655,4 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.default_malloc:
+        from .perf import keep_freed_memory
+
+        keep_freed_memory()
     return args._run(args)

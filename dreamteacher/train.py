@@ -342,6 +342,10 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     # -- distributed setup and seeds
     env = setup_distributed(cfg.run.device)
     device = env.device
+    if device.type == "cpu" and cfg.run.keep_freed_memory:
+        from .perf import keep_freed_memory
+
+        keep_freed_memory()
     out = Path(cfg.run.out_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
     state = load_checkpoint(resume) if resume is not None else None

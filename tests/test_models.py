@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dreamteacher.regressor import FeatureRegressor
+from dreamteacher.regressor import FeatureRegressor, adaptive_avg_pool
 from dreamteacher.student import StudentBackbone
 
 
@@ -48,3 +49,23 @@ def test_exported_backbone_loads_into_plain_timm():
     missing, unexpected = plain.load_state_dict(student.backbone_state_dict(), strict=False)
     assert not unexpected
     assert set(missing) == {"fc.weight", "fc.bias"}
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (6, 6), (7, 9), (12, 6), (4, 8), (3, 1)])
+@pytest.mark.parametrize("size", [1, 2, 3, 6])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_adaptive_avg_pool_fast_paths_equal_the_adaptive_pool(hw, size, layout):
+    """Every shortcut (avg_pool2d when the grid divides the input, nearest upsampling when the input divides the
+    grid) gives adaptive_avg_pool2d's values and gradients, checked in float64 with a random upstream gradient."""
+    gen = torch.Generator().manual_seed(hash((hw, size)) % 2**31)
+    x = torch.randn(2, 5, *hw, generator=gen, dtype=torch.float64) * 1.7 + 0.3
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    got, want = adaptive_avg_pool(x, size), F.adaptive_avg_pool2d(x, size)
+    assert got.shape == want.shape == (2, 5, size, size)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    up = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad(got, x, up)
+    (g_want,) = torch.autograd.grad(want, x, up)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-13, atol=1e-13)
