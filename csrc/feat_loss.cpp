@@ -38,9 +38,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "utils.h"
@@ -214,6 +217,8 @@ class Level final : public LevelBase {
     // F.normalize: divide by max(norm, eps); a NaN norm stays NaN.
     const double dens = ns < kAtNormEps ? kAtNormEps : ns;
     const double dent = nt < kAtNormEps ? kAtNormEps : nt;
+    // Divisions, not multiplications by reciprocals: x * (1 / x) is not always exactly 1, and identical maps (a
+    // 1x1 level, say) must give an attention loss of exactly zero, as the reference does.
     double dn2 = 0.0;
     for (int64_t j = 0; j < HW; ++j) {
       const double d = double(as[j]) / dens - double(at[j]) / dent;
@@ -261,10 +266,23 @@ class Level final : public LevelBase {
   // another chunk.
   // ------------------------------------------------------------------------------------------------------------
   struct Span {
-    int64_t nv, rem;  // vectors and lanes of the last one
-    explicit Span(int64_t n) : nv(divup(n, kW)), rem(n - (divup(n, kW) - 1) * kW) {}
+    int64_t nv, rem;      // vectors and lanes of the last one
+    int64_t nfull, tail;  // full vectors, and lanes of a partial last vector (0: none)
+    explicit Span(int64_t n)
+        : nv(divup(n, kW)), rem(n - (divup(n, kW) - 1) * kW), nfull(n / kW), tail(n - (n / kW) * kW) {}
     int64_t lanes(int64_t v) const { return v + 1 < nv ? kW : rem; }
   };
+  // Vectors per 64-byte cache line of T (software prefetch once per line).
+  static constexpr int64_t kLineVecs = std::max<int64_t>(1, 64 / (kW * int64_t(sizeof(T))));
+  // Partial MSE sums are flushed from float lanes to double every kFlushVecs vectors (rows can be 1-2 vectors).
+  static constexpr int64_t kFlushVecs = 128;
+  // 1 / (k + 1) for Welford's update of the k-th row of a block, as A(1) / A(k + 1).
+  static constexpr int64_t kRowBlock = 16;
+  static inline const std::array<A, kRowBlock> inv_count_ = [] {
+    std::array<A, kRowBlock> r{};
+    for (int64_t k = 0; k < kRowBlock; ++k) r[k] = A(1) / static_cast<A>(k + 1);
+    return r;
+  }();
   template <typename U>
   static Vec ld(const U* p, int64_t n) {
     if constexpr (std::is_same_v<U, A>) {
@@ -293,7 +311,6 @@ class Level final : public LevelBase {
     // Sums over C are blocked: kRowBlock rows are accumulated into block buffers (fresh per block) that are then
     // added to the chunk's accumulators, so a position's sum is ~kRowBlock + C / kRowBlock roundings deep instead of
     // C (a plain running sum in float is ~4x less accurate than torch's cascade sums for C = 512).
-    constexpr int64_t kRowBlock = 16;
     static thread_local std::vector<A> buf;
     buf.resize(4 * npad);
     A* bas = buf.data();
@@ -312,14 +329,8 @@ class Level final : public LevelBase {
           const T* tr = tbase + c * vt_.sc;
           const T* sr = sbase + c * vs_.sc;
           const bool pf = prefetch_ && c + 1 < C;
-          const Vec inv(A(1) / static_cast<A>(c - c0 + 1));
-          for (int64_t v = 0; v < sp.nv; ++v) {
-            const int64_t n = sp.lanes(v), o = v * kW;
-            if (pf && (o * int64_t(sizeof(T))) % 64 == 0) {
-              __builtin_prefetch(tr + vt_.sc + o, 0, 2);
-              __builtin_prefetch(sr + vs_.sc + o, 0, 2);
-            }
-            const Vec x = ld(tr + o, n), y = ld(sr + o, n);
+          const Vec inv(inv_count_[c - c0]);
+          auto update = [&](const Vec& x, const Vec& y, int64_t o) {
             Vec mu = Vec::loadu(bmu + o);
             const Vec delta = x - mu;
             mu = at::vec::fmadd(delta, inv, mu);
@@ -327,6 +338,19 @@ class Level final : public LevelBase {
             at::vec::fmadd(delta, x - mu, Vec::loadu(bm2 + o)).store(bm2 + o);
             (Vec::loadu(bat + o) + pow_abs<PM>(x, vp)).store(bat + o);
             (Vec::loadu(bas + o) + pow_abs<PM>(y, vp)).store(bas + o);
+          };
+          // Full vectors without per-vector lane checks, then the partial last one (zero-filled lanes).
+          for (int64_t v = 0; v < sp.nfull; ++v) {
+            const int64_t o = v * kW;
+            if (pf && v % kLineVecs == 0) {
+              __builtin_prefetch(tr + vt_.sc + o, 0, 2);
+              __builtin_prefetch(sr + vs_.sc + o, 0, 2);
+            }
+            update(load_acc(tr + o), load_acc(sr + o), o);
+          }
+          if (sp.tail > 0) {
+            const int64_t o = sp.nfull * kW;
+            update(load_acc(tr + o, sp.tail), load_acc(sr + o, sp.tail), o);
           }
         }
         // Chan et al.: merge (c0, mean, m2) with the block (cn, bmu, bm2).
@@ -404,7 +428,93 @@ class Level final : public LevelBase {
     out.sq_t += acc;
   }
 
+  // pass2_hw for channel whitening, the default, either with a gradient of both the MSE and attention terms (the
+  // training call, kGrad) or without a gradient (evaluation). The arithmetic of the general loop below, per element;
+  // the branches on the options are hoisted out of the loops, full vectors run without lane checks (the partial
+  // last vector after them) and the MSE partial sums go from float lanes to double every kFlushVecs vectors instead
+  // of after every row (rows of the coarse levels are one or two vectors long). Measured 1-thread, fwd_bwd: 20-40%
+  // less time per level than the general loop.
+  template <bool kGrad>
+  void pass2_hw_channel(const Chunk& ch, ChunkOut& out) {
+    const int64_t b = ch.b, j0 = ch.j0;
+    const Span sp(ch.j1 - j0);
+    const T* sbase = s_ + b * vs_.sb + j0;
+    const T* tbase = t_ + b * vt_.sb + j0;
+    T* gbase = kGrad ? g_ + b * vg_.sb + j0 : nullptr;
+    const Vec vp(static_cast<A>(P.p)), vpm1(static_cast<A>(P.p - 1.0));
+    const double n_el = double(B) * double(C) * double(HW);
+    const Vec kmse(static_cast<A>(coef * P.mse_w * 2.0 / n_el));
+    const bool use_nt = kGrad && stream_store_supported() && !is_reduced_v<T>;  // see pass2_hw
+    const A* pm = pmean_.data() + b * HW + j0;
+    const A* pr = prstd_.data() + b * HW + j0;
+    const A* ga = kGrad ? ga_.data() + b * HW + j0 : nullptr;
+    double acc = 0.0;
+    Vec racc(A(0));
+    int64_t pending = 0;
+    for (int64_t c = C - 1; c >= 0; --c) {  // backwards: the end of the chunk is the most recently read
+      const T* sr = sbase + c * vs_.sc;
+      const T* tr = tbase + c * vt_.sc;
+      T* gr = kGrad ? gbase + c * vg_.sc : nullptr;
+      const bool pf = prefetch_ && c > 0;
+      auto grad = [&](const Vec& y, const Vec& x, int64_t o) {
+        const Vec diff = y - (x - Vec::loadu(pm + o)) * Vec::loadu(pr + o);
+        if constexpr (kGrad) {
+          return std::make_pair(diff, at::vec::fmadd(Vec::loadu(ga + o), dphi<PM>(y, vp, vpm1), kmse * diff));
+        } else {
+          return std::make_pair(diff, diff);
+        }
+      };
+      auto row = [&](auto stream) {
+        for (int64_t v = 0; v < sp.nfull; ++v) {
+          const int64_t o = v * kW;
+          if (pf && v % kLineVecs == 0) {
+            __builtin_prefetch(sr - vs_.sc + o, 0, 2);
+            __builtin_prefetch(tr - vt_.sc + o, 0, 2);
+          }
+          const auto [diff, g] = grad(load_acc(sr + o), load_acc(tr + o), o);
+          racc = at::vec::fmadd(diff, diff, racc);
+          if constexpr (!kGrad) {
+            (void)g;
+          } else if constexpr (decltype(stream)::value) {
+            stream_store(gr + o, g);
+          } else {
+            store_acc(gr + o, g);
+          }
+        }
+      };
+      if (use_nt && reinterpret_cast<uintptr_t>(gr) % sizeof(Vec) == 0) {
+        row(std::true_type{});
+      } else {
+        row(std::false_type{});
+      }
+      if (sp.tail > 0) {
+        const int64_t o = sp.nfull * kW;
+        const auto [diff, g] = grad(load_acc(sr + o, sp.tail), load_acc(tr + o, sp.tail), o);
+        const Vec d = keep_first(diff, sp.tail);
+        racc = at::vec::fmadd(d, d, racc);
+        if constexpr (kGrad) store_acc(gr + o, g, sp.tail);
+      }
+      pending += sp.nv;
+      if (pending >= kFlushVecs) {
+        acc += hsum(racc);
+        racc = Vec(A(0));
+        pending = 0;
+      }
+    }
+    acc += hsum(racc);
+    if (use_nt) stream_fence();
+    out.mse += acc;
+  }
+
   void pass2_hw(const Chunk& ch, ChunkOut& out) {
+    if (P.whiten == 1 && P.grad && P.grad_mse && P.grad_at) {
+      pass2_hw_channel<true>(ch, out);
+      return;
+    }
+    if (P.whiten == 1 && !P.grad) {
+      pass2_hw_channel<false>(ch, out);
+      return;
+    }
     const int64_t b = ch.b, j0 = ch.j0;
     const Span sp(ch.j1 - j0);
     const T* sbase = s_ + b * vs_.sb + j0;

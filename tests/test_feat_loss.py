@@ -102,6 +102,24 @@ def test_large_levels_take_the_streaming_path(backend, layout):
     run_case([(2, 67, 61, 131), (1, 129, 33, 35)], torch.float32, layout, grad_scale=-1.7)
 
 
+@pytest.mark.parametrize("whiten", ["channel", "sample", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_forward_without_gradient(backend, whiten, dtype, layout):
+    """Evaluation calls (no tensor needs a gradient): the C++ kernels take their forward-only paths."""
+    shapes = [(2, 77, 7, 9), (1, 1, 1, 1), (3, 40, 13, 11), (1, 129, 33, 35)]
+    student = make_levels(shapes, dtype, layout, scale=0.7, shift=0.2)
+    teacher = make_levels(shapes, dtype, layout, scale=2.0, shift=-0.6)
+    code_args = ([0.25] * 4, 1.0, 10.0, 2.0, 0, WHITEN[whiten], 1e-5)
+    ref64 = reference.feat_loss_op([s.double() for s in student], [t.double() for t in teacher], *code_args, False)
+    ref_lp = reference.feat_loss_op(student, teacher, *code_args, False)
+    out = dtkernels.fused_feat_loss(student, teacher, whiten=whiten, return_parts=True)
+    assert not out.loss.requires_grad
+    assert_close_rule(out.loss, ref_lp[0], ref64[0], dtype, "loss")
+    assert_close_rule(out.mse, ref_lp[1], ref64[1], dtype, "mse parts")
+    assert_close_rule(out.at, ref_lp[2], ref64[2], dtype, "at parts")
+
+
 def test_large_mean_teacher_is_whitened_exactly(backend):
     """A teacher with a mean 1000x its spread: sum-of-squares variance formulas lose everything here."""
     student = make_levels([(2, 96, 8, 8)], torch.float32)
