@@ -208,22 +208,20 @@ class Level final : public LevelBase {
   void finish_sample(int64_t b) override {
     const A* as = as_.data() + b * HW;
     const A* at = at_.data() + b * HW;
-    double ns2 = 0.0, nt2 = 0.0;
-    for (int64_t j = 0; j < HW; ++j) {
-      ns2 += double(as[j]) * double(as[j]);
-      nt2 += double(at[j]) * double(at[j]);
-    }
-    const double ns = std::sqrt(ns2), nt = std::sqrt(nt2);
+    const double ns = std::sqrt(sum_positions([&](int64_t j) { return double(as[j]) * double(as[j]); }));
+    const double nt = std::sqrt(sum_positions([&](int64_t j) { return double(at[j]) * double(at[j]); }));
     // F.normalize: divide by max(norm, eps); a NaN norm stays NaN.
     const double dens = ns < kAtNormEps ? kAtNormEps : ns;
     const double dent = nt < kAtNormEps ? kAtNormEps : nt;
-    // Divisions, not multiplications by reciprocals: x * (1 / x) is not always exactly 1, and identical maps (a
-    // 1x1 level, say) must give an attention loss of exactly zero, as the reference does.
-    double dn2 = 0.0;
-    for (int64_t j = 0; j < HW; ++j) {
-      const double d = double(as[j]) / dens - double(at[j]) / dent;
-      dn2 += d * d;
-    }
+    // q_s - q_t = (a_s * den_t - a_t * den_s) / (den_s * den_t): one reciprocal per sample instead of two divisions
+    // per position (the per-position divisions were ~14% of the kernel on the small levels), and still exactly zero
+    // where the two maps are identical (a 1x1 level, say), as in the reference.
+    const double rboth = 1.0 / (dens * dent);
+    auto diff = [&](int64_t j) { return (double(as[j]) * dent - double(at[j]) * dens) * rboth; };
+    const double dn2 = sum_positions([&](int64_t j) {
+      const double d = diff(j);
+      return d * d;
+    });
     at_b[b] = P.at_mode == 0 ? std::sqrt(dn2) : dn2;
     if (!P.grad) return;
     A* ga = ga_.data() + b * HW;
@@ -241,20 +239,31 @@ class Level final : public LevelBase {
     } else {
       scale = 2.0 * cw / (double(B) * double(HW));
     }
-    double inner = 0.0;  // <g_q, q_s>
-    if (!zero) {
-      for (int64_t j = 0; j < HW; ++j) {
-        const double qs = double(as[j]) / dens;
-        const double d = qs - double(at[j]) / dent;
-        inner += d * scale * qs;
-      }
-    }
+    const double rs = 1.0 / dens;
+    // <g_q, q_s>, with g_q = scale * (q_s - q_t)
+    const double inner = zero ? 0.0 : scale * rs * sum_positions([&](int64_t j) { return diff(j) * double(as[j]); });
+    // Backward of x / max(||x||, eps): (g - q * <g, q>) / ||x|| above eps, g / eps below.
     const bool big = ns > kAtNormEps;
+    const double rn = big ? 1.0 / ns : 1.0 / kAtNormEps;
+    const double inner_used = big ? inner : 0.0;
+    const double gscale = zero ? 0.0 : scale;
     for (int64_t j = 0; j < HW; ++j) {
-      const double qs = double(as[j]) / dens;
-      const double gq = zero ? 0.0 : (qs - double(at[j]) / dent) * scale;
-      ga[j] = static_cast<A>(big ? (gq - qs * inner) / ns : gq / kAtNormEps);
+      const double gq = diff(j) * gscale;
+      ga[j] = static_cast<A>((gq - double(as[j]) * rs * inner_used) * rn);
     }
+  }
+
+  // Sum of f(j) over the positions of a sample in double, four independent partial sums (the compiler keeps them in
+  // one vector register instead of a chain of dependent scalar additions).
+  template <typename F>
+  double sum_positions(F f) const {
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t j = 0;
+    for (; j + 4 <= HW; j += 4) {
+      for (int k = 0; k < 4; ++k) acc[k] += f(j + k);
+    }
+    for (; j < HW; ++j) acc[0] += f(j);
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
 
  private:
