@@ -308,6 +308,99 @@ class Level final : public LevelBase {
     }
   }
 
+  // Channel statistics and attention sums of pass 1 for TV vectors of positions at offset o over the rows
+  // [c0, c0 + cn) of a block: Welford's update with the block's mean / M2 and the |x|^p sums held in registers
+  // across the rows (they were load-modify-stored in L1 buffers for every row, and the coarse levels' one- or
+  // two-vector rows then waited on store-to-load forwarding row after row), then Chan's merge into the chunk's
+  // accumulators. The same operations per position, in the same order, as a row-by-row walk. kTail: the last
+  // vector has `tail` lanes (loaded zero-filled, stored masked).
+  static constexpr int64_t kTileVecs = 2;
+  template <int TV, bool kTail>
+  void welford_tile(const T* tbase, const T* sbase, int64_t c0, int64_t cn, int64_t o, int64_t tail, A* mean,
+                    A* m2, A* at, A* as, const Vec& vp, const Vec& wb, const Vec& wab, bool pf) {
+    Vec mu[TV], q[TV], ta[TV], sa[TV];
+    for (int k = 0; k < TV; ++k) mu[k] = q[k] = ta[k] = sa[k] = Vec(A(0));
+    for (int64_t r = 0; r < cn; ++r) {
+      const T* tr = tbase + (c0 + r) * vt_.sc + o;
+      const T* sr = sbase + (c0 + r) * vs_.sc + o;
+      if (pf) {  // the same positions kRowBlock rows on (the next block); one line covers the tile
+        __builtin_prefetch(tr + kRowBlock * vt_.sc, 0, 2);
+        __builtin_prefetch(sr + kRowBlock * vs_.sc, 0, 2);
+      }
+      const Vec inv(inv_count_[r]);
+#pragma GCC unroll 4
+      for (int k = 0; k < TV; ++k) {
+        const bool part = kTail && k == TV - 1;
+        const Vec x = part ? load_acc(tr + k * kW, tail) : load_acc(tr + k * kW);
+        const Vec y = part ? load_acc(sr + k * kW, tail) : load_acc(sr + k * kW);
+        const Vec delta = x - mu[k];
+        mu[k] = at::vec::fmadd(delta, inv, mu[k]);
+        q[k] = at::vec::fmadd(delta, x - mu[k], q[k]);
+        ta[k] = ta[k] + pow_abs<PM>(x, vp);
+        sa[k] = sa[k] + pow_abs<PM>(y, vp);
+      }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < TV; ++k) {
+      const int64_t n = kTail && k == TV - 1 ? tail : kW, ok = o + k * kW;
+      const Vec m = ld(mean + ok, n);
+      const Vec delta = mu[k] - m;
+      st(mean + ok, at::vec::fmadd(delta, wb, m), n);
+      st(m2 + ok, ld(m2 + ok, n) + q[k] + delta * delta * wab, n);
+      st(at + ok, ld(at + ok, n) + ta[k], n);
+      st(as + ok, ld(as + ok, n) + sa[k], n);
+    }
+  }
+
+  // welford_tile's work for a whole span, row by row: the block's accumulators in L1 buffers, loaded and stored for
+  // every row (sequential reads of every row; the long-row path).
+  void welford_rows(const T* tbase, const T* sbase, int64_t c0, int64_t cn, const Span& sp, A* mean, A* m2, A* at,
+                    A* as, const Vec& vp, const Vec& wb, const Vec& wab) {
+    const int64_t npad = sp.nv * kW;
+    static thread_local std::vector<A> buf;
+    buf.assign(4 * npad, A(0));
+    A* bas = buf.data();
+    A* bat = bas + npad;
+    A* bmu = bat + npad;
+    A* bm2 = bmu + npad;
+    for (int64_t c = c0; c < c0 + cn; ++c) {
+      const T* tr = tbase + c * vt_.sc;
+      const T* sr = sbase + c * vs_.sc;
+      const bool pf = prefetch_ && c + 1 < C;
+      const Vec inv(inv_count_[c - c0]);
+      auto update = [&](const Vec& x, const Vec& y, int64_t o) {
+        Vec mu = Vec::loadu(bmu + o);
+        const Vec delta = x - mu;
+        mu = at::vec::fmadd(delta, inv, mu);
+        mu.store(bmu + o);
+        at::vec::fmadd(delta, x - mu, Vec::loadu(bm2 + o)).store(bm2 + o);
+        (Vec::loadu(bat + o) + pow_abs<PM>(x, vp)).store(bat + o);
+        (Vec::loadu(bas + o) + pow_abs<PM>(y, vp)).store(bas + o);
+      };
+      for (int64_t v = 0; v < sp.nfull; ++v) {
+        const int64_t o = v * kW;
+        if (pf && v % kLineVecs == 0) {
+          __builtin_prefetch(tr + vt_.sc + o, 0, 2);
+          __builtin_prefetch(sr + vs_.sc + o, 0, 2);
+        }
+        update(load_acc(tr + o), load_acc(sr + o), o);
+      }
+      if (sp.tail > 0) {
+        const int64_t o = sp.nfull * kW;
+        update(load_acc(tr + o, sp.tail), load_acc(sr + o, sp.tail), o);
+      }
+    }
+    for (int64_t v = 0; v < sp.nv; ++v) {
+      const int64_t n = sp.lanes(v), o = v * kW;
+      const Vec mu = ld(mean + o, n);
+      const Vec delta = Vec::loadu(bmu + o) - mu;
+      st(mean + o, at::vec::fmadd(delta, wb, mu), n);
+      st(m2 + o, ld(m2 + o, n) + Vec::loadu(bm2 + o) + delta * delta * wab, n);
+      st(at + o, ld(at + o, n) + Vec::loadu(bat + o), n);
+      st(as + o, ld(as + o, n) + Vec::loadu(bas + o), n);
+    }
+  }
+
   void pass1_hw(const Chunk& ch, ChunkOut& out) {
     const int64_t b = ch.b, j0 = ch.j0;
     const Span sp(ch.j1 - j0);
@@ -317,62 +410,37 @@ class Level final : public LevelBase {
     const Vec vp(static_cast<A>(P.p));
     A* as = as_.data() + b * HW + j0;
     A* at = at_.data() + b * HW + j0;
-    // Sums over C are blocked: kRowBlock rows are accumulated into block buffers (fresh per block) that are then
-    // added to the chunk's accumulators, so a position's sum is ~kRowBlock + C / kRowBlock roundings deep instead of
-    // C (a plain running sum in float is ~4x less accurate than torch's cascade sums for C = 512).
-    static thread_local std::vector<A> buf;
-    buf.resize(4 * npad);
-    A* bas = buf.data();
-    A* bat = bas + npad;
-    A* bmu = bat + npad;
-    A* bm2 = bmu + npad;
+    // Sums over C are blocked: kRowBlock rows are accumulated (in registers or block buffers, fresh per block) and
+    // then added to the chunk's accumulators, so a position's sum is ~kRowBlock + C / kRowBlock roundings deep
+    // instead of C (a plain running sum in float is ~4x less accurate than torch's cascade sums for C = 512).
     if (P.whiten == 1) {
       // LayerNorm statistics over C at each position: Welford's update within a block of rows, blocks merged with
       // Chan's formula; mean then biased variance, never E[t^2] - E[t]^2.
       A* mean = pmean_.data() + b * HW + j0;
       A* m2 = prstd_.data() + b * HW + j0;
+      // Register tiles walk the block's rows column by column; that is measured faster while the sample fits in
+      // L2 or the rows are short, and slower for long rows streamed from memory (r50 levels, 1-thread forward
+      // 9.3 -> 11.3 ms), which keep the row-by-row walk the hardware prefetchers follow.
+      const bool tiled = !prefetch_ || sp.nv <= 8;
       for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
         const int64_t cn = std::min(kRowBlock, C - c0);
-        std::fill(buf.begin(), buf.end(), A(0));
-        for (int64_t c = c0; c < c0 + cn; ++c) {
-          const T* tr = tbase + c * vt_.sc;
-          const T* sr = sbase + c * vs_.sc;
-          const bool pf = prefetch_ && c + 1 < C;
-          const Vec inv(inv_count_[c - c0]);
-          auto update = [&](const Vec& x, const Vec& y, int64_t o) {
-            Vec mu = Vec::loadu(bmu + o);
-            const Vec delta = x - mu;
-            mu = at::vec::fmadd(delta, inv, mu);
-            mu.store(bmu + o);
-            at::vec::fmadd(delta, x - mu, Vec::loadu(bm2 + o)).store(bm2 + o);
-            (Vec::loadu(bat + o) + pow_abs<PM>(x, vp)).store(bat + o);
-            (Vec::loadu(bas + o) + pow_abs<PM>(y, vp)).store(bas + o);
-          };
-          // Full vectors without per-vector lane checks, then the partial last one (zero-filled lanes).
-          for (int64_t v = 0; v < sp.nfull; ++v) {
-            const int64_t o = v * kW;
-            if (pf && v % kLineVecs == 0) {
-              __builtin_prefetch(tr + vt_.sc + o, 0, 2);
-              __builtin_prefetch(sr + vs_.sc + o, 0, 2);
-            }
-            update(load_acc(tr + o), load_acc(sr + o), o);
-          }
-          if (sp.tail > 0) {
-            const int64_t o = sp.nfull * kW;
-            update(load_acc(tr + o, sp.tail), load_acc(sr + o, sp.tail), o);
-          }
-        }
-        // Chan et al.: merge (c0, mean, m2) with the block (cn, bmu, bm2).
+        // Chan et al.: the block (cn, mu, q) is merged into (c0, mean, m2) with these weights.
         const A na = static_cast<A>(c0), nb = static_cast<A>(cn), nn = na + nb;
         const Vec wb(nb / nn), wab(na * nb / nn);
-        for (int64_t v = 0; v < sp.nv; ++v) {
-          const int64_t n = sp.lanes(v), o = v * kW;
-          const Vec mu = ld(mean + o, n);
-          const Vec delta = Vec::loadu(bmu + o) - mu;
-          st(mean + o, at::vec::fmadd(delta, wb, mu), n);
-          st(m2 + o, ld(m2 + o, n) + Vec::loadu(bm2 + o) + delta * delta * wab, n);
-          st(at + o, ld(at + o, n) + Vec::loadu(bat + o), n);
-          st(as + o, ld(as + o, n) + Vec::loadu(bas + o), n);
+        const bool pf = prefetch_ && c0 + cn < C;
+        if (!tiled) {
+          welford_rows(tbase, sbase, c0, cn, sp, mean, m2, at, as, vp, wb, wab);
+          continue;
+        }
+        int64_t v = 0;
+        for (; v + kTileVecs <= sp.nfull; v += kTileVecs) {
+          welford_tile<kTileVecs, false>(tbase, sbase, c0, cn, v * kW, 0, mean, m2, at, as, vp, wb, wab, pf);
+        }
+        for (; v < sp.nfull; ++v) {
+          welford_tile<1, false>(tbase, sbase, c0, cn, v * kW, 0, mean, m2, at, as, vp, wb, wab, pf);
+        }
+        if (sp.tail > 0) {
+          welford_tile<1, true>(tbase, sbase, c0, cn, v * kW, sp.tail, mean, m2, at, as, vp, wb, wab, pf);
         }
       }
       const Vec vC(static_cast<A>(C)), veps(static_cast<A>(P.eps)), one(A(1));
@@ -382,6 +450,10 @@ class Level final : public LevelBase {
       }
     } else {
       // No whitening: the MSE is computed here. Sample whitening: sum t for the sample mean.
+      static thread_local std::vector<A> buf;
+      buf.resize(2 * npad);
+      A* bas = buf.data();
+      A* bat = bas + npad;
       double acc = 0.0;
       for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
         const int64_t cn = std::min(kRowBlock, C - c0);
