@@ -309,44 +309,60 @@ class Level final : public LevelBase {
   }
 
   // Channel statistics and attention sums of pass 1 for TV vectors of positions at offset o over the rows
-  // [c0, c0 + cn) of a block: Welford's update with the block's mean / M2 and the |x|^p sums held in registers
-  // across the rows (they were load-modify-stored in L1 buffers for every row, and the coarse levels' one- or
-  // two-vector rows then waited on store-to-load forwarding row after row), then Chan's merge into the chunk's
-  // accumulators. The same operations per position, in the same order, as a row-by-row walk. kTail: the last
-  // vector has `tail` lanes (loaded zero-filled, stored masked).
+  // [c0, c0 + cn) of a block, in registers across the rows (L1 buffers loaded and stored for every row made the
+  // coarse levels' one- or two-vector rows wait on store-to-load forwarding), then Chan's merge into the chunk's
+  // accumulators. Within the block, sums of the data shifted by the block's first row, d = x - x_c0: mean =
+  // x_c0 + S1 / n and M2 = S2 - S1^2 / n. The shift is one of the values being summed, so it is within the data's
+  // spread of their mean and the subtraction loses no more than Welford's update would over 16 rows (a teacher
+  // with a mean 1000x its spread is tested); each row is then one add and one FMA on independent registers instead
+  // of Welford's subtract -> FMA chain through the running mean, which bounded this loop by latency. kTail: the
+  // last vector has `tail` lanes (loaded zero-filled, stored masked).
   static constexpr int64_t kTileVecs = 2;
   template <int TV, bool kTail>
   void welford_tile(const T* tbase, const T* sbase, int64_t c0, int64_t cn, int64_t o, int64_t tail, A* mean,
                     A* m2, A* at, A* as, const Vec& vp, const Vec& wb, const Vec& wab, bool pf) {
-    Vec mu[TV], q[TV], ta[TV], sa[TV];
-    for (int k = 0; k < TV; ++k) mu[k] = q[k] = ta[k] = sa[k] = Vec(A(0));
-    for (int64_t r = 0; r < cn; ++r) {
+    Vec shift[TV], s1[TV], s2[TV], ta[TV], sa[TV];
+    // Row r of the tile: (x, y) of vector k, prefetching the next block's row first.
+    auto row = [&](int64_t r, auto&& body) {
       const T* tr = tbase + (c0 + r) * vt_.sc + o;
       const T* sr = sbase + (c0 + r) * vs_.sc + o;
       if (pf) {  // the same positions kRowBlock rows on (the next block); one line covers the tile
         __builtin_prefetch(tr + kRowBlock * vt_.sc, 0, 2);
         __builtin_prefetch(sr + kRowBlock * vs_.sc, 0, 2);
       }
-      const Vec inv(inv_count_[r]);
 #pragma GCC unroll 4
       for (int k = 0; k < TV; ++k) {
         const bool part = kTail && k == TV - 1;
-        const Vec x = part ? load_acc(tr + k * kW, tail) : load_acc(tr + k * kW);
-        const Vec y = part ? load_acc(sr + k * kW, tail) : load_acc(sr + k * kW);
-        const Vec delta = x - mu[k];
-        mu[k] = at::vec::fmadd(delta, inv, mu[k]);
-        q[k] = at::vec::fmadd(delta, x - mu[k], q[k]);
+        body(k, part ? load_acc(tr + k * kW, tail) : load_acc(tr + k * kW),
+             part ? load_acc(sr + k * kW, tail) : load_acc(sr + k * kW));
+      }
+    };
+    row(0, [&](int k, const Vec& x, const Vec& y) {
+      shift[k] = x;
+      s1[k] = s2[k] = Vec(A(0));
+      ta[k] = pow_abs<PM>(x, vp);
+      sa[k] = pow_abs<PM>(y, vp);
+    });
+    for (int64_t r = 1; r < cn; ++r) {
+      row(r, [&](int k, const Vec& x, const Vec& y) {
+        const Vec d = x - shift[k];
+        s1[k] = s1[k] + d;
+        s2[k] = at::vec::fmadd(d, d, s2[k]);
         ta[k] = ta[k] + pow_abs<PM>(x, vp);
         sa[k] = sa[k] + pow_abs<PM>(y, vp);
-      }
+      });
     }
+    const Vec inv_n(A(1) / static_cast<A>(cn)), zero(A(0));
 #pragma GCC unroll 4
     for (int k = 0; k < TV; ++k) {
       const int64_t n = kTail && k == TV - 1 ? tail : kW, ok = o + k * kW;
+      const Vec mu = at::vec::fmadd(s1[k], inv_n, shift[k]);
+      // S2 >= S1^2 / n exactly; the clamp keeps rounding from making M2 negative (NaN passes through).
+      const Vec q = at::vec::maximum(at::vec::fnmadd(s1[k] * s1[k], inv_n, s2[k]), zero);
       const Vec m = ld(mean + ok, n);
-      const Vec delta = mu[k] - m;
+      const Vec delta = mu - m;
       st(mean + ok, at::vec::fmadd(delta, wb, m), n);
-      st(m2 + ok, ld(m2 + ok, n) + q[k] + delta * delta * wab, n);
+      st(m2 + ok, ld(m2 + ok, n) + q + delta * delta * wab, n);
       st(at + ok, ld(at + ok, n) + ta[k], n);
       st(as + ok, ld(as + ok, n) + sa[k], n);
     }
@@ -427,7 +443,7 @@ class Level final : public LevelBase {
         // Chan et al.: the block (cn, mu, q) is merged into (c0, mean, m2) with these weights.
         const A na = static_cast<A>(c0), nb = static_cast<A>(cn), nn = na + nb;
         const Vec wb(nb / nn), wab(na * nb / nn);
-        const bool pf = prefetch_ && c0 + cn < C;
+        const bool pf = c0 + cn < C;
         if (!tiled) {
           welford_rows(tbase, sbase, c0, cn, sp, mean, m2, at, as, vp, wb, wab);
           continue;
