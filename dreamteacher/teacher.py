@@ -16,6 +16,7 @@ Images are ``[B, 3, H, W]`` floats in ``[-1, 1]`` (the range diffusers models ar
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -393,7 +394,10 @@ class DiffusionTeacher(nn.Module):
         unet_cls = getattr(diffusers, class_name, None)
         if unet_cls is None:
             raise ValueError(f"path: {unet_dir / 'config.json'} names an unknown diffusers class {class_name!r}")
-        unet = unet_cls.from_pretrained(str(unet_dir), local_files_only=True)
+        # diffusers defaults to low_cpu_mem_usage=True and, without `accelerate` installed, warns at every load
+        # before falling back; ask for what will happen.
+        load = {"local_files_only": True, "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+        unet = unet_cls.from_pretrained(str(unet_dir), **load)
         scheduler = None
         for cand in (root / "scheduler", root):
             if (cand / "scheduler_config.json").is_file():
@@ -403,7 +407,7 @@ class DiffusionTeacher(nn.Module):
             logger.warning("no scheduler_config.json in %s: using DDPMScheduler() defaults (1000 linear steps)", root)
         vae = None
         if (root / "vae" / "config.json").is_file():
-            vae = diffusers.AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True)
+            vae = diffusers.AutoencoderKL.from_pretrained(str(root / "vae"), **load)
         if "text_embedding" not in kwargs and (root / UNCOND_EMBEDDING_FILE).is_file():
             kwargs["text_embedding"] = root / UNCOND_EMBEDDING_FILE
         teacher = cls(unet, scheduler, vae=vae, **kwargs)
