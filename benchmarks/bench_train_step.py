@@ -20,8 +20,9 @@ pipe: one line per step), so a process-wide setting of one provider cannot leak 
 starts the way its loop would. The timed call is one round trip to the worker (tens of microseconds of a ~100 ms
 step).
 
-``extra_info`` holds images/s; ``test_train_step_breakdown`` times the lean step's phases (teacher, student +
-regressor forward, loss, backward, optimizer). ``python benchmarks/bench_train_step.py`` prints the same table.
+``extra_info`` holds images/s; ``test_train_step_breakdown`` times the phases of the naive and the lean step
+(teacher, student + regressor forward, loss forward, backward, clip + optimizer). ``python
+benchmarks/bench_train_step.py`` prints ms/step of every provider (interleaved blocks) and both breakdowns.
 """
 
 from __future__ import annotations
@@ -95,8 +96,11 @@ class NaiveStep:
         # per student level (fine to coarse): the tap feeding it
         self.levels = sorted(zip(tap_strides, taps))
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        self.times: dict[str, float] = {}
 
-    def __call__(self, images):
+    def __call__(self, images, timed: bool = False):
+        clock = time.perf_counter
+        t0 = clock()
         with torch.no_grad():
             t = torch.full((images.shape[0],), T, dtype=torch.long)
             noise = torch.randn_like(images)
@@ -106,13 +110,28 @@ class NaiveStep:
             self.unet(x_t, t)
             targets = [F.interpolate(self.kept[name], size=(IMAGE // s, IMAGE // s), mode="bilinear",
                                      align_corners=False) for s, name in self.levels]
+        t1 = clock()
         preds = self.model(images)
+        t2 = clock()
         loss = eager_feat_loss(preds, targets)
+        t3 = clock()
         self.optimizer.zero_grad()
         loss.backward()
+        t4 = clock()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
+        t5 = clock()
+        if timed:
+            record_phases(self.times, (t0, t1, t2, t3, t4, t5))
         return loss
+
+
+PHASES = ("teacher", "student+regressor fwd", "loss fwd", "backward (student+regressor+loss)", "clip+optimizer")
+
+
+def record_phases(times: dict[str, float], stamps) -> None:
+    for name, start, end in zip(PHASES, stamps[:-1], stamps[1:]):
+        times[name] = times.get(name, 0.0) + end - start
 
 
 # ------------------------------------------------------------------------------------------------ lean
@@ -148,9 +167,7 @@ class LeanStep:
         self.optimizer.zero_grad(set_to_none=True)
         t5 = clock()
         if timed:
-            for k, v in zip(("teacher", "student+regressor fwd", "loss fwd", "backward (student+regressor+loss)",
-                             "clip+optimizer"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-                self.times[k] = self.times.get(k, 0.0) + v
+            record_phases(self.times, (t0, t1, t2, t3, t4, t5))
         return loss
 
 
@@ -231,9 +248,9 @@ def test_train_step(benchmark, provider):
         worker.close()
 
 
-def breakdown(steps: int = 6, built=None) -> dict[str, float]:
-    """Mean seconds per phase of the lean step (after 2 warm-up steps)."""
-    step, images = built if built is not None else make_step("lean")
+def breakdown(steps: int = 6, built=None, provider: str = "lean") -> dict[str, float]:
+    """Mean seconds per phase of a provider's step (after 2 warm-up steps)."""
+    step, images = built if built is not None else make_step(provider)
     for _ in range(2):
         step(images)
     step.times.clear()
@@ -242,28 +259,14 @@ def breakdown(steps: int = 6, built=None) -> dict[str, float]:
     return {k: v / steps for k, v in step.times.items()}
 
 
-def naive_breakdown(steps: int = 6) -> dict[str, float]:
-    """Teacher time of the naive step (noise + full forward with every block kept + interpolation)."""
-    step, images = make_step("naive")
-    step(images)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        with torch.no_grad():
-            t = torch.full((images.shape[0],), T, dtype=torch.long)
-            noise = torch.randn_like(images)
-            a = step.alphas[t].view(-1, 1, 1, 1)
-            step.unet(a.sqrt() * images + (1 - a).sqrt() * noise, t)
-    return {"teacher": (time.perf_counter() - t0) / steps}
-
-
-def test_train_step_breakdown():
-    worker = Worker("lean")
+@pytest.mark.parametrize("provider", ["naive", "lean"])
+def test_train_step_breakdown(provider):
+    worker = Worker(provider)
     try:
         times = json.loads(worker.ask("breakdown 2", "times"))
     finally:
         worker.close()
-    assert set(times) == {"teacher", "student+regressor fwd", "loss fwd", "backward (student+regressor+loss)",
-                          "clip+optimizer"}
+    assert set(times) == set(PHASES)
     assert all(v > 0 for v in times.values()), times
 
 
@@ -286,10 +289,10 @@ if __name__ == "__main__":
     for p, ts in per.items():
         dt = sorted(ts)[len(ts) // 2]
         print(f"{p:18s} {dt * 1e3:8.1f} ms/step  {BATCH / dt:7.1f} images/s  (median of {len(ts)} blocks of 3)")
-    total = json.loads(workers["lean"].ask("breakdown 6", "times"))
+    phases = {p: json.loads(workers[p].ask("breakdown 6", "times")) for p in ("naive", "lean")}
     for w in workers.values():
         w.close()
-    print("lean step breakdown (ms):")
-    for k, v in total.items():
-        print(f"  {k:36s} {v * 1e3:8.1f}  ({100 * v / sum(total.values()):4.1f}%)")
-    print(f"naive teacher (ms): {naive_breakdown()['teacher'] * 1e3:.1f}")
+    print(f"step breakdown, ms (mean of 6 timed steps each):\n  {'phase':36s} {'naive':>8s} {'lean':>8s}")
+    for k in PHASES:
+        print(f"  {k:36s} {phases['naive'][k] * 1e3:8.1f} {phases['lean'][k] * 1e3:8.1f}")
+    print(f"  {'sum':36s} {sum(phases['naive'].values()) * 1e3:8.1f} {sum(phases['lean'].values()) * 1e3:8.1f}")
