@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet ruff
-	$(BIN)/ruff check dtkernels tests benchmarks
+	$(BIN)/ruff check dtkernels dreamteacher tests benchmarks
 
 clean:
 	rm -rf build dtkernels/_C*.so *.egg-info .pytest_cache
