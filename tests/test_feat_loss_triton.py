@@ -118,6 +118,8 @@ def test_zero_attention_maps():
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("at_mode", AT_MODES)
+# The interpreter evaluates tl ops with numpy, which warns on inf - inf and 0 * inf; those NaNs are the point here.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_nan_inf_propagate(value, where, at_mode):
     student = make_levels([(2, 3, 3, 4)], torch.float32)
     teacher = make_levels([(2, 3, 3, 4)], torch.float32)
