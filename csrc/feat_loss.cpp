@@ -8,8 +8,10 @@
 // A level's student / teacher are [B, C, H, W]; an element lives at b*sb + c*sc + j*shw with j = h*W + w (H and W
 // must flatten: stride_h == W * stride_w). Two layouts run without a copy:
 //   * kHW ("NCHW-like", shw == 1, which includes channel-sliced views x[:, ::2]): vectorized over positions j. A work
-//     item (chunk) is a range of positions of one sample, walked row by row (c outer), so every pass streams long
-//     contiguous row segments; per-position accumulators (Welford mean / M2 of the teacher, a_s, a_t) stay in L1/L2.
+//     item (chunk) is a range of positions of one sample, walked by rows (c outer), so every pass streams contiguous
+//     row segments; per-position accumulators (teacher mean / M2, a_s, a_t) stay in L1/L2. Pass 1 sums 16 rows at
+//     a time per position, in registers (tiles of two vectors, shifted sums) while the sample fits in L2 or rows
+//     are short, else row by row with Welford's update in L1 buffers; blocks are merged with Chan's formula.
 //   * kC ("NHWC-like", sc == 1, channels_last): vectorized over channels, one position (a row of C contiguous
 //     values, L1 resident) at a time, so the LayerNorm statistics are a two-pass over the row.
 // Anything else (e.g. spatially sliced views whose H and W do not flatten) is copied to NCHW-contiguous; a teacher
