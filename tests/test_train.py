@@ -7,6 +7,7 @@ batches of 4, a few steps. Nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -302,3 +303,86 @@ def test_pretrain_from_a_yaml_file_with_overrides(teacher_dir, tmp_path):
     assert written["loss"]["at_weight"] == 2.5 and written["run"]["steps"] == 2 and written["optim"]["lr"] == 2e-3
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer, schedule
+def lamb_reference(p, grads, *, lr, betas, eps, wd):
+    """LAMB in float64 written out step by step (You et al., 2020, Algorithm 2 with Adam's bias correction)."""
+    p, m, v = p.double().clone(), torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64)
+    b1, b2 = betas
+    for k, g in enumerate(grads, start=1):
+        g = g.double()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        r = (m / (1 - b1 ** k)) / ((v / (1 - b2 ** k)).sqrt() + eps) + wd * p
+        w_norm, r_norm = p.norm(), r.norm()
+        trust = w_norm / r_norm if w_norm > 0 and r_norm > 0 else 1.0
+        p = p - lr * trust * r
+    return p
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_lamb_matches_a_float64_reference(wd):
+    from dreamteacher.train import Lamb
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(7, 5, 3, 3), (13,), (1,)]
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    zero = torch.zeros(4, requires_grad=True)  # ||w|| = 0 -> trust ratio 1
+    grads = [[torch.randn(s, generator=gen) for s in shapes + [(4,)]] for _ in range(3)]
+    start = [p.detach().clone() for p in params + [zero]]
+    opt = Lamb(params + [zero], lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd)
+    for step_grads in grads:
+        for p, g in zip(params + [zero], step_grads):
+            p.grad = g.clone()
+        opt.step()
+    for i, (p, p0) in enumerate(zip(params + [zero], start)):
+        want = lamb_reference(p0, [g[i] for g in grads], lr=0.01, betas=(0.9, 0.99), eps=1e-6, wd=wd)
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.detach(), p0)
+
+
+def test_pretrain_with_lamb_runs_and_learns(teacher_dir, tmp_path):
+    cfg = load_config(None, tiny_overrides(teacher_dir, tmp_path, **{"data.length": 4, "run.steps": 10,
+                                                                     "optim.name": "lamb", "optim.lr": 3e-3,
+                                                                     "loss.at_weight": 1.0}))
+    pretrain(cfg)
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    assert len(losses) == 10 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_warmup_cosine_schedule():
+    from dreamteacher.train import warmup_cosine
+
+    f = lambda s: warmup_cosine(s, warmup=4, total=14, min_ratio=0.1)  # noqa: E731
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(4) == pytest.approx(1.0)  # cosine starts at the peak
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)  # ends at min_ratio and stays
+    values = [f(s) for s in range(4, 15)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ------------------------------------------------------------------------------------------------ CLI help
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_command_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: dreamteacher {command}")
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        assert action.help, f"{command}: option {action.option_strings or action.dest} has no help"
+        for flag in action.option_strings:
+            assert flag in text
+    if command == "pretrain":  # the config keys are options too: every one is listed with its help
+        from dreamteacher.config import SECTIONS
+
+        for section in SECTIONS:
+            for field in dataclasses.fields(getattr(PretrainConfig(), section)):
+                line = next((ln for ln in text.splitlines() if f"--{section}.{field.name}=" in ln), None)
+                assert line is not None, f"--{section}.{field.name} missing from pretrain --help"
+                assert field.metadata.get("help"), f"config key {section}.{field.name} has no help"
