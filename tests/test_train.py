@@ -1,5 +1,6 @@
 """The pretraining framework end to end on tiny models: config errors, procedural data, teacher training, the loop
-(loss decreases, exact resume, Ctrl-C, 2-process DDP), export into timm, corrupt images.
+(loss decreases, exact resume, Ctrl-C, 2-process DDP), LAMB against a float64 reference, the LR schedule, export
+into timm, corrupt images, and every command's --help.
 
 Tiny everything: a 3-level 8/16/16-channel DDPM teacher, resnet18 students at 32x32 with a 16-channel regressor,
 batches of 4, a few steps. Nothing is downloaded.
