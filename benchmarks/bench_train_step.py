@@ -8,8 +8,8 @@ Group ``train-step``, providers side by side in one run, same models and weights
   (LayerNorm-whitened MSE + attention transfer), ``clip_grad_norm_``, ``torch.optim.AdamW`` with its defaults.
 * ``lean``: :mod:`dreamteacher.train`'s step: ``dtkernels.q_sample`` noise, taps resized to the student strides in
   the hook and an early exit after the last tap, inference mode, the loop's memory format (NCHW on CPU),
-  ``dtkernels.fused_feat_loss``, fused
-  AdamW, ``zero_grad(set_to_none=True)``.
+  convolutions on 1x1 maps as matrix products on CPU (``dreamteacher.perf.single_pixel_convs_as_linear``),
+  ``dtkernels.fused_feat_loss``, fused AdamW, ``zero_grad(set_to_none=True)``.
 
 * ``naive_kept_malloc``: the naive step in a process where glibc malloc keeps freed memory (what ``lean`` gets
   from :func:`dreamteacher.perf.keep_freed_memory`, like every ``dreamteacher`` command), to show how much of the
@@ -22,7 +22,8 @@ step).
 
 ``extra_info`` holds images/s; ``test_train_step_breakdown`` times the phases of the naive and the lean step
 (teacher, student + regressor forward, loss forward, backward, clip + optimizer). ``python
-benchmarks/bench_train_step.py`` prints ms/step of every provider (interleaved blocks) and both breakdowns.
+benchmarks/bench_train_step.py`` prints ms/step of every provider (interleaved rounds, one fresh worker process per
+provider and round, never two alive at once) and both breakdowns.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 import dtkernels
 from dreamteacher.demo import DemoSettings
+from dreamteacher.perf import single_pixel_convs_as_linear
 from dreamteacher.regressor import FeatureRegressor
 from dreamteacher.student import StudentBackbone
 from dreamteacher.teacher import DiffusionTeacher
@@ -143,6 +145,8 @@ class LeanStep:
         # the loop's memory format on this device (run.channels_last=null: channels_last on GPU only)
         self.memory_format = torch.channels_last if torch.cuda.is_available() else torch.contiguous_format
         self.model = model.to(memory_format=self.memory_format)
+        if not torch.cuda.is_available():  # run.single_pixel_linear=null: on CPU (dreamteacher.perf)
+            single_pixel_convs_as_linear(self.model)
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.05},
              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}], lr=1e-3, fused=True)
@@ -274,24 +278,34 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2])
         sys.exit(0)
-    # Interleaved rounds (each provider in its own process), so slow phases of a shared machine hit all of them.
-    workers = {p: Worker(p) for p in PROVIDERS}
+    # Interleaved rounds with one worker process alive at a time: a fresh process per provider and round, as a
+    # user's training run is alone on its machine. (With several workers alive, the naive step ran up to 2x slower
+    # on this VM: its freed-and-refaulted pages cost more while another process holds memory, see benchmarks/README.)
+    rounds, steps, warmup = 4, 4, 3
     per = {p: [] for p in PROVIDERS}
-    for w in workers.values():
-        for _ in range(2):
-            w.step()
-    for _ in range(4):
-        for p, w in workers.items():
-            t0 = time.perf_counter()
-            for _ in range(3):
-                w.step()
-            per[p].append((time.perf_counter() - t0) / 3)
+    for _ in range(rounds):
+        for p in PROVIDERS:
+            w = Worker(p)
+            try:
+                for _ in range(warmup):
+                    w.step()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    w.step()
+                per[p].append((time.perf_counter() - t0) / steps)
+            finally:
+                w.close()
     for p, ts in per.items():
         dt = sorted(ts)[len(ts) // 2]
-        print(f"{p:18s} {dt * 1e3:8.1f} ms/step  {BATCH / dt:7.1f} images/s  (median of {len(ts)} blocks of 3)")
-    phases = {p: json.loads(workers[p].ask("breakdown 6", "times")) for p in ("naive", "lean")}
-    for w in workers.values():
-        w.close()
+        print(f"{p:18s} {dt * 1e3:8.1f} ms/step  {BATCH / dt:7.1f} images/s  "
+              f"(median of {rounds} rounds of {steps} steps, each in a fresh process)")
+    phases = {}
+    for p in ("naive", "lean"):
+        w = Worker(p)
+        try:
+            phases[p] = json.loads(w.ask("breakdown 6", "times"))
+        finally:
+            w.close()
     print(f"step breakdown, ms (mean of 6 timed steps each):\n  {'phase':36s} {'naive':>8s} {'lean':>8s}")
     for k in PHASES:
         print(f"  {k:36s} {phases['naive'][k] * 1e3:8.1f} {phases['lean'][k] * 1e3:8.1f}")

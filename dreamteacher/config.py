@@ -110,6 +110,10 @@ class RunConfig:
     channels_last: bool | None = opt(None, "channels_last memory format for the models and images; null (auto): on "
                                            "GPU only (on this project's 2-core CPU NCHW steps were 1.2-1.3x faster "
                                            "at the demo's 32x32, channels_last ~1.05x faster at 64x64)")
+    single_pixel_linear: bool | None = opt(None, "run the trainable module's convolutions that see 1x1 maps as the "
+                                                 "equivalent matrix product (dreamteacher.perf.SinglePixelConv2d; "
+                                                 "exact); null (auto): on CPU, where oneDNN's weight gradient for "
+                                                 "them is slow (demo step 74 -> 54 ms for student + regressor)")
     keep_freed_memory: bool = opt(True, "CPU: make glibc malloc keep freed memory for reuse instead of returning it "
                                         "to the kernel, which otherwise page-faults it back in every step "
                                         "(dreamteacher.perf; 130 -> 92 ms per demo step on this project's CPU)")

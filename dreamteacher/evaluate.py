@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .data import LABELLED_POOL_SEED, LABELLED_POOL_SIZE, SHAPE_CLASSES, TEST_SEED, ProceduralShapes, labelled_indices
+from .perf import single_pixel_convs_as_linear
 from .regressor import conv_bn_relu
 from .student import StudentBackbone
 
@@ -326,7 +327,10 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
             model = SegmentationModel(student, num_classes, width=width)
             if backbones[name] is not None:
                 load_backbone(model.backbone, backbones[name])
-            model = model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+            if torch.device(device).type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            else:  # exact; oneDNN's weight gradient of convolutions on 1x1 maps is slow (dreamteacher.perf)
+                single_pixel_convs_as_linear(model)
             losses = finetune(model, images, masks, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                               ignore_index=ignore_index, device=device)
             cm = evaluate_model(model, test_images, test_masks, num_classes, ignore_index=ignore_index, device=device)

@@ -370,6 +370,11 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                               else None, width=cfg.model.width).to(device)
     memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if cfg.run.single_pixel_linear if cfg.run.single_pixel_linear is not None else device.type == "cpu":
+        from .perf import single_pixel_convs_as_linear
+
+        n = single_pixel_convs_as_linear(model)
+        logger.debug("%d Conv2d modules run as matrix products when they see 1x1 maps", n)
     optimizer = build_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
         s, warmup=cfg.schedule.warmup_steps, total=cfg.run.steps, min_ratio=cfg.schedule.min_lr_ratio))

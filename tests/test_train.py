@@ -387,3 +387,15 @@ def test_every_command_explains_every_option(command, capsys):
                 line = next((ln for ln in text.splitlines() if f"--{section}.{field.name}=" in ln), None)
                 assert line is not None, f"--{section}.{field.name} missing from pretrain --help"
                 assert field.metadata.get("help"), f"config key {section}.{field.name} has no help"
+
+
+@pytest.mark.parametrize("setting,applied", [("null", True), ("false", False)])
+def test_single_pixel_linear_is_applied_on_cpu_by_default(teacher_dir, tmp_path, caplog, setting, applied):
+    cfg = load_config(None, tiny_overrides(teacher_dir, tmp_path, **{"run.steps": 1,
+                                                                     "run.single_pixel_linear": setting}))
+    with caplog.at_level("DEBUG", logger="dreamteacher"):
+        pretrain(cfg)
+    lines = [r.getMessage() for r in caplog.records if "run as matrix products" in r.getMessage()]
+    assert bool(lines) == applied, lines
+    if applied:
+        assert int(lines[0].split()[0]) > 20  # every plain Conv2d of resnet18 + regressor
