@@ -37,6 +37,7 @@
 // Accumulation is in float for float / Half / BFloat16 inputs (per-position sums over C, per-row sums in double)
 // and in double for double inputs; per-sample attention scalars are computed in double.
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1198,8 +1199,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
   return {loss_t, mse_t, at_t, grads};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// feat_loss_eager: the eager CPU path with its autograd in C++.
+//
+// An eager fused_feat_loss call on CPU tensors spends ~100 us in Python around the kernel (an autograd.Function's
+// forward and, above all, its backward: the engine calls back into Python). This op is the same kernel with the
+// same backward formula as dtkernels::feat_loss + its registered autograd, as a C++ autograd::Function registered
+// at the Autograd key, so neither direction re-enters Python. Used by dtkernels._library for plain eager CPU calls
+// only; traced calls (torch.compile, fake tensors) keep dtkernels::feat_loss.
+struct FeatLossEager : public torch::autograd::Function<FeatLossEager> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList student,
+                                                at::TensorList teacher, at::ArrayRef<double> level_coef,
+                                                double mse_weight, double at_weight, double at_p, int64_t at_mode,
+                                                int64_t whiten, double eps, bool compute_grad) {
+    auto [loss, mse, at, grads] =
+        feat_loss_cpu(student, teacher, level_coef, mse_weight, at_weight, at_p, at_mode, whiten, eps, compute_grad);
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for the unused outputs
+    ctx->save_for_backward(grads);
+    ctx->saved_data["n_levels"] = static_cast<int64_t>(student.size());
+    ctx->mark_non_differentiable({mse, at});
+    return {loss, mse, at};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const int64_t L = ctx->saved_data["n_levels"].toInt();
+    torch::autograd::variable_list grads = ctx->get_saved_variables();
+    TORCH_CHECK(static_cast<int64_t>(grads.size()) == L,
+                "dtkernels.feat_loss: backward called on a call made with compute_grad=False");
+    // One entry per forward argument: L student gradients, L (none) for the teacher, 8 for the scalars.
+    torch::autograd::variable_list out(2 * L + 8);
+    const at::Tensor& g = grad_outputs[0];
+    if (!g.defined()) return out;  // the loss did not contribute to what is differentiated
+    // Scale by the upstream gradient (a CPU scalar: reading it is free); skip the multiply when it is exactly 1.
+    const bool unit = g.numel() == 1 && g.item<double>() == 1.0;
+    for (int64_t l = 0; l < L; ++l) out[l] = unit ? grads[l] : grads[l] * g.to(grads[l].scalar_type());
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feat_loss_eager_autograd(
+    at::TensorList student, at::TensorList teacher, at::ArrayRef<double> level_coef, double mse_weight,
+    double at_weight, double at_p, int64_t at_mode, int64_t whiten, double eps, bool compute_grad) {
+  for (const auto& t : student) DTK_CHECK(kOp, t.device().is_cpu(), "feat_loss_eager takes CPU tensors only");
+  for (const auto& t : teacher) DTK_CHECK(kOp, t.device().is_cpu(), "feat_loss_eager takes CPU tensors only");
+  auto out = FeatLossEager::apply(student, teacher, level_coef, mse_weight, at_weight, at_p, at_mode, whiten, eps,
+                                  compute_grad);
+  return {out[0], out[1], out[2]};
+}
+
+// Below autograd (inference mode, or a call that already passed the Autograd key): the forward only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feat_loss_eager_cpu(
+    at::TensorList student, at::TensorList teacher, at::ArrayRef<double> level_coef, double mse_weight,
+    double at_weight, double at_p, int64_t at_mode, int64_t whiten, double eps, bool compute_grad) {
+  auto [loss, mse, at, grads] =
+      feat_loss_cpu(student, teacher, level_coef, mse_weight, at_weight, at_p, at_mode, whiten, eps, false);
+  (void)grads;
+  (void)compute_grad;
+  return {loss, mse, at};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dtkernels, CPU, m) { m.impl("feat_loss", &feat_loss_cpu); }
+TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {
+  m.impl("feat_loss", &feat_loss_cpu);
+  m.impl("feat_loss_eager", &feat_loss_eager_cpu);
+}
+
+TORCH_LIBRARY_IMPL(dtkernels, Autograd, m) { m.impl("feat_loss_eager", &feat_loss_eager_autograd); }
 
 }  // namespace dtkernels

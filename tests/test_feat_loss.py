@@ -242,6 +242,30 @@ def test_backward_twice_with_retain_graph(backend):
     assert torch.equal(first, student.grad)
 
 
+def test_backward_twice_with_retain_graph_unit_gradient(backend):
+    """The unit upstream gradient hands the kernel's gradient buffer to autograd: a retained graph must not let the
+    first backward's .grad alias the buffer the second one returns."""
+    student = make_levels([(2, 4, 3, 3)])[0].requires_grad_()
+    loss = dtkernels.fused_feat_loss([student], make_levels([(2, 4, 3, 3)]))
+    loss.backward(retain_graph=True)
+    first = student.grad
+    first_copy = first.clone()
+    loss.backward(retain_graph=True)  # accumulates: 2x
+    torch.testing.assert_close(student.grad, 2 * first_copy, rtol=0, atol=0)
+    student.grad = None
+    loss.backward()
+    torch.testing.assert_close(student.grad, first_copy, rtol=0, atol=0)
+
+
+def test_inference_mode_gives_the_loss(backend):
+    student, teacher = make_levels([(2, 5, 3, 4)]), make_levels([(2, 5, 3, 4)], shift=0.5)
+    want = dtkernels.fused_feat_loss(student, teacher)
+    with torch.inference_mode():
+        got = dtkernels.fused_feat_loss(student, teacher)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_accumulates_into_existing_grad(backend):
     student = make_levels([(2, 4, 3, 3)])[0].requires_grad_()
     teacher = make_levels([(2, 4, 3, 3)])
@@ -339,12 +363,15 @@ def test_compile_fullgraph_matches_eager():
 
 
 def test_eager_calls_skip_the_generic_autograd_wrapper_and_traced_calls_keep_the_op():
-    """Eager automatic-backend calls run a plain autograd.Function around the dispatcher (about 0.15 ms less Python
-    per call); traced calls must still put the registered op (with its register_autograd formula) in the graph."""
+    """Eager automatic-backend CPU calls run dtkernels::feat_loss_eager, whose autograd is a C++ autograd::Function
+    (no Python in forward or backward); traced calls must still put the registered op (with its register_autograd
+    formula) in the graph."""
     student = [s.requires_grad_() for s in make_levels(R50_SMALL[:2])]
     teacher = make_levels(R50_SMALL[:2], shift=0.5)
     loss = dtkernels.fused_feat_loss(student, teacher)
-    assert type(loss.grad_fn).__name__ == "_FeatLossFunctionBackward"
+    assert "FeatLossEager" in loss.grad_fn.name()
+    with dtkernels.use_backend("cpp"):  # a forced backend: the Python autograd.Function around the kernel
+        assert type(dtkernels.fused_feat_loss(student, teacher).grad_fn).__name__ == "_FeatLossFunctionBackward"
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode()
