@@ -1,7 +1,7 @@
 """The embedded end-to-end demo: does DreamTeacher pretraining help on the built-in dataset? (``dreamteacher demo``)
 
 Phases (teacher and pretraining have wall-clock caps; ``make demo`` on a fresh clone, install included, must fit in
-15 minutes on a 2-core CPU and took 12m38s there):
+15 minutes on a 2-core CPU and took 11m54s there):
 
 1. teacher: a small DDPM UNet trained on procedural shapes (cached in OUT/teacher);
 2. interpreter: a feature interpreter on the teacher's features of the smallest label budget's images (seed 0);
