@@ -4,6 +4,7 @@ matrix-product path only where that is exact."""
 
 from __future__ import annotations
 
+import copy
 import platform
 import subprocess
 import sys
@@ -158,8 +159,6 @@ def test_single_pixel_conv_propagates_nan_and_inf():
 
 
 def test_single_pixel_convs_as_linear_on_the_demo_student_and_regressor():
-    import copy
-
     from dreamteacher.regressor import FeatureRegressor
     from dreamteacher.student import StudentBackbone
 
@@ -206,3 +205,25 @@ def test_single_pixel_conv_under_autocast():
     assert xf.grad.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in fast.parameters())
     for a, b in zip([y, xf.grad, fast.weight.grad, fast.bias.grad], [y_ref] + g_ref):
         torch.testing.assert_close(a.double(), b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
+
+
+def test_single_pixel_conv_compiles_without_graph_breaks():
+    """run.compile=true compiles the trainable module with these convolutions in it: fullgraph, both input sizes."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 3, stride=2, padding=1))
+    fast = copy.deepcopy(ref)
+    single_pixel_convs_as_linear(fast)
+    compiled = torch.compile(fast, fullgraph=True)
+    for size in (1, 5):
+        x = torch.randn(3, 8, size, size, requires_grad=True)
+        y = compiled(x)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        grads = [x.grad] + [p.grad for p in fast.parameters()]
+        x_ref = x.detach().clone().requires_grad_()
+        y_ref = ref(x_ref)
+        (y_ref * torch.arange(y_ref.numel()).view_as(y_ref)).sum().backward()
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, [x_ref.grad] + [p.grad for p in ref.parameters()]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        fast.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
