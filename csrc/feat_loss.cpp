@@ -1202,10 +1202,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
 // ---------------------------------------------------------------------------------------------------------------
 // feat_loss_eager: the eager CPU path with its autograd in C++.
 //
-// An eager fused_feat_loss call on CPU tensors spends ~100 us in Python around the kernel (an autograd.Function's
-// forward and, above all, its backward: the engine calls back into Python). This op is the same kernel with the
-// same backward formula as dtkernels::feat_loss + its registered autograd, as a C++ autograd::Function registered
-// at the Autograd key, so neither direction re-enters Python. Used by dtkernels._library for plain eager CPU calls
+// With a Python autograd.Function around the kernel, an eager fused_feat_loss forward + backward on tiny CPU inputs
+// costs ~100 us outside the kernel, part of it the engine calling back into Python. This op is the same kernel with
+// the same backward formula as dtkernels::feat_loss + its registered autograd, as a C++ autograd::Function
+// registered at the Autograd key, so neither direction re-enters Python (~84 us; most of the rest is the autograd
+// engine itself). The unit-gradient shortcut below is the CPU branch of _library._scale_grads, in C++. Used by dtkernels._library for plain eager CPU calls
 // only; traced calls (torch.compile, fake tensors) keep dtkernels::feat_loss.
 struct FeatLossEager : public torch::autograd::Function<FeatLossEager> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList student,

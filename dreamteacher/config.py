@@ -113,7 +113,8 @@ class RunConfig:
     single_pixel_linear: bool | None = opt(None, "run the trainable module's convolutions that see 1x1 maps as the "
                                                  "equivalent matrix product (dreamteacher.perf.SinglePixelConv2d; "
                                                  "exact); null (auto): on CPU, where oneDNN's weight gradient for "
-                                                 "them is slow (demo step 74 -> 54 ms for student + regressor)")
+                                                 "them is slow (student + regressor forward + backward at the demo "
+                                                 "size: 74 -> 54 ms)")
     keep_freed_memory: bool = opt(True, "CPU: make glibc malloc keep freed memory for reuse instead of returning it "
                                         "to the kernel, which otherwise page-faults it back in every step "
                                         "(dreamteacher.perf; 130 -> 92 ms per demo step on this project's CPU)")

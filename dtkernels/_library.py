@@ -12,9 +12,10 @@ variable ``DTKERNELS_BACKEND`` (``auto``, ``cpp``, ``triton``, ``reference``); t
 chosen implementation directly through :class:`_FeatLossFunction`, which has the same autograd formula as the op.
 Eager calls on the automatic backend skip ``register_autograd``'s generic wrapper (:func:`_fast_eager`; about 0.15 ms
 of Python per call, a fifth of a small feature-loss call): on CPU tensors ``fused_feat_loss`` calls
-``dtkernels::feat_loss_eager``, whose autograd is a C++ ``autograd::Function`` (no Python in forward or backward,
-about 0.1 ms less again); other eager calls use the same ``autograd.Function`` around the dispatcher below the
-Autograd key. Traced calls (torch.compile, fake tensors) go through the registered op.
+``dtkernels::feat_loss_eager``, whose autograd is a C++ ``autograd::Function`` (no Python in forward or backward:
+about 15 µs less per forward + backward, 100 -> 84 µs on tiny inputs); other eager calls use the same
+``autograd.Function`` around the dispatcher below the Autograd key. Traced calls (torch.compile, fake tensors) go
+through the registered op.
 """
 
 from __future__ import annotations
