@@ -198,27 +198,27 @@ def add_pretrain(subparsers) -> argparse.ArgumentParser:
         epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML config file (sections as below)")
     p.add_argument("--resume", default=None, metavar="CKPT",
-                   help="checkpoint to continue from ('auto': OUT_DIR/checkpoints/last.pt); its config is the base "
-                        "unless --config is given, overrides still apply")
+                   help="checkpoint to continue from, or 'auto': the newest loadable checkpoint in "
+                        "OUT_DIR/checkpoints, a fresh start when there is none (for rerunning a killed job as is); "
+                        "the checkpoint's config is the base unless --config is given, overrides still apply. "
+                        "Checkpoints are read weights-only (never run code); convert old ones with "
+                        "`dreamteacher convert-checkpoint`")
     p.set_defaults(_accepts_overrides=True)
     return p
 
 
 def _pretrain_config(args: argparse.Namespace):
     from .config import config_from_dict, load_config
+    from .train import find_resume_checkpoint, load_checkpoint
 
     resume = args.resume
+    if resume == "auto":  # the run directory comes from --config / the overrides; pretrain() starts fresh on "auto"
+        found = find_resume_checkpoint(load_config(args.config, args.overrides).run.out_dir)
+        resume = str(found) if found is not None else "auto"
     base = None
-    if resume is not None and args.config is None:
-        if resume == "auto":
-            cfg = load_config(None, args.overrides)
-            resume = str(Path(cfg.run.out_dir) / "checkpoints" / "last.pt")
-        from .train import load_checkpoint
-
+    if resume not in (None, "auto") and args.config is None:
         base = config_from_dict(load_checkpoint(resume)["config"])
     cfg = load_config(args.config, args.overrides, base=base)
-    if resume == "auto":
-        resume = str(Path(cfg.run.out_dir) / "checkpoints" / "last.pt")
     return cfg, resume
 
 
@@ -623,6 +623,40 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ convert-checkpoint
+def add_convert_checkpoint(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert-checkpoint", help="rewrite an old pretrain checkpoint (pickled RNG state) as a weights-only one",
+        description="Checkpoints of older dreamteacher versions kept NumPy's RNG state as pickled NumPy objects, so "
+                    "they cannot be read weights-only and every command refuses them. This rewrites IN as OUT with "
+                    "the RNG states as tensors and numbers; pretraining resumed from OUT continues exactly as from "
+                    "IN. Reading IN unpickles nothing but NumPy arrays (a fixed allowlist of their constructors); a "
+                    "file holding any other object is refused and nothing in it runs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", metavar="IN", help="old checkpoint (OUT_DIR/checkpoints/last.pt of an older run)")
+    p.add_argument("out", metavar="OUT", help="converted checkpoint to write (may be IN itself; written atomically)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="required: confirm that IN comes from a source you trust. IN is a pickle, and loading "
+                        "pickles can run arbitrary code; this command only rebuilds NumPy arrays from it and refuses "
+                        "anything else, but a file from an untrusted source can still carry harmful weights or "
+                        "exploit the unpickler")
+    return p
+
+
+def run_convert_checkpoint(args: argparse.Namespace) -> int:
+    from .serialization import convert_legacy_checkpoint
+
+    if not args.trust_pickle:
+        print(f"error: --trust-pickle: required; {args.checkpoint} was not read. Converting unpickles NumPy objects "
+              "from it: pass --trust-pickle only for a checkpoint from a source you trust", file=sys.stderr)
+        return 2
+    result = convert_legacy_checkpoint(args.checkpoint, args.out)
+    note = "" if result["converted"] else " (IN was already weights-only loadable; rewritten as is)"
+    print(f"checkpoint {result['dst']}: step {result['step']}, weights-only loadable{note}; resume with "
+          f"`dreamteacher pretrain --resume {result['dst']}`")
+    return 0
+
+
 #: name -> (declare the options, run the command)
 COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "cache-features": (add_cache_features, run_cache_features),
@@ -633,6 +667,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "evaluate": (add_evaluate, run_evaluate),
     "viz": (add_viz, run_viz),
     "demo": (add_demo, run_demo),
+    "convert-checkpoint": (add_convert_checkpoint, run_convert_checkpoint),
 }
 
 
@@ -663,4 +698,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .perf import keep_freed_memory
 
         keep_freed_memory()
-    return args._run(args)
+    from .serialization import LoadError
+
+    try:
+        return args._run(args)
+    except LoadError as e:  # a file that was not loaded (unsafe, damaged, missing): one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2

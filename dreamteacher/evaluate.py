@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from .data import LABELLED_POOL_SEED, LABELLED_POOL_SIZE, SHAPE_CLASSES, TEST_SEED, ProceduralShapes, labelled_indices
 from .perf import single_pixel_convs_as_linear
 from .regressor import conv_bn_relu
+from .serialization import LoadError, load_file
 from .student import StudentBackbone
 
 logger = logging.getLogger("dreamteacher")
@@ -70,19 +71,17 @@ class SegmentationModel(nn.Module):
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """Backbone weights from an exported file (.safetensors or torch.save) or a pretraining checkpoint."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Backbone weights from an exported file (.safetensors or torch.save) or a pretraining checkpoint, read
+    without running code from the file (:mod:`dreamteacher.serialization`)."""
+    state = load_file(path, what="backbone")
     if isinstance(state, Mapping) and "model" in state and "config" in state:  # dreamteacher pretrain checkpoint
         prefix = "student.body."
         state = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
         if not state:
-            raise ValueError(f"backbone: {path} is a checkpoint without student weights (no 'student.body.*' keys)")
+            raise LoadError(f"backbone: {path} is a checkpoint without student weights (no 'student.body.*' keys)",
+                            path=path)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"backbone: {path} holds no state_dict of tensors")
+        raise LoadError(f"backbone: {path} holds no state_dict of tensors", path=path)
     return dict(state)
 
 
@@ -110,10 +109,12 @@ def load_backbone(student: StudentBackbone, path: str | os.PathLike) -> StudentB
 
 
 def load_segmentation_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
-    """A fine-tuned model saved by :func:`evaluate_backbones` (``save_models``), in eval mode."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """A fine-tuned model saved by :func:`evaluate_backbones` (``save_models``), in eval mode. Read weights-only:
+    never runs code from the file (:class:`~dreamteacher.serialization.LoadError` otherwise)."""
+    state = load_file(path, what="segmentation model")
     if not isinstance(state, Mapping) or state.get("kind") != "dreamteacher.segmentation":
-        raise ValueError(f"path: {path} is not a segmentation checkpoint written by dreamteacher evaluate")
+        raise LoadError(f"segmentation model: {path} is not a segmentation model written by `dreamteacher evaluate "
+                        "--save-models`", path=path)
     model = SegmentationModel(state["student"], state["num_classes"], width=state["width"])
     model.load_state_dict(state["state_dict"])
     model.class_names = list(state.get("class_names") or [])

@@ -366,13 +366,15 @@ class FeatureCacheDataset(Dataset):
         return self._offsets[-1]
 
     def _handle(self, shard: int):
-        from safetensors import safe_open
+        # Shards are only ever read as safetensors (no code in the format); a file that is not one, say a pickle
+        # planted with a matching manifest entry, is a LoadError, never unpickled.
+        from .serialization import open_safetensors
 
         handle = self._handles.get(shard)
         if handle is None:
             if len(self._handles) >= 4:  # a few open shards are enough for sequential or shard-local access
                 self._handles.pop(next(iter(self._handles)))
-            handle = safe_open(str(self.root / self.shards[shard]["file"]), framework="pt")
+            handle = open_safetensors(self.root / self.shards[shard]["file"], what=f"feature cache shard {shard}")
             self._handles[shard] = handle
         return handle
 

@@ -119,13 +119,18 @@ def _teacher_record(cfg, teacher, order: Sequence[int]) -> dict[str, Any]:
 
 def load_interpreter(path: str | os.PathLike, device: str | torch.device = "cpu"
                      ) -> tuple[FeatureInterpreter, dict[str, Any]]:
-    """The interpreter saved by :func:`train_interpreter` (eval mode, frozen) and its record (teacher, labels)."""
+    """The interpreter saved by :func:`train_interpreter` (eval mode, frozen) and its record (teacher, labels).
+
+    Read weights-only: never runs code from the file (:class:`~dreamteacher.serialization.LoadError` otherwise)."""
+    from .serialization import LoadError, load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label.interpreter: {path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_file(path, what="label.interpreter")
     if not isinstance(state, dict) or state.get("kind") != "dreamteacher.interpreter":
-        raise ValueError(f"label.interpreter: {path} is not an interpreter written by dreamteacher train-interpreter")
+        raise LoadError(f"label.interpreter: {path} is not an interpreter written by dreamteacher train-interpreter",
+                        path=path)
     model = FeatureInterpreter(**state["config"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval().requires_grad_(False), state

@@ -254,13 +254,10 @@ def state_fingerprint(module: nn.Module, extra: Any = None) -> str:
 def _load_embedding(source: torch.Tensor | str | os.PathLike) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return source
-    path = Path(source)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from .serialization import load_file
 
-        tensors = load_file(str(path))
-    else:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(source)
+    tensors = load_file(path, what="text_embedding")  # safetensors or weights-only torch.save, never runs code
     if isinstance(tensors, dict):
         if "embedding" in tensors:
             return tensors["embedding"]

@@ -33,6 +33,17 @@ import dtkernels
 
 from .config import PretrainConfig, config_from_dict, config_to_dict
 from .regressor import FeatureRegressor
+from .serialization import (
+    CHECKPOINT_KIND,
+    CHECKPOINT_VERSION,
+    CorruptFileError,
+    encode_rng_states,
+    numpy_rng_state,
+    python_rng_state,
+    remove_stale_temporaries,
+    save_plain,
+)
+from .serialization import load_checkpoint as _load_checkpoint
 from .student import StudentBackbone
 from .teacher import DiffusionTeacher
 
@@ -269,17 +280,14 @@ def _images(batch: Any) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """``torch.save`` to a temporary file in the same directory, then an atomic rename: a crash mid-write never
-    leaves a truncated checkpoint under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write ``state`` (plain data only: tensors, numbers, strings, lists, dicts) to ``path`` so that
+    ``torch.load(weights_only=True)`` reads it: fsynced under a temporary name in the same directory, then renamed, so
+    a crash or SIGKILL mid-write never leaves a partial file under ``path`` (:func:`serialization.save_plain`)."""
+    return save_plain(path, state)
 
 
 def _rng_states() -> dict:
+    """Every RNG the loop draws from, as plain data (:func:`serialization.encode_rng_states`)."""
     states = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -289,22 +297,65 @@ def _rng_states() -> dict:
         states["numpy"] = np.random.get_state()
     except ImportError:
         pass
-    return states
+    return encode_rng_states(states)
 
 
 def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
+    random.setstate(python_rng_state(states["python"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     if "numpy" in states:
         import numpy as np
 
-        np.random.set_state(states["numpy"])
+        np.random.set_state(numpy_rng_state(states["numpy"]))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict:
+    """A pretrain checkpoint, read weights-only (never runs code from the file); :class:`LoadError` otherwise."""
+    return _load_checkpoint(path, mmap=mmap)
+
+
+def find_resume_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """What ``--resume auto`` continues from: the loadable checkpoint with the most steps in
+    ``out_dir/checkpoints`` (the newest file on ties), or None when there is none (a fresh start).
+
+    Truncated or damaged files are skipped with a warning (a run killed mid-write leaves only its temporary file,
+    which is not a candidate, but a copied or damaged file may be there); a file that holds pickled objects is an
+    error (:class:`UnsafeFileError`), never skipped silently.
+    """
+    folder = Path(out_dir) / "checkpoints"
+    best, best_key = None, None
+    for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            step = int(load_checkpoint(path, mmap=True).get("step", -1))
+        except CorruptFileError as e:
+            logger.warning("--resume auto: skipping %s", e)
+            continue
+        key = (step, path.stat().st_mtime_ns, path.name == "last.pt")
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+    return best
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop the records after ``step`` from a log that a killed run appended to, so that the resumed run's records
+    follow on without duplicates."""
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the kill
+            break
+        keep.append(line)
+    if len(keep) != len(lines):
+        log.write_text("".join(keep))
 
 
 # ------------------------------------------------------------------------------------------------ Ctrl-C
@@ -338,6 +389,10 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     Writes to ``cfg.run.out_dir``: ``config.yaml``, ``log.jsonl`` (one JSON object per logged step),
     ``checkpoints/last.pt`` (atomic; every ``ckpt_every`` steps, at the end and on Ctrl-C) and ``backbone.pth``
     (the student as a plain timm state_dict, see :func:`export_backbone`).
+
+    ``resume``: a checkpoint to continue from exactly (model, optimizer, schedule, data position, RNG states), or
+    ``"auto"``: the newest loadable checkpoint of ``cfg.run.out_dir`` (:func:`find_resume_checkpoint`), a fresh start
+    when there is none. Resuming drops the log records after the checkpoint's step (a killed run wrote them).
     """
     # -- distributed setup and seeds
     env = setup_distributed(cfg.run.device)
@@ -348,6 +403,11 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         keep_freed_memory()
     out = Path(cfg.run.out_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
+    resuming = resume is not None
+    if resume == "auto":
+        resume = find_resume_checkpoint(out)
+        if resume is None:
+            logger.info("--resume auto: no checkpoint in %s, starting fresh", out / "checkpoints")
     state = load_checkpoint(resume) if resume is not None else None
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
@@ -422,6 +482,11 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         import yaml
 
         out.mkdir(parents=True, exist_ok=True)
+        if ckpt_path.parent.is_dir():
+            for tmp in remove_stale_temporaries(ckpt_path.parent):
+                logger.info("removed %s, the partial checkpoint of a killed run", tmp)
+        if resuming:
+            _truncate_log(out / "log.jsonl", step)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     log_file = open(out / "log.jsonl", "a") if env.is_main else None  # noqa: SIM115 -- closed in finally
 
@@ -430,7 +495,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
-                "world_size": env.world_size, "rng": _rng_states(), "config": config_to_dict(cfg)})
+                "world_size": env.world_size, "rng": _rng_states(), "config": config_to_dict(cfg),
+                "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
         if env.distributed:
             dist.barrier()
 

@@ -479,18 +479,14 @@ def loss_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike) 
 # ------------------------------------------------------------------------------------------------ checkpoint features
 def load_pretrain_checkpoint(checkpoint: str | os.PathLike) -> dict:
     """A ``dreamteacher pretrain`` checkpoint (``OUT/checkpoints/last.pt``), checked to hold ``model`` and
-    ``config``; a clear error for anything else."""
+    ``config``, read weights-only (never runs code from the file); a
+    :class:`~dreamteacher.serialization.LoadError` for anything else."""
+    from .serialization import load_checkpoint
+
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch.load raises pickle, zip and runtime errors for files it cannot read
-        raise ValueError(f"checkpoint: {path} is not a torch checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping) or "config" not in state:
-        raise ValueError(f"checkpoint: {path} is not a dreamteacher pretrain checkpoint (expected a dict with 'model' "
-                         "and 'config', as OUT/checkpoints/last.pt of `dreamteacher pretrain`)")
-    return dict(state)
+    return load_checkpoint(path, what="checkpoint")
 
 
 def build_distillation(cfg: Any, device: torch.device | str = "cpu", *, num_classes: int | None = None,
