@@ -38,9 +38,9 @@ def add_cache_features(subparsers) -> argparse.ArgumentParser:
                     "given to the teacher in [-1, 1].",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", required=True, metavar="DIR",
-                   help="local diffusers directory: a pipeline layout (unet/, scheduler/, optional vae/ and "
-                        "uncond_embedding.safetensors) or a bare UNet directory (config.json + weights). Never "
-                        "downloads.")
+                   help="local diffusers directory: a pipeline layout (unet/, scheduler/, optional vae/, "
+                        "text_encoder/ + tokenizer/ and uncond_embedding.safetensors) or a bare UNet directory "
+                        "(config.json + weights). Never downloads.")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="folder of images, searched recursively; unreadable files are skipped and counted")
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed when it exists)")
@@ -60,7 +60,11 @@ def add_cache_features(subparsers) -> argparse.ArgumentParser:
                         "each feature at its native resolution")
     p.add_argument("--text-embedding", default=None, metavar="FILE",
                    help="latent (conditional) teachers: .pt or .safetensors file with the unconditional text "
-                        "embedding [L, D]; default: the teacher directory's uncond_embedding.safetensors, else zeros")
+                        "embedding [L, D]; default: the empty prompt's embedding by the teacher's text_encoder/ + "
+                        "tokenizer/, else its uncond_embedding.safetensors, else an error (see --conditioning)")
+    p.add_argument("--conditioning", choices=("auto", "zeros"), default="auto",
+                   help="conditional teachers: auto (the embedding found as --text-embedding says) or zeros (a zero "
+                        "embedding, the explicit opt-in)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per teacher forward")
     p.add_argument("--shard-size", type=_positive_int, default=256, help="images per shard file")
     p.add_argument("--seed", type=int, default=0, help="base seed of the per-batch noise draws")
@@ -85,7 +89,7 @@ def run_cache_features(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     teacher = DiffusionTeacher.from_pretrained(
         args.teacher, taps=args.taps, strides=args.strides, t=args.t, mode=args.mode, n_noise=args.n_noise,
-        ddim_steps=args.ddim_steps, **({"text_embedding": args.text_embedding} if args.text_embedding else {}))
+        ddim_steps=args.ddim_steps, text_embedding=args.text_embedding or None, conditioning=args.conditioning)
     teacher = teacher.to(device=device, dtype=getattr(torch, _DTYPES[args.dtype]))
     dataset = ImageFolderDataset(args.data, args.resolution, uint8=True)
     if args.limit is not None:

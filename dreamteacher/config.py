@@ -58,6 +58,16 @@ class TeacherConfig:
     dtype: str = opt("auto", "teacher weights and features dtype (auto: bfloat16 on GPU, float32 on CPU)",
                      choices=("auto", "float32", "bfloat16", "float16"))
     early_exit: bool = opt(True, "stop the teacher forward after the last tapped block")
+    text_embedding: str = opt("", "conditional (latent, Stable Diffusion style) teachers: .safetensors or .pt file "
+                                  "with the unconditional text embedding [L, D] or [1, L, D], D the UNet's "
+                                  "cross_attention_dim; empty: see teacher.conditioning")
+    conditioning: str = opt("auto", "conditional teachers' text embedding. auto: teacher.text_embedding if given, "
+                                    "else the empty prompt's embedding by the teacher's text_encoder/ + tokenizer/ "
+                                    "(computed once, cached as uncond_embedding.safetensors in teacher.path, or in "
+                                    "run.out_dir where that is read-only), else "
+                                    "teacher.path/uncond_embedding.safetensors, else an error. zeros: a zero "
+                                    "embedding, the explicit opt-in",
+                            choices=("auto", "zeros"))
 
 
 @dataclass
@@ -267,6 +277,9 @@ def _validate(cfg: PretrainConfig) -> PretrainConfig:
                           f"model.reductions), got {len(cfg.teacher.taps)}")
     if not cfg.model.reductions:
         raise ConfigError("model.reductions: expected at least one stride")
+    if cfg.teacher.conditioning == "zeros" and cfg.teacher.text_embedding:
+        raise ConfigError("teacher.conditioning: zeros excludes teacher.text_embedding "
+                          f"({cfg.teacher.text_embedding!r}); set one of them")
     return cfg
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "DiffusionTeacher",
     "GeneratorTeacher",
     "default_tap_names",
+    "encode_empty_prompt",
     "resize_to_stride",
     "state_fingerprint",
 ]
@@ -269,12 +270,209 @@ def _load_embedding(source: torch.Tensor | str | os.PathLike) -> torch.Tensor:
     return tensors
 
 
+#: Values of ``conditioning`` (config ``teacher.conditioning``): how a conditional UNet gets its text embedding.
+CONDITIONINGS = ("auto", "zeros")
+#: The log's and ``conditioning_source``'s name for the explicit zeros opt-in.
+ZEROS_SOURCE = "zeros (explicit opt-in)"
+# Metadata marking an uncond_embedding.safetensors as this module's cache of a text encoder's empty-prompt embedding;
+# only such files are ever overwritten.
+_CACHE_MARK = "dreamteacher.empty_prompt_embedding"
+# How the cached embedding is made; a change here must invalidate old caches.
+_CACHE_RECIPE = "tokenizer('', padding=max_length, max_length=model_max_length, truncation) -> text_encoder[0] fp32"
+
+
+def _cross_attention_dim(unet: nn.Module) -> int | None:
+    """The UNet's ``cross_attention_dim`` when it takes ``encoder_hidden_states`` (a conditional UNet), else None."""
+    cross_dim = getattr(unet, "config", {}).get("cross_attention_dim")
+    if cross_dim is None or "encoder_hidden_states" not in _forward_params(unet):
+        return None
+    if isinstance(cross_dim, (list, tuple)):
+        cross_dim = cross_dim[0]
+    return int(cross_dim)
+
+
+def _check_embedding(emb: torch.Tensor, cross_dim: int, what: str) -> torch.Tensor:
+    """``[L, D]`` or ``[1, L, D]`` -> ``[1, L, D]`` float32, with ``D`` the UNet's ``cross_attention_dim``."""
+    # A fresh copy: never the caller's storage, and never a tensor inside a file's read buffer, whose alignment
+    # (it moves with the safetensors header length) changes which CPU kernel the attention runs and so its bits.
+    emb = emb.detach().to(torch.float32, copy=True)
+    if emb.dim() == 2:
+        emb = emb.unsqueeze(0)
+    if emb.dim() != 3 or emb.shape[0] != 1 or emb.shape[1] < 1 or emb.shape[-1] != cross_dim:
+        raise ValueError(f"text_embedding: {what} has shape {tuple(emb.shape)}; expected [L, {cross_dim}] or "
+                         f"[1, L, {cross_dim}] (the UNet's cross_attention_dim is {cross_dim})")
+    return emb
+
+
+def _missing_conditioning(cross_dim: int, root: Path | None) -> str:
+    """The refusal for a conditional UNet without a text embedding, naming the three ways to fix it."""
+    where = f"the UNet of {root}" if root is not None else "the UNet"
+    folder = str(root) if root is not None else "the teacher directory"
+    return (f"conditioning: {where} is conditional (cross_attention_dim={cross_dim}) and no unconditional text "
+            f"embedding was found; refusing to condition it on zeros silently. Fix one of: (1) add the pipeline's "
+            f"text_encoder/ and tokenizer/ to {folder} (the empty prompt's embedding is computed from them); "
+            f"(2) pass an embedding file of shape [L, {cross_dim}] or [1, L, {cross_dim}]: teacher.text_embedding=FILE "
+            f"(pretrain), --text-embedding FILE (cache-features), text_embedding= (Python); (3) opt in to zeros: "
+            f"teacher.conditioning=zeros (pretrain), --conditioning zeros (cache-features), conditioning='zeros' "
+            f"(Python)")
+
+
+def _text_encoder_key(root: Path) -> str:
+    """sha256 over the recipe and the name, size and mtime of every file in ``text_encoder/`` and ``tokenizer/``.
+
+    File stats, not contents: hashing a real text encoder (~0.5 GB) would cost about as much as running it once.
+    """
+    h = hashlib.sha256(_CACHE_RECIPE.encode())
+    for sub in ("text_encoder", "tokenizer"):
+        for f in sorted(p for p in (root / sub).rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read_cached_embedding(file: Path, key: str) -> torch.Tensor | None:
+    """The embedding in ``file`` if it is this module's cache made from the same text encoder files, else None."""
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get(_CACHE_MARK) != key or "embedding" not in f.keys():
+                return None
+            return f.get_tensor("embedding")
+    except (OSError, ValueError, RuntimeError) as e:  # a truncated or foreign file: recompute
+        logger.debug("ignoring unreadable embedding cache %s: %s", file, e)
+        return None
+
+
+def _write_cached_embedding(emb: torch.Tensor, dirs: Sequence[Path], key: str, meta: dict[str, str]) -> Path | None:
+    """Write the cache into the first directory that is writable and holds no foreign uncond_embedding file.
+
+    The write is atomic (a temporary file renamed), so processes of one run writing at once leave a whole file.
+    Returns the file written, or None when no directory took it.
+    """
+    from safetensors.torch import save_file
+
+    for d in dirs:
+        target = d / UNCOND_EMBEDDING_FILE
+        if target.exists():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(target), framework="pt") as f:
+                    ours = _CACHE_MARK in (f.metadata() or {})
+            except (OSError, ValueError, RuntimeError):
+                ours = False
+            if not ours:  # a hand-made or saved embedding: never overwrite it
+                continue
+        tmp = d / f".{UNCOND_EMBEDDING_FILE}.{os.getpid()}.tmp"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if not os.access(d, os.W_OK):
+                continue
+            save_file({"embedding": emb.contiguous()}, str(tmp), metadata={_CACHE_MARK: key, **meta})
+            os.replace(tmp, target)
+            return target
+        except OSError as e:
+            logger.debug("cannot cache the empty-prompt embedding in %s: %s", d, e)
+            tmp.unlink(missing_ok=True)
+    return None
+
+
+def _saved_source(file: Path) -> str:
+    """`` (saved from: <source>)`` when ``file`` records where its embedding came from (:meth:`save_pretrained`)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, ValueError, RuntimeError):
+        return ""
+    return f" (saved from: {meta['source']})" if meta.get("source") else ""
+
+
+def _pipeline_class(root: Path, component: str) -> str | None:
+    """The transformers class a diffusers ``model_index.json`` names for ``component``, if any."""
+    index = root / "model_index.json"
+    if not index.is_file():
+        return None
+    entry = json.loads(index.read_text()).get(component)
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] == "transformers" and entry[1]:
+        return str(entry[1])
+    return None
+
+
+def encode_empty_prompt(root: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:
+    """The unconditional text embedding of a diffusers pipeline directory, as Stable Diffusion makes it.
+
+    ``StableDiffusionPipeline.encode_prompt`` embeds the negative prompt ``""`` padded to the tokenizer's
+    ``model_max_length`` and keeps the text encoder's ``last_hidden_state`` (output 0); this does the same with the
+    directory's own ``tokenizer/`` and ``text_encoder/`` (classes from ``model_index.json``, else the saved configs),
+    in float32 on CPU. ``transformers`` is imported here only.
+
+    Returns:
+        ``[1, L, D]`` float32 embedding (``L = model_max_length``, 77 for CLIP) and metadata saying how it was made.
+    """
+    root = Path(root)
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"conditioning: {root} has text_encoder/ and tokenizer/, which need `transformers` "
+                          f"(pip install 'dtkernels[train]'); or pass teacher.text_embedding=FILE or "
+                          f"teacher.conditioning=zeros") from e
+
+    tok_name = _pipeline_class(root, "tokenizer") or "AutoTokenizer"
+    enc_name = _pipeline_class(root, "text_encoder")
+    if enc_name is None:
+        archs = json.loads((root / "text_encoder" / "config.json").read_text()).get("architectures") or ["AutoModel"]
+        enc_name = archs[0]
+    tok_cls, enc_cls = getattr(transformers, tok_name, None), getattr(transformers, enc_name, None)
+    if tok_cls is None or enc_cls is None:
+        raise ValueError(f"conditioning: {root} names transformers classes {tok_name!r} / {enc_name!r}, which the "
+                         f"installed transformers {transformers.__version__} does not have")
+    tokenizer = tok_cls.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    # float32: the embedding is computed once and cast to the teacher's dtype afterwards, and CPU half kernels are
+    # neither fast nor available everywhere.
+    text_encoder = enc_cls.from_pretrained(str(root / "text_encoder"), local_files_only=True).float().eval()
+    max_length = int(tokenizer.model_max_length)
+    if max_length > 100_000:  # a tokenizer saved without a limit reports a huge sentinel
+        max_length = int(getattr(text_encoder.config, "max_position_embeddings", 77))
+    tokens = tokenizer("", padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
+    with torch.inference_mode():
+        emb = text_encoder(tokens.input_ids, attention_mask=mask)[0]
+    meta = {"made_by": "dreamteacher.teacher.encode_empty_prompt", "prompt": "", "recipe": _CACHE_RECIPE,
+            "teacher": str(root), "tokenizer_class": type(tokenizer).__name__,
+            "text_encoder_class": type(text_encoder).__name__, "max_length": str(max_length),
+            "transformers_version": transformers.__version__}
+    return emb.detach().float().clone(), meta
+
+
+def _empty_prompt_embedding(root: Path, fallback_dir: Path | None) -> tuple[torch.Tensor, str]:
+    """The empty-prompt embedding of ``root``'s text encoder, from the cache when it is current; and its source."""
+    key = _text_encoder_key(root)
+    dirs = [root] + ([fallback_dir] if fallback_dir is not None else [])
+    for d in dirs:
+        emb = _read_cached_embedding(d / UNCOND_EMBEDDING_FILE, key)
+        if emb is not None:
+            return emb, f"text encoder of {root} (empty prompt), cached in {d / UNCOND_EMBEDDING_FILE}"
+    emb, meta = encode_empty_prompt(root)
+    meta["source"] = f"text encoder of {root} (empty prompt)"
+    written = _write_cached_embedding(emb, dirs, key, meta)
+    where = f"cached in {written}" if written is not None else "not cached (no writable directory)"
+    return emb, f"text encoder of {root} (empty prompt), {where}"
+
+
 class DiffusionTeacher(nn.Module):
     """A frozen diffusers denoiser with its noise schedule, returning decoder features at the student's strides.
 
     Pixel space: a ``UNet2DModel``. Latent space (Stable Diffusion style): a ``UNet2DConditionModel`` plus an
     ``AutoencoderKL``; images are encoded to the latent mean times ``vae.config.scaling_factor`` and the UNet is
-    conditioned on an unconditional (empty-prompt) text embedding (zeros ``[1, 1, cross_attention_dim]`` by default).
+    conditioned on the unconditional (empty-prompt) text embedding it was trained with: ``text_embedding``, or
+    zeros ``[1, 1, cross_attention_dim]`` only when asked for by ``conditioning="zeros"``. A conditional UNet with
+    neither is refused (:meth:`from_pretrained` also finds the embedding in the pipeline directory).
 
     Encoding modes:
         ``"stochastic"``: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` by :func:`dtkernels.q_sample`, then one
@@ -286,7 +484,12 @@ class DiffusionTeacher(nn.Module):
         unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (any module with the same call signature).
         scheduler: a diffusers scheduler (its config is read into a ``DDPMScheduler``); default DDPM, 1000 steps.
         vae: an ``AutoencoderKL`` for latent-space teachers.
-        text_embedding: ``[L, D]`` or ``[1, L, D]`` tensor, or a ``.pt``/``.safetensors`` file holding it.
+        text_embedding: ``[L, D]`` or ``[1, L, D]`` tensor, or a ``.pt``/``.safetensors`` file holding it, with
+            ``D`` the UNet's ``cross_attention_dim``; conditional UNets only.
+        conditioning: ``"auto"`` (use ``text_embedding``, required for a conditional UNet) or ``"zeros"`` (the
+            explicit opt-in to a zero embedding; excludes ``text_embedding``). Unconditional UNets ignore it.
+        conditioning_source: how ``text_embedding`` was made, kept as :attr:`conditioning_source` (for the log and
+            the record); default: the file name, or ``"a tensor given by the caller"``.
         taps: module names inside ``unet`` to read; default its ``up_blocks``.
         strides: output stride per tap relative to the input image (e.g. the student's 4, 8, 16, 32); None keeps
             each feature at its native resolution.
@@ -302,7 +505,8 @@ class DiffusionTeacher(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, scheduler: Any = None, *, vae: nn.Module | None = None,
-                 text_embedding: torch.Tensor | str | os.PathLike | None = None, taps: Sequence[str] | None = None,
+                 text_embedding: torch.Tensor | str | os.PathLike | None = None, conditioning: str = "auto",
+                 conditioning_source: str | None = None, taps: Sequence[str] | None = None,
                  strides: Sequence[int] | None = None, t: int = DEFAULT_T, mode: str = "stochastic",
                  n_noise: int = 1, ddim_steps: int = 10, early_exit: bool = True,
                  feature_dtype: torch.dtype | None = None) -> None:
@@ -317,20 +521,25 @@ class DiffusionTeacher(nn.Module):
         self.num_train_timesteps = int(self.scheduler.alphas_cumprod.numel())
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
 
-        cross_dim = getattr(unet, "config", {}).get("cross_attention_dim")
-        self.conditional = cross_dim is not None and "encoder_hidden_states" in _forward_params(unet)
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
+        cross_dim = _cross_attention_dim(unet)
+        self.conditional = cross_dim is not None
+        #: Where the unconditional text embedding came from (None for unconditional UNets).
+        self.conditioning_source: str | None = None
         if self.conditional:
-            if isinstance(cross_dim, (list, tuple)):
-                cross_dim = cross_dim[0]
-            if text_embedding is None:
-                emb = torch.zeros(1, 1, int(cross_dim))
+            if conditioning == "zeros":
+                if text_embedding is not None:
+                    raise ValueError("conditioning: 'zeros' and a text_embedding exclude each other; drop one")
+                emb, source = torch.zeros(1, 1, cross_dim), ZEROS_SOURCE
+            elif text_embedding is None:
+                raise ValueError(_missing_conditioning(cross_dim, None))
             else:
-                emb = _load_embedding(text_embedding).detach().float()
-            if emb.dim() == 2:
-                emb = emb.unsqueeze(0)
-            if emb.dim() != 3 or emb.shape[0] != 1 or emb.shape[-1] != int(cross_dim):
-                raise ValueError(f"text_embedding: expected [L, {cross_dim}] or [1, L, {cross_dim}], "
-                                 f"got {tuple(emb.shape)}")
+                given = "a tensor given by the caller" if isinstance(text_embedding, torch.Tensor) \
+                    else f"file {text_embedding}"
+                emb = _check_embedding(_load_embedding(text_embedding), cross_dim, given)
+                source = conditioning_source or given
+            self.conditioning_source = source
             self.register_buffer("uncond_embedding", emb.to(next(unet.parameters()).dtype))
         elif text_embedding is not None:
             raise ValueError("text_embedding: the UNet takes no encoder_hidden_states (not a conditional UNet)")
@@ -372,12 +581,21 @@ class DiffusionTeacher(nn.Module):
         return cls(unet, scheduler, vae=vae, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> DiffusionTeacher:
+    def from_pretrained(cls, path: str | os.PathLike, *, text_embedding: torch.Tensor | str | os.PathLike | None = None,
+                        conditioning: str = "auto", embedding_cache_dir: str | os.PathLike | None = None,
+                        **kwargs) -> DiffusionTeacher:
         """Load from a local directory (never the hub).
 
-        Layouts: a pipeline directory (``unet/``, ``scheduler/``, optional ``vae/`` and ``uncond_embedding.safetensors``
-        as written by :meth:`save_pretrained` or a diffusers pipeline), or a bare UNet directory (``config.json`` +
-        weights, optional ``scheduler_config.json`` beside it). ``kwargs`` go to the constructor.
+        Layouts: a pipeline directory (``unet/``, ``scheduler/``, optional ``vae/``, ``text_encoder/`` + ``tokenizer/``
+        and ``uncond_embedding.safetensors``, as written by :meth:`save_pretrained` or a diffusers pipeline), or a
+        bare UNet directory (``config.json`` + weights, optional ``scheduler_config.json`` beside it).
+
+        A conditional UNet's unconditional text embedding, with ``conditioning="auto"``, is the first of:
+        ``text_embedding``; the empty prompt's embedding by the directory's ``text_encoder/`` and ``tokenizer/``
+        (:func:`encode_empty_prompt`, computed once and cached as ``uncond_embedding.safetensors`` in ``path``, or
+        in ``embedding_cache_dir`` where ``path`` is not writable); ``path/uncond_embedding.safetensors``. With none
+        of them it refuses. ``conditioning="zeros"`` is the explicit opt-in to zeros. One INFO line names the
+        source. ``kwargs`` go to the constructor.
         """
         import diffusers
 
@@ -405,9 +623,27 @@ class DiffusionTeacher(nn.Module):
         vae = None
         if (root / "vae" / "config.json").is_file():
             vae = diffusers.AutoencoderKL.from_pretrained(str(root / "vae"), **load)
-        if "text_embedding" not in kwargs and (root / UNCOND_EMBEDDING_FILE).is_file():
-            kwargs["text_embedding"] = root / UNCOND_EMBEDDING_FILE
-        teacher = cls(unet, scheduler, vae=vae, **kwargs)
+        source = None
+        cross_dim = _cross_attention_dim(unet)
+        if cross_dim is not None and conditioning == "auto" and text_embedding is None:
+            has_encoder, has_tokenizer = (root / "text_encoder").is_dir(), (root / "tokenizer").is_dir()
+            if has_encoder and has_tokenizer:
+                fallback = Path(embedding_cache_dir) if embedding_cache_dir is not None else None
+                text_embedding, source = _empty_prompt_embedding(root, fallback)
+                _check_embedding(text_embedding, cross_dim, f"the text encoder output of {root / 'text_encoder'}")
+            else:
+                if has_encoder != has_tokenizer:
+                    logger.warning("%s has %s/ but no %s/: its text encoder is not used", root,
+                                   *(("text_encoder", "tokenizer") if has_encoder else ("tokenizer", "text_encoder")))
+                if (root / UNCOND_EMBEDDING_FILE).is_file():
+                    text_embedding = root / UNCOND_EMBEDDING_FILE
+                    source = f"file {text_embedding}" + _saved_source(text_embedding)
+                else:
+                    raise ValueError(_missing_conditioning(cross_dim, root))
+        teacher = cls(unet, scheduler, vae=vae, text_embedding=text_embedding, conditioning=conditioning,
+                      conditioning_source=source, **kwargs)
+        if teacher.conditional:
+            logger.info("teacher conditioning: %s", teacher.conditioning_source)
         teacher.source = str(root)  # where it came from, for humans (the feature cache records it)
         return teacher
 
@@ -423,7 +659,7 @@ class DiffusionTeacher(nn.Module):
             from safetensors.torch import save_file
 
             save_file({"embedding": self.uncond_embedding.detach().cpu().contiguous()},
-                      str(root / UNCOND_EMBEDDING_FILE))
+                      str(root / UNCOND_EMBEDDING_FILE), metadata={"source": str(self.conditioning_source)})
 
     # ------------------------------------------------------------------------------------------------ frozen module
     def train(self, mode: bool = True) -> DiffusionTeacher:

@@ -206,7 +206,9 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
                   ddim_steps=cfg.teacher.ddim_steps, early_exit=cfg.teacher.early_exit)
     names = cfg.teacher.taps
     probe = DiffusionTeacher.from_pretrained(cfg.teacher.path, taps=None if names else _candidate_taps(cfg),
-                                             **common)
+                                             text_embedding=cfg.teacher.text_embedding or None,
+                                             conditioning=cfg.teacher.conditioning,
+                                             embedding_cache_dir=cfg.run.out_dir, **common)
     if names is None:  # automatic choice from the candidates' native strides (a dry run on a tiny input)
         info = probe.feature_info
         picked = select_taps([i["native_reduction"] for i in info], student_strides)
@@ -217,6 +219,7 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
     ordered = sorted(range(len(names)), key=lambda lvl: call_rank[names[lvl]])
     teacher = DiffusionTeacher(probe.unet, probe.scheduler, vae=probe.vae,
                                text_embedding=probe.uncond_embedding if probe.conditional else None,
+                               conditioning_source=probe.conditioning_source,
                                taps=[names[lvl] for lvl in ordered], strides=[student_strides[lvl] for lvl in ordered],
                                **common)
     teacher = teacher.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)

@@ -318,7 +318,7 @@ def test_latent_teacher_roundtrip_and_embedding_files(latent, tmp_path):
     torch.save(latent.uncond_embedding[0].clone(), tmp_path / "emb.pt")
     from_pt = DiffusionTeacher(loaded.unet, loaded.scheduler, vae=loaded.vae, text_embedding=tmp_path / "emb.pt")
     torch.testing.assert_close(from_pt.uncond_embedding, latent.uncond_embedding)
-    zeros = DiffusionTeacher(loaded.unet, loaded.scheduler, vae=loaded.vae)
+    zeros = DiffusionTeacher(loaded.unet, loaded.scheduler, vae=loaded.vae, conditioning="zeros")  # opt-in only
     assert zeros.uncond_embedding.shape == (1, 1, 16) and not zeros.uncond_embedding.any()
     # the latents are the VAE mean times the scaling factor
     with torch.no_grad():
