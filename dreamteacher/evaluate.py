@@ -38,8 +38,6 @@ __all__ = ["SegmentationModel", "SegmentationFolder", "load_backbone", "load_seg
            "iou_from_confusion", "finetune", "evaluate_model", "evaluate_backbones", "write_results",
            "builtin_splits"]
 
-_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head_")
-
 
 # ------------------------------------------------------------------------------------------------ model
 class SegmentationModel(nn.Module):
@@ -86,26 +84,37 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone(student: StudentBackbone, path: str | os.PathLike) -> StudentBackbone:
-    """Load exported backbone weights (``dreamteacher export``, ``.pth`` or ``.safetensors``) or the student of a
-    pretraining checkpoint into ``student``, strictly: every backbone key must be present with its shape; extra keys
-    are allowed only for a classifier head (``fc.``, ``head.``, ``classifier.``)."""
+    """Load an exported backbone (``dreamteacher export``: timm's own names, ``.safetensors`` or ``.pth``) or the
+    student of a pretraining checkpoint into ``student``, strictly
+    (:meth:`~dreamteacher.student.StudentBackbone.load_exported_state_dict`): every backbone tensor must be there with
+    its shape; other keys are allowed only for the timm model's layers after the student's last level (a classifier
+    head, a final norm), which are ignored. Files keyed by timm's ``features_only`` names (a checkpoint's student,
+    exports of older versions) are translated."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone: {path}: no such file")
+    exported_from = _exported_timm_model(path)
+    if exported_from is not None and exported_from != student.name:
+        raise ValueError(f"backbone: {path} is an export of timm {exported_from!r}, not {student.name!r}")
     state = _read_state(path)
-    own = student.body.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own and not k.startswith(_HEAD_PREFIXES))
-    if missing or unexpected:
-        raise ValueError(f"backbone: {path} does not match timm {student.name!r}: "
-                         f"{len(missing)} missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    wrong = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
-    if wrong:
-        raise ValueError(f"backbone: {path}: shape mismatch for {wrong[:5]} (e.g. {wrong[0]}: file "
-                         f"{tuple(state[wrong[0]].shape)}, model {tuple(own[wrong[0]].shape)})")
-    student.body.load_state_dict({k: state[k] for k in own})
+    if student.body.state_dict().keys() <= state.keys():  # features_only names
+        key_map = student.timm_key_map()
+        state = {key_map.get(k, k): v for k, v in state.items()}
+    student.load_exported_state_dict(state, source=f"backbone: {path}")
     return student
+
+
+def _exported_timm_model(path: Path) -> str | None:
+    """``timm_model`` in a safetensors file's metadata (``dreamteacher export``), None for other files."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("timm_model")
+    except Exception:  # noqa: BLE001 -- not readable here: _read_state reports the damaged file
+        return None
 
 
 def load_segmentation_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
