@@ -3,7 +3,8 @@ in subprocesses (exit 2, one ``error:`` line, no traceback, the planted command 
 is weights-only loadable; old checkpoints are refused with the way to convert them, and converted exactly; damaged
 files and non-plain data get clear errors; no ``weights_only=False`` in the package.
 
-Tiny everything: an untrained 3-level 8/16/16-channel DDPM teacher, resnet18 students at 32x32, one or two steps.
+Tiny everything: an untrained 3-level 8/16/16-channel DDPM teacher, timm's test_resnet students at 32x32 (small
+checkpoints), one or two steps.
 The CLI subprocesses run a few at a time (each spends most of its time importing).
 """
 
@@ -58,8 +59,9 @@ def plant(path: Path, marker: Path, *, like_checkpoint: bool = True) -> Path:
 
 def tiny_overrides(teacher_dir: Path, out: Path, **extra) -> list[str]:
     values = {"teacher.path": teacher_dir, "data.image_size": 32, "data.length": 16, "data.num_workers": 0,
-              "model.width": 16, "run.batch_size": 4, "run.steps": 1, "run.log_every": 1, "run.out_dir": out,
-              "run.progress": False, "schedule.warmup_steps": 1, "run.ckpt_every": 100}
+              "model.student": "test_resnet", "model.width": 16, "run.batch_size": 4, "run.steps": 1,
+              "run.log_every": 1, "run.out_dir": out, "run.progress": False, "schedule.warmup_steps": 1,
+              "run.ckpt_every": 100}
     values.update(extra)
     return [f"--{k}={v}" for k, v in values.items()]
 
@@ -176,7 +178,8 @@ def cli_runs(teacher_dir, good_run, old_checkpoint, tmp_path_factory):
     cases["old_convert_without_flag"] = ["convert-checkpoint", old_checkpoint, root / "old_unflagged.pt"]
     cases["old_convert"] = ["convert-checkpoint", old_checkpoint, root / "old_converted.pt", "--trust-pickle"]
     # evaluate --save-models writes the files viz --seg-model reads
-    cases["evaluate_save_models"] = ["evaluate", "--labels", "2", "--seeds", "0", "--steps", "1", "--n-test", "4",
+    cases["evaluate_save_models"] = ["evaluate", "--student", "test_resnet", "--labels", "2", "--seeds", "0",
+                                     "--steps", "1", "--n-test", "4",
                                      "--image-size", "32", "--save-models", "--out", root / "evaluate_save_models",
                                      "--no-progress"]
     runs = run_all(cases, root)
