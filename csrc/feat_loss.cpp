@@ -216,15 +216,23 @@ class Level final : public LevelBase {
     // F.normalize: divide by max(norm, eps); a NaN norm stays NaN.
     const double dens = ns < kAtNormEps ? kAtNormEps : ns;
     const double dent = nt < kAtNormEps ? kAtNormEps : nt;
-    // q_s - q_t = (a_s * den_t - a_t * den_s) / (den_s * den_t): one reciprocal per sample instead of two divisions
-    // per position (the per-position divisions were ~14% of the kernel on the small levels), and still exactly zero
-    // where the two maps are identical (a 1x1 level, say), as in the reference.
-    const double rboth = 1.0 / (dens * dent);
-    auto diff = [&](int64_t j) { return (double(as[j]) * dent - double(at[j]) * dens) * rboth; };
-    const double dn2 = sum_positions([&](int64_t j) {
-      const double d = diff(j);
-      return d * d;
-    });
+    // q = a / max(||a||, eps), each quotient rounded on its own, and d = q_s - q_t their plain difference. Not
+    // (a_s * den_t - a_t * den_s) / (den_s * den_t), nor a * (1 / den): the compiler contracts a*b - c*d into an
+    // FMA, which leaves one product unrounded, so identical maps gave d ~ 1e-17 instead of 0 and the ||d|| == 0
+    // subgradient below never applied. A quotient is never contracted (and without -freciprocal-math never
+    // rewritten as a product), so d is exactly 0 wherever the reference's q_s and q_t are equal: identical maps,
+    // maps that differ by a power of two, any two nonzero 1x1 maps. The two divisions per position run once per
+    // sample (a loop the compiler vectorizes), into a buffer the three loops below read.
+    static thread_local std::vector<double> qbuf;
+    qbuf.resize(2 * HW);
+    double* const qs = qbuf.data();
+    double* const dq = qs + HW;
+    for (int64_t j = 0; j < HW; ++j) {
+      const double q = double(as[j]) / dens;
+      qs[j] = q;
+      dq[j] = q - double(at[j]) / dent;
+    }
+    const double dn2 = sum_positions([&](int64_t j) { return dq[j] * dq[j]; });
     at_b[b] = P.at_mode == 0 ? std::sqrt(dn2) : dn2;
     if (!P.grad) return;
     A* ga = ga_.data() + b * HW;
@@ -237,22 +245,22 @@ class Level final : public LevelBase {
     bool zero = false;
     if (P.at_mode == 0) {
       const double dn = std::sqrt(dn2);
-      zero = !(dn > 0.0);  // g_q = 0 where ||d_b|| == 0 (torch.where(dn > 0, ..., 0))
+      zero = !(dn > 0.0);  // g_q = 0 where ||d_b|| == 0 or NaN (torch.where(dn > 0, ..., 0))
       scale = zero ? 0.0 : cw / (double(B) * dn);
     } else {
       scale = 2.0 * cw / (double(B) * double(HW));
     }
-    const double rs = 1.0 / dens;
-    // <g_q, q_s>, with g_q = scale * (q_s - q_t)
-    const double inner = zero ? 0.0 : scale * rs * sum_positions([&](int64_t j) { return diff(j) * double(as[j]); });
+    // <g_q, q_s>, with g_q = scale * d; with g_q zeroed it is sum(0 * q_s): 0, or NaN where a q_s is NaN (as in the
+    // reference, whose where() zeroes g_q even where d is NaN).
+    const double inner = zero ? sum_positions([&](int64_t j) { return qs[j] * 0.0; })
+                              : scale * sum_positions([&](int64_t j) { return dq[j] * qs[j]; });
     // Backward of x / max(||x||, eps): (g - q * <g, q>) / ||x|| above eps, g / eps below.
     const bool big = ns > kAtNormEps;
     const double rn = big ? 1.0 / ns : 1.0 / kAtNormEps;
     const double inner_used = big ? inner : 0.0;
-    const double gscale = zero ? 0.0 : scale;
     for (int64_t j = 0; j < HW; ++j) {
-      const double gq = diff(j) * gscale;
-      ga[j] = static_cast<A>((gq - double(as[j]) * rs * inner_used) * rn);
+      const double gq = zero ? 0.0 : dq[j] * scale;
+      ga[j] = static_cast<A>((gq - qs[j] * inner_used) * rn);
     }
   }
 

@@ -26,6 +26,10 @@ level's weight ``w_l / sum w``, ``N = B*C*H*W``, ``n_b = ||a(s_b)||``, ``d = q(s
   zero where ``||d_b|| == 0``) or ``c_l * at_weight * 2 * d / (B*H*W)`` (mean_sq), and
   ``g_a = (g_q - q(s) * <g_q, q(s)>_b) / n_b`` when ``n_b > AT_NORM_EPS``, else ``g_q / AT_NORM_EPS``.
   For ``p == 1`` the factor is ``sign(s)`` (zero at zero); for ``p > 1`` it is zero at ``s == 0``.
+  ``d`` is the plain difference of the two quotients ``a / max(||a||, eps)``, each rounded on its own (never a
+  difference of products, which compilers contract into an FMA), so where both maps round to the same ``q``
+  (identical samples, a student that is the teacher times a power of two with ``p`` 1 or 2, any two nonzero 1x1
+  maps) ``d`` is exactly 0 on every backend and the zero subgradient applies.
 """
 
 from __future__ import annotations
@@ -165,8 +169,11 @@ def feat_loss_level_grad(s: torch.Tensor, t: torch.Tensor, coef: float, mse_weig
     a_s = s.abs().pow(at_p).sum(dim=1).flatten(1)  # [B, HW]
     a_t = t.to(dt).abs().pow(at_p).sum(dim=1).flatten(1)
     n_s = torch.linalg.vector_norm(a_s, dim=1, keepdim=True)
+    n_t = torch.linalg.vector_norm(a_t, dim=1, keepdim=True)
+    # q_s and q_t by the same expression, d their plain difference: identical maps (and maps that differ by a power
+    # of two) give bitwise equal q, so d is exactly 0 and the where(dn > 0) below gives the zero subgradient.
     q_s = a_s / n_s.clamp_min(AT_NORM_EPS)
-    q_t = F.normalize(a_t, dim=1, eps=AT_NORM_EPS)
+    q_t = a_t / n_t.clamp_min(AT_NORM_EPS)
     d = q_s - q_t
     if at_mode == "paper":
         dn = torch.linalg.vector_norm(d, dim=1, keepdim=True)

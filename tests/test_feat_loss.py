@@ -165,9 +165,79 @@ def test_identical_maps_give_zero_at_and_finite_grad(backend):
     student = [x.clone().requires_grad_()]
     out = dtkernels.fused_feat_loss(student, [x.clone()], whiten=None, return_parts=True)
     out.loss.backward()
-    assert float(out.at[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(out.at[0]) == 0.0
     assert float(out.mse[0]) == 0.0
     assert torch.isfinite(student[0].grad).all()
+
+
+# The zero-difference subgradient: where q(s_b) == q(t_b), the AT term of sample b is exactly 0 and so is its
+# gradient (torch.where(dn > 0, ..., 0) in the reference), not a rounding error of ~1e-17 divided by its own norm.
+# Equal maps are identical samples or a student that is the teacher times a power of two: its map is then exactly
+# scale**p times the teacher's (integer p), which normalises to the same rounded q. Other scales are left out on
+# purpose: their maps agree only up to rounding, so an exact zero is not defined for them.
+ZERO_SHAPES = [(2, 6, 4, 5), (3, 17, 7, 9), (2, 4, 1, 1)]
+ZERO_KINDS = {  # the AT-only loss: (function, at_mode, at_p)
+    "at_loss_paper": (lambda s, t: sum(dtkernels.at_loss(x, y, p=2.0, mode="paper") for x, y in zip(s, t)),
+                      "paper", 2.0),
+    "fused_paper_p3": (lambda s, t: dtkernels.fused_feat_loss(s, t, mse_weight=0.0, at_p=3.0, at_mode="paper"),
+                       "paper", 3.0),
+    "fused_mean_sq_p1": (lambda s, t: dtkernels.fused_feat_loss(s, t, mse_weight=0.0, at_p=1.0, at_mode="mean_sq",
+                                                                at_weight=100.0), "mean_sq", 1.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kind", list(ZERO_KINDS))
+@pytest.mark.parametrize("scale", [1.0, 2.0, 0.25])
+def test_equal_maps_give_an_exactly_zero_at_gradient(backend, dtype, layout, kind, scale):
+    """Student = teacher * scale (scale 1: identical samples): the AT loss and its gradient are exactly 0."""
+    fn, _, _ = ZERO_KINDS[kind]
+    teacher = make_levels(ZERO_SHAPES, dtype, layout, shift=0.3)
+    leaves = [(t * scale).requires_grad_() for t in teacher]
+    assert all(x.stride() == t.stride() for x, t in zip(leaves, teacher))
+    loss = fn(leaves, teacher)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    for i, x in enumerate(leaves):
+        assert torch.count_nonzero(x.grad) == 0, f"grad of student[{i}]: max |g| = {float(x.grad.abs().max()):.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kind", list(ZERO_KINDS))
+def test_batch_mixing_equal_and_different_samples(backend, dtype, layout, kind):
+    """Samples 0 and 3 equal to the teacher's, sample 2 twice it: their gradient rows are exactly 0; samples 1 and 4
+    differ, and they and the AT parts match the float64 reference. The 1x1 level: every nonzero 1x1 map normalises
+    to 1, so all its rows are exactly 0."""
+    fn, at_mode, at_p = ZERO_KINDS[kind]
+    shapes = [(5, 12, 6, 7), (5, 5, 3, 3), (5, 3, 1, 1)]
+    teacher = make_levels(shapes, dtype, layout, shift=0.3)
+    student = make_levels(shapes, dtype, layout, scale=0.8, shift=-0.2)
+    for s, t in zip(student, teacher):
+        s[0], s[3], s[2] = t[0], t[3], 2.0 * t[2]
+    zero_rows, other_rows = [0, 2, 3], [1, 4]
+    leaves = [s.clone().requires_grad_() for s in student]
+    loss = fn(leaves, teacher)
+    loss.backward()
+
+    n = len(shapes)
+    if kind.startswith("at_loss"):  # one call per level: each level has coefficient 1 and weight 1
+        coef, at_weight = [1.0] * n, 1.0
+    else:
+        coef, at_weight = [1.0 / n] * n, 100.0 if at_mode == "mean_sq" else 10.0
+    code_args = (coef, 0.0, at_weight, at_p, AT[at_mode], WHITEN["channel"], 1e-5, True)
+    ref64 = reference.feat_loss_op([s.double() for s in student], [t.double() for t in teacher], *code_args)
+    ref_lp = reference.feat_loss_op(student, teacher, *code_args)
+    assert_close_rule(loss, ref_lp[0], ref64[0], dtype, "loss")
+    for i, (x, g_lp, g64) in enumerate(zip(leaves, ref_lp[3], ref64[3])):
+        rows = zero_rows + other_rows if x.shape[2] * x.shape[3] == 1 else zero_rows
+        assert torch.count_nonzero(g64[rows]) == 0, "the float64 reference itself"
+        got = x.grad[rows]
+        assert torch.count_nonzero(got) == 0, f"grad of student[{i}], rows {rows}: max |g| = {float(got.abs().max())}"
+        if x.shape[2] * x.shape[3] > 1:
+            assert float(g64[other_rows].abs().max()) > 0
+            assert_close_rule(x.grad[other_rows], g_lp[other_rows], g64[other_rows], dtype, f"grad of student[{i}]")
 
 
 @pytest.mark.parametrize("where", ["student", "teacher"])

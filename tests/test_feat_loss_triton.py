@@ -115,6 +115,51 @@ def test_zero_attention_maps():
             assert max_err(g, r) <= 1e-10 * max(float(r.abs().max()), 1.0)
 
 
+# The zero-difference subgradient (see test_feat_loss.py): where q(s_b) == q(t_b) the AT term of sample b and its
+# gradient are exactly 0. Equal maps: identical samples, or the teacher times a power of two, whose map normalises
+# to the same rounded q for p = 1 and 2 (|x|**p is then exact; other p go through exp2(p * log2|x|), whose rounding
+# does not scale exactly, so scaled samples only count as equal for p in {1, 2}). The interpreter does not contract
+# a*b - c*d into an FMA as the GPU compiler does; the kernel's quotients are correctly rounded divisions (div.rn),
+# which no compiler contracts.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("at_mode,p,whiten", [(0, 2.0, 0), (0, 2.0, 1), (1, 1.0, 1), (0, 3.0, 1), (1, 2.5, 0)])
+def test_batch_mixing_equal_and_different_samples(dtype, layout, at_mode, p, whiten):
+    """Samples 0 and 3 equal to the teacher's, 2 twice and 5 a quarter of it (p in {1, 2}; else equal too): exactly
+    zero gradient rows; samples 1 and 4 differ and match the float64 reference. The 1x1 level: every nonzero 1x1 map
+    normalises to 1, so all its rows and its AT part are exactly 0."""
+    shapes = [(6, 5, 3, 4), (6, 3, 1, 1)]
+    teacher = make_levels(shapes, dtype, layout, shift=0.3)
+    student = make_levels(shapes, dtype, layout, scale=0.8, shift=-0.2)
+    k2, k5 = (2.0, 0.25) if p in (1.0, 2.0) else (1.0, 1.0)
+    for s, t in zip(student, teacher):
+        s[0], s[3], s[2], s[5] = t[0], t[3], k2 * t[2], k5 * t[5]
+    got, ref_low, ref64 = _run(student, teacher, [0.5, 0.5], mse_weight=0.0, at_weight=10.0, p=p, at_mode=at_mode,
+                               whiten=whiten)
+    _check(got, ref_low, ref64, student, dtype)
+    zero_rows = [0, 2, 3, 5]
+    for i, (g, r) in enumerate(zip(got[3], ref64[3])):
+        rows = list(range(g.shape[0])) if g.shape[2] * g.shape[3] == 1 else zero_rows
+        assert torch.count_nonzero(r[rows]) == 0, "the float64 reference itself"
+        assert torch.count_nonzero(g[rows]) == 0, f"grad[{i}] rows {rows}: max |g| = {float(g[rows].abs().max())}"
+    assert float(got[2][1]) == 0.0, "AT part of the 1x1 level"
+    assert float(got[3][0][[1, 4]].abs().max()) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_equal_levels_give_an_exactly_zero_at_loss_and_gradient(dtype, layout, scale):
+    """Student = teacher * scale on every level, AT only (mse_weight = 0): loss, AT parts and gradients are 0."""
+    teacher = make_levels([(2, 6, 4, 5), (3, 17, 7, 9)], dtype, layout, shift=0.3)
+    student = [t * scale for t in teacher]
+    for at_mode, whiten in ((0, 0), (0, 1), (1, 1)):
+        loss, _, at, grads = feat_loss(student, teacher, [0.5, 0.5], 0.0, 10.0, 2.0, at_mode, whiten, 1e-5, True)
+        assert float(loss) == 0.0 and torch.count_nonzero(at) == 0, (at_mode, whiten, at)
+        for i, g in enumerate(grads):
+            assert torch.count_nonzero(g) == 0, f"at_mode={at_mode} grad[{i}]: max |g| = {float(g.abs().max())}"
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("at_mode", AT_MODES)

@@ -65,6 +65,16 @@ def _sqrt(x):
 
 
 @triton.jit
+def _div_rn(x, y):
+    """Correctly rounded quotient (div.rn) in float32 and float64; ``/`` on float32 is an approximation (div.full)."""
+    if x.dtype == tl.float64:
+        r = x / y
+    else:
+        r = tl.math.div_rn(x, y)
+    return r
+
+
+@triton.jit
 def _abs_pow(x, p, P_MODE: tl.constexpr):
     """``|x|**p``: P_MODE 1 is p == 1, 2 is p == 2, 0 any other p >= 1 (0 at x == 0, NaN and Inf propagate)."""
     if P_MODE == 1:
@@ -288,8 +298,11 @@ def _feat_loss_at_kernel(
     for j0 in range(0, HW, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         mask = j < HW
-        q_s = tl.load(AS_ptr + base + j, mask=mask, other=0.0) / den_s
-        q_t = tl.load(AT_ptr + base + j, mask=mask, other=0.0) / den_t
+        # d is a plain difference of two correctly rounded quotients, never a*b - c*d (which the compiler contracts
+        # into an FMA, leaving one product unrounded): identical maps, and maps that differ by a power of two, give
+        # bitwise equal q_s and q_t, so d and ||d|| are exactly 0 and the zero subgradient below applies.
+        q_s = _div_rn(tl.load(AS_ptr + base + j, mask=mask, other=0.0), den_s)
+        q_t = _div_rn(tl.load(AT_ptr + base + j, mask=mask, other=0.0), den_t)
         d = q_s - q_t
         acc_dd += d * d
         if COMPUTE_GRAD:
@@ -318,9 +331,9 @@ def _feat_loss_at_kernel(
         for j0 in range(0, HW, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
             mask = j < HW
-            q_s = tl.load(AS_ptr + base + j, mask=mask, other=0.0) / den_s
-            q_t = tl.load(AT_ptr + base + j, mask=mask, other=0.0) / den_t
-            g_q = k * (q_s - q_t)
+            q_s = _div_rn(tl.load(AS_ptr + base + j, mask=mask, other=0.0), den_s)
+            q_t = _div_rn(tl.load(AT_ptr + base + j, mask=mask, other=0.0), den_t)
+            g_q = k * (q_s - q_t)  # q_s, q_t as in the loop above, so d is exactly 0 where it was there
             if AT_MODE == 0:
                 g_q = tl.where(has_d, g_q, 0.0)
             g_a = tl.where(big, (g_q - q_s * inner) / den_s, g_q / eps_c)
