@@ -163,6 +163,11 @@ class StudentBackbone(nn.Module):
         return dict(self._key_map)
 
     def _build_key_map(self) -> tuple[dict[str, str], frozenset[str]]:
+        # the models built here must not consume the caller's random numbers (evaluation seeds its runs)
+        with torch.random.fork_rng(devices=[]):
+            return self._build_key_map_unseeded()
+
+    def _build_key_map_unseeded(self) -> tuple[dict[str, str], frozenset[str]]:
         import timm
         from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
 
@@ -249,8 +254,10 @@ class StudentBackbone(nn.Module):
         1. with ``strict=False`` into ``timm.create_model(name, pretrained=False)`` (default head): every tensor of
            ``state`` must be loaded (weights under other names would load nothing, silently);
         2. strictly into :func:`exported_model` (``num_classes=0``, pruned after the last level) and, with
-           ``check_features``, its ``forward_intermediates`` against this student's maps, bitwise in eval mode (one
-           random image at the model's default input size).
+           ``check_features``, its ``forward_intermediates`` against this student's maps, bitwise in eval mode on
+           the student's device (one random 64x64 image, or one at the model's default input size if it needs it).
+
+        The models are built without consuming the global random number generator.
 
         Returns:
             ``{"tensors", "headful_loaded", "headful_total", "headful_missing"}``: the head-ful model's count of
@@ -262,7 +269,9 @@ class StudentBackbone(nn.Module):
         """
         import timm
 
-        headful = timm.create_model(self.name, pretrained=False, **self.create_kwargs)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random numbers alone
+            headful = timm.create_model(self.name, pretrained=False, **self.create_kwargs)
+            strict_model = exported_model(self.name, self.out_indices, **self.create_kwargs)
         try:
             missing, unexpected = headful.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatches raise even with strict=False
@@ -272,7 +281,6 @@ class StudentBackbone(nn.Module):
             raise ValueError(f"export: timm.create_model({self.name!r}).load_state_dict(sd, strict=False) would load "
                              f"only {loaded} of the {len(state)} backbone tensors (not in the model: "
                              f"{_shorten(unexpected)}); not exported")
-        strict_model = exported_model(self.name, self.out_indices, **self.create_kwargs)
         missing_strict, unexpected_strict = strict_model.load_state_dict(state, strict=False)
         if missing_strict or unexpected_strict:
             raise ValueError(f"export: timm {self.name!r} (num_classes=0, pruned after out_indices "
@@ -282,7 +290,7 @@ class StudentBackbone(nn.Module):
         if check_features:
             was_training = self.training
             self.eval()
-            strict_model.eval()
+            strict_model.to(next(self.parameters()).device).eval()  # same device, same kernels: bitwise
             try:
                 ours, theirs = self._both_features(strict_model, (3, 64, 64))
             except (RuntimeError, AssertionError, ValueError):  # a model that needs its own input size
@@ -290,7 +298,7 @@ class StudentBackbone(nn.Module):
                 ours, theirs = self._both_features(strict_model, size)
             finally:
                 self.train(was_training)
-            same = len(ours) == len(theirs) and all(a.shape == b.shape and torch.equal(a.cpu(), b)
+            same = len(ours) == len(theirs) and all(a.shape == b.shape and torch.equal(a, b)
                                                     for a, b in zip(ours, theirs))
             if not same:
                 raise ValueError(f"export: timm {self.name!r} loaded with the export computes other features than the "
@@ -301,6 +309,5 @@ class StudentBackbone(nn.Module):
     @torch.no_grad()
     def _both_features(self, model: nn.Module, size: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The student's maps and ``model.forward_intermediates``' at the same levels for one random image."""
-        x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
-        ours = self(x.to(next(self.parameters()).device))
-        return ours, model.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)
+        x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(next(self.parameters()).device)
+        return self(x), model.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)

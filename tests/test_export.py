@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dreamteacher import cli
+from dreamteacher import student as student_module
 from dreamteacher.config import PretrainConfig, config_to_dict
 from dreamteacher.evaluate import load_backbone
 from dreamteacher.student import StudentBackbone
@@ -203,3 +204,14 @@ def test_load_backbone_is_strict_and_reads_checkpoints_and_features_only_names(t
         load_backbone(StudentBackbone("resnet18"), exported)
     with pytest.raises(ValueError, match=r"does not match timm 'resnet18': 120 missing keys"):
         load_backbone(StudentBackbone("resnet18"), tmp_path / "extra.pth")
+
+
+def test_mapping_and_checks_leave_the_global_rng_alone(monkeypatch):
+    """Evaluation seeds each run before building its model and loading the backbone: loading must not draw."""
+    student = StudentBackbone("regnetx_002")
+    monkeypatch.setattr(student_module, "_KEY_MAPS", {})  # build the map here, not from an earlier test's cache
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    student.check_export(student.export_state_dict())
+    assert torch.equal(torch.rand(4), want)
