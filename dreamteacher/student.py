@@ -110,11 +110,11 @@ class StudentBackbone(nn.Module):
 
         probe = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
         available = list(probe.feature_info.reduction())
-        fmt = getattr(probe, "output_fmt", "NCHW")
+        fmt = str(getattr(getattr(probe, "output_fmt", "NCHW"), "value", "NCHW"))
         del probe
         if len(set(available)) == 1:
-            raise ValueError(f"student: {name!r} is a plain ViT-style model, all its {len(available)} feature levels "
-                             f"are at stride {available[0]}; plain ViTs (one stride) are not supported, DreamTeacher "
+            raise ValueError(f"student: {name!r} is a plain ViT-style model, its features_only levels are all at "
+                             f"stride {available[0]}; plain ViTs (one stride) are not supported, DreamTeacher "
                              f"distills a feature pyramid (strides {list(reductions)}): use a CNN or another "
                              "hierarchical backbone (resnet50, convnext_tiny, ...)")
         if fmt != "NCHW":
