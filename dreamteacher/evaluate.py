@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from .data import LABELLED_POOL_SEED, LABELLED_POOL_SIZE, SHAPE_CLASSES, TEST_SEED, ProceduralShapes, labelled_indices
 from .perf import single_pixel_convs_as_linear
 from .regressor import conv_bn_relu
-from .serialization import LoadError, load_file
+from .serialization import CONVERT_HINT, LoadError, load_file
 from .student import StudentBackbone
 
 logger = logging.getLogger("dreamteacher")
@@ -71,7 +71,7 @@ class SegmentationModel(nn.Module):
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     """Backbone weights from an exported file (.safetensors or torch.save) or a pretraining checkpoint, read
     without running code from the file (:mod:`dreamteacher.serialization`)."""
-    state = load_file(path, what="backbone")
+    state = load_file(path, what="backbone", hint=CONVERT_HINT)  # an old pretrain checkpoint: say how to convert it
     if isinstance(state, Mapping) and "model" in state and "config" in state:  # dreamteacher pretrain checkpoint
         prefix = "student.body."
         state = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}

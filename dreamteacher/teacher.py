@@ -281,6 +281,21 @@ _CACHE_MARK = "dreamteacher.empty_prompt_embedding"
 _CACHE_RECIPE = "tokenizer('', padding=max_length, max_length=model_max_length, truncation) -> text_encoder[0] fp32"
 
 
+def _diffusers_load(cls, directory: Path, **kwargs) -> nn.Module:
+    """``cls.from_pretrained(directory)``. diffusers reads safetensors, or ``.bin`` weights with ``weights_only=True``,
+    so no code from the files runs; a file it refuses or cannot read becomes a LoadError naming the directory."""
+    from .serialization import LoadError
+
+    try:
+        return cls.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        causes = [e] + ([e.__cause__] if e.__cause__ is not None else [])
+        detail = "; ".join(f"{type(c).__name__}: {str(c).strip().splitlines()[0][:200]}" for c in causes if str(c))
+        raise LoadError(f"teacher.path: the weights in {directory} were not loaded ({detail}); weights are read as "
+                        "safetensors or weights-only .bin files, never unpickled; use a diffusers directory saved "
+                        "with save_pretrained", path=directory) from e
+
+
 def _cross_attention_dim(unet: nn.Module) -> int | None:
     """The UNet's ``cross_attention_dim`` when it takes ``encoder_hidden_states`` (a conditional UNet), else None."""
     cross_dim = getattr(unet, "config", {}).get("cross_attention_dim")
@@ -612,7 +627,7 @@ class DiffusionTeacher(nn.Module):
         # diffusers defaults to low_cpu_mem_usage=True and, without `accelerate` installed, warns at every load
         # before falling back; ask for what will happen.
         load = {"local_files_only": True, "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
-        unet = unet_cls.from_pretrained(str(unet_dir), **load)
+        unet = _diffusers_load(unet_cls, unet_dir, **load)
         scheduler = None
         for cand in (root / "scheduler", root):
             if (cand / "scheduler_config.json").is_file():
@@ -622,7 +637,7 @@ class DiffusionTeacher(nn.Module):
             logger.warning("no scheduler_config.json in %s: using DDPMScheduler() defaults (1000 linear steps)", root)
         vae = None
         if (root / "vae" / "config.json").is_file():
-            vae = diffusers.AutoencoderKL.from_pretrained(str(root / "vae"), **load)
+            vae = _diffusers_load(diffusers.AutoencoderKL, root / "vae", **load)
         source = None
         cross_dim = _cross_attention_dim(unet)
         if cross_dim is not None and conditioning == "auto" and text_embedding is None:

@@ -258,6 +258,20 @@ def test_a_planted_text_embedding_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_a_teacher_directory_with_planted_weights_is_refused(teacher_dir, tmp_path):
+    """diffusers reads a UNet's .bin weights weights-only: a planted one is a LoadError naming the directory."""
+    import shutil
+
+    planted = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, planted)
+    (planted / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "RAN"
+    plant(planted / "unet" / "diffusion_pytorch_model.bin", marker, like_checkpoint=False)
+    with pytest.raises(S.LoadError, match=r"teacher.path: the weights in .*teacher/unet were not loaded"):
+        DiffusionTeacher.from_pretrained(planted)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------------------------------ what we write
 def test_checkpoints_are_weights_only_loadable_and_plain(good_run):
     state = torch.load(good_run / "checkpoints" / "last.pt", weights_only=True)
