@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from . import reference
+from . import _compat, reference
 
 logger = logging.getLogger("dtkernels")
 
@@ -220,7 +220,7 @@ def _scale_grads(grads: Sequence[torch.Tensor], grad_out: torch.Tensor | None, c
 def _is_plain_eager(t: torch.Tensor) -> bool:
     """True for a real tensor outside any tracing (dynamo, AOT autograd, make_fx), where reading a value is safe."""
     return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch.utils._python_dispatch._get_current_dispatch_mode() is None)
+            and _compat.current_dispatch_mode() is None)
 
 
 def _feat_loss_setup_context(ctx, inputs, output):
@@ -256,9 +256,9 @@ _TRITON_IMPLS = {
 }
 
 
-def _below_autograd(op: torch._ops.OpOverload) -> Callable:
+def _below_autograd(op: _compat.OpOverload) -> Callable:
     def call(*args):
-        with torch._C._AutoDispatchBelowAutograd():
+        with _compat.auto_dispatch_below_autograd():
             return op(*args)
 
     return call
@@ -273,7 +273,7 @@ def _fast_eager(*tensors: torch.Tensor | None) -> bool:
     ``autograd.Function`` around the dispatcher below the Autograd key: same kernels, same backward formula, about
     0.15 ms less Python per call (the wrapper flattens and re-checks every argument on each forward and backward).
     Traced calls keep the registered op, so graphs still contain ``dtkernels::*``."""
-    if torch.compiler.is_compiling() or torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _compat.current_dispatch_mode() is not None:
         return False
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 
@@ -291,7 +291,7 @@ def _impl(op: str, backend: str) -> Callable:
     if backend == "cpp":
         if _C is None:
             raise RuntimeError(f"dtkernels backend 'cpp' was forced but is unavailable: {_CPP_ERROR}")
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dtkernels::{op}", "CPU"):
+        if not _compat.has_kernel_for_dispatch_key(f"dtkernels::{op}", "CPU"):
             raise RuntimeError(f"dtkernels backend 'cpp' was forced but the C++ library has no kernel for {op}")
         return getattr(torch.ops.dtkernels, op)
     if backend == "triton":
@@ -345,8 +345,8 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
 
 
 _FEAT_LOSS_EAGER = (torch.ops.dtkernels.feat_loss_eager.default
-                    if _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("dtkernels::feat_loss_eager",
-                                                                                         "Autograd") else None)
+                    if _C is not None and _compat.has_kernel_for_dispatch_key("dtkernels::feat_loss_eager", "Autograd")
+                    else None)
 
 
 # --------------------------------------------------------------------------------------------------------------
