@@ -26,6 +26,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    import math
+
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------ cache-features
 def add_cache_features(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -141,14 +150,22 @@ def add_train_teacher(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--layers-per-block", type=_positive_int, default=1, help="ResNet layers per UNet block")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (warm-up, then cosine to 10%%)")
-    p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak AdamW learning rate (warm-up, then cosine)")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="decay of the weights' exponential moving average, which is saved as the teacher (0: save "
+                        "the raw weights)")
     p.add_argument("--timesteps", type=_positive_int, default=1000, help="DDPM noise levels T (linear betas)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init, data and noise")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--log-every", type=_positive_int, default=25, help="steps per logged (averaged) loss")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop early after this many minutes and save what was learned (0: no limit)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also save the (EMA) teacher every this many steps, so a long run is usable before it ends "
+                        "(0: only at the end)")
     p.add_argument("--device", default="auto", help="torch device (auto: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -163,7 +180,7 @@ def _teacher_dataset(data: str, image_size: int, length: int, seed: int):
 
 
 def run_train_teacher(args: argparse.Namespace) -> int:
-    from .train import train_teacher
+    from .teacher_training import TeacherDiverged, train_teacher
 
     n = len(args.channels)
     if any(c % 8 for c in args.channels):
@@ -173,14 +190,23 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     unet = dict(block_out_channels=tuple(args.channels), layers_per_block=args.layers_per_block, norm_num_groups=8,
                 down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n)
     dataset = _teacher_dataset(args.data, args.image_size, max(args.steps * args.batch_size, 1000), args.seed + 1)
-    result = train_teacher(args.out, dataset=dataset, image_size=args.image_size, unet=unet, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                           num_train_timesteps=args.timesteps, seed=args.seed, num_workers=args.num_workers,
-                           log_every=args.log_every, max_minutes=args.max_minutes, device=args.device,
-                           progress=not args.no_progress)
+    if not 0.0 <= args.ema_decay < 1.0:
+        print(f"error: --ema-decay: expected a value in [0, 1), got {args.ema_decay}", file=sys.stderr)
+        return 2
+    try:
+        result = train_teacher(args.out, dataset=dataset, image_size=args.image_size, unet=unet, steps=args.steps,
+                               batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                               min_lr_ratio=args.min_lr_ratio, clip_grad=args.clip_grad, ema_decay=args.ema_decay,
+                               num_train_timesteps=args.timesteps, seed=args.seed, num_workers=args.num_workers,
+                               log_every=args.log_every, max_minutes=args.max_minutes, save_every=args.save_every,
+                               device=args.device, progress=not args.no_progress)
+    except TeacherDiverged as e:
+        print(f"error: {e}; no teacher was written to {args.out}", file=sys.stderr)
+        return 1
     losses = (f", epsilon MSE {result['first_loss']:.4f} (first logged window) -> {result['last_loss']:.4f} (last)"
               if result["first_loss"] is not None else "")
-    print(f"teacher {result['path']}: {result['steps']} steps{losses}; log {args.out}/log.jsonl")
+    print(f"teacher {result['path']}: {result['steps']} steps{losses}; saved the {result['saved']} weights "
+          f"(fixed-batch epsilon MSE {result['fixed_batch_loss']:.4f}); log {args.out}/log.jsonl")
     return 0
 
 
@@ -377,7 +403,15 @@ def add_evaluate(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=_positive_int, default=256, help="built-in data: held-out images")
     p.add_argument("--steps", type=_positive_int, default=200, help="fine-tuning steps per run")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per step (drawn with replacement)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (10%% warm-up, cosine)")
+    p.add_argument("--lr", type=_positive_float, nargs="+", default=[1e-3], metavar="LR",
+                   help="AdamW peak learning rate (10%% warm-up, cosine); several values: a grid, chosen per "
+                        "(protocol, backbone, budget) on the validation split with the first seed")
+    p.add_argument("--protocol", nargs="+", choices=["finetune", "probe"], default=["finetune"],
+                   help="finetune: train every weight; probe: freeze the backbone and train the head only")
+    p.add_argument("--val-images", default=None, metavar="DIR",
+                   help="mask folders: validation images for a learning-rate grid (built-in data: the last 256 "
+                        "images of the labelled pool, never used as labels)")
+    p.add_argument("--val-masks", default=None, metavar="DIR", help="mask folders: validation PNG masks")
     p.add_argument("--width", type=_positive_int, default=64, help="channels of the FPN head")
     p.add_argument("--save-models", action="store_true", help="save every fine-tuned model under OUT/models")
     p.add_argument("--out", default="runs/evaluate", metavar="DIR", help="output directory")
@@ -407,7 +441,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import SHAPE_CLASSES
-    from .evaluate import SegmentationFolder, builtin_splits, evaluate_backbones, write_results
+    from .evaluate import (
+        SegmentationFolder,
+        builtin_splits,
+        builtin_validation_split,
+        evaluate_backbones,
+        write_results,
+    )
 
     try:
         backbones = _parse_backbones(args.backbone)
@@ -421,12 +461,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 raise ValueError("--num-classes: required with mask folders")
             train = SegmentationFolder(args.train_images, args.train_masks, args.image_size)
             test = SegmentationFolder(args.test_images, args.test_masks, args.image_size)
+            val = None
+            if args.val_images or args.val_masks:
+                if not (args.val_images and args.val_masks):
+                    raise ValueError("--val-images, --val-masks: give both or neither")
+                val = SegmentationFolder(args.val_images, args.val_masks, args.image_size)
             num_classes, class_names = args.num_classes, [str(k) for k in range(args.num_classes)]
         elif args.data == "procedural":
             train, test = builtin_splits(args.image_size, args.n_test)
+            val = builtin_validation_split(args.image_size)
             num_classes, class_names = len(SHAPE_CLASSES), list(SHAPE_CLASSES)
         else:
             raise ValueError(f"--data: expected 'procedural' or 'folders', got {args.data!r}")
+        if len(args.lr) > 1 and val is None:
+            raise ValueError("--lr: a grid of learning rates is chosen on a validation split; give --val-images "
+                             "and --val-masks")
         if max(args.labels) > len(train):
             raise ValueError(f"--labels: the labelled pool has {len(train)} images, fewer than {max(args.labels)}")
     except (ValueError, FileNotFoundError) as e:
@@ -436,8 +485,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     results = evaluate_backbones(backbones, train, test, budgets=args.labels, seeds=args.seeds, student=args.student,
                                  num_classes=num_classes, class_names=class_names, ignore_index=args.ignore_index,
-                                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width,
-                                 device=device, save_models=out / "models" if args.save_models else None,
+                                 steps=args.steps, batch_size=args.batch_size,
+                                 lr=args.lr if len(args.lr) > 1 else args.lr[0], width=args.width,
+                                 protocols=args.protocol, val_set=val if len(args.lr) > 1 else None, device=device,
+                                 save_models=out / "models" if args.save_models else None,
                                  progress=not args.no_progress)
     json_path, md_path = write_results(results, out)
     print(md_path.read_text())
@@ -578,41 +629,53 @@ def run_viz(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ demo
 def add_demo(subparsers) -> argparse.ArgumentParser:
-    from .demo import DemoSettings
-
-    d = DemoSettings()
     p = subparsers.add_parser(
         "demo", help="end to end on the built-in dataset: teacher, interpreter, pretraining, evaluation, pictures",
-        description="Train a small DDPM teacher on the built-in procedural shapes (unless OUT/teacher holds one), "
-                    "a feature interpreter on the smallest label budget, pretrain a resnet18 by feature distillation "
-                    "and by mixed distillation, fine-tune scratch and both pretrained backbones on each label budget "
-                    "with several seeds, and print the mIoU table (mean ± std), the time of every phase and where "
-                    "every output is. Phases have wall-clock caps so the demo fits in about 15 minutes on a 2-core "
-                    "CPU. Extra --section.key=value options override the pretraining config of both runs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
-    p.add_argument("--image-size", type=_positive_int, default=d.image_size, help="image side")
-    p.add_argument("--teacher-steps", type=_positive_int, default=d.teacher_steps, help="teacher training steps")
-    p.add_argument("--teacher-minutes", type=float, default=d.teacher_minutes,
-                   help="wall-clock cap of the teacher training (0: none)")
-    p.add_argument("--interpreter-steps", type=_positive_int, default=d.interpreter_steps, help="interpreter steps")
-    p.add_argument("--steps", type=_positive_int, default=d.pretrain_steps, help="steps of each pretraining run")
-    p.add_argument("--pretrain-minutes", type=float, default=d.pretrain_minutes,
+        description="Distil the shipped DDPM teacher of the built-in procedural shapes (or one trained here with "
+                    "--retrain-teacher) into a resnet18 by feature distillation and by mixed distillation (a feature "
+                    "interpreter trained on the smallest label budget gives the soft labels), then train scratch and "
+                    "both pretrained backbones on each label budget with several seeds, by full fine-tuning and by "
+                    "a frozen-backbone probe (learning rates chosen on the labelled pool's validation split), and "
+                    "print the mIoU table (mean ± std), the time of every phase and where every output is. Presets: "
+                    "'quick' (make demo, about 15 minutes on a 2-core CPU with the install) and 'long' (make "
+                    "demo-long, the evidence, about 2 hours). Options given explicitly override the preset; extra "
+                    "--section.key=value options override the pretraining config of both runs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["quick", "long"], default="quick", help="sizes of every phase (default quick)")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo)")
+    p.add_argument("--retrain-teacher", action="store_true",
+                   help="train the teacher here (into OUT/teacher) instead of using the shipped one")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="image side (other than the shipped teacher's 32 needs --retrain-teacher)")
+    p.add_argument("--teacher-steps", type=_positive_int, default=None, help="steps of a retrained teacher")
+    p.add_argument("--teacher-minutes", type=float, default=None,
+                   help="wall-clock cap of a retrained teacher's training (0: none)")
+    p.add_argument("--interpreter-steps", type=_positive_int, default=None, help="interpreter steps")
+    p.add_argument("--steps", type=_positive_int, default=None, help="steps of each pretraining run")
+    p.add_argument("--pretrain-minutes", type=float, default=None,
                    help="wall-clock cap of each pretraining run (0: none)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.pretrain_batch, help="pretraining batch")
-    p.add_argument("--labels", type=_positive_int, nargs="+", default=d.budgets, metavar="N",
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="pretraining batch")
+    p.add_argument("--labels", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="label budgets of the evaluation (the interpreter uses the smallest)")
-    p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, metavar="S", help="evaluation seeds")
-    p.add_argument("--eval-steps", type=_positive_int, default=d.eval_steps, help="fine-tuning steps per run")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help="evaluation seeds")
+    p.add_argument("--eval-steps", type=_positive_int, default=None, help="training steps per evaluation run")
+    p.add_argument("--eval-lr", type=_positive_float, nargs="+", default=None, metavar="LR",
+                   help="fine-tuning learning-rate grid (chosen on the validation split)")
+    p.add_argument("--probe-lr", type=_positive_float, nargs="+", default=None, metavar="LR",
+                   help="probe learning-rate grid (chosen on the validation split)")
+    p.add_argument("--protocol", nargs="+", choices=["finetune", "probe"], default=None,
+                   help="evaluation protocols")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(_accepts_overrides=True)
     return p
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .config import ConfigError, load_config
-    from .demo import DemoSettings
+    from .demo import PRESETS
     from .demo import run_demo as demo
 
     try:
@@ -620,12 +683,19 @@ def run_demo(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = DemoSettings(image_size=args.image_size, teacher_steps=args.teacher_steps,
-                            teacher_minutes=args.teacher_minutes, interpreter_steps=args.interpreter_steps,
-                            pretrain_steps=args.steps, pretrain_minutes=args.pretrain_minutes,
-                            pretrain_batch=args.batch_size, budgets=sorted(args.labels), seeds=args.seeds,
-                            eval_steps=args.eval_steps, num_workers=args.num_workers, progress=not args.no_progress)
-    result = demo(args.out, settings, args.overrides, say=print)
+    chosen = {"image_size": args.image_size, "teacher_steps": args.teacher_steps,
+              "teacher_minutes": args.teacher_minutes, "interpreter_steps": args.interpreter_steps,
+              "pretrain_steps": args.steps, "pretrain_minutes": args.pretrain_minutes,
+              "pretrain_batch": args.batch_size, "budgets": sorted(args.labels) if args.labels else None,
+              "seeds": args.seeds, "eval_steps": args.eval_steps, "eval_lrs": args.eval_lr,
+              "probe_lrs": args.probe_lr, "protocols": args.protocol, "num_workers": args.num_workers}
+    settings = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in chosen.items() if v is not None},
+                                   retrain_teacher=args.retrain_teacher, progress=not args.no_progress)
+    try:
+        result = demo(args.out, settings, args.overrides, say=print)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print()
     print(result["table"])
     print("Mixed distillation's interpreter saw the smallest budget's labelled images of seed 0.")
@@ -637,7 +707,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  pretraining run:    {path}  ({name} distillation: config.yaml, log.jsonl, checkpoints/)")
     for name, path in result["backbones"].items():
         if path is not None:
-            print(f"  exported backbone:  {path}  ({name}; timm.create_model('resnet18').load_state_dict(...))")
+            print(f"  exported backbone:  {path}  ({name})")
     print(f"  evaluation:         {result['json']}\n                      {result['markdown']}")
     for path in result["pictures"]:
         print(f"  picture:            {path}")

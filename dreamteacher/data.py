@@ -272,10 +272,22 @@ LABELLED_POOL_SEED = 1
 TEST_SEED = 2
 #: Images in the labelled pool of the built-in dataset.
 LABELLED_POOL_SIZE = 10_000
+#: The last ``VALIDATION_SIZE`` images of the labelled pool are its validation split: every tuned choice (learning
+#: rate, steps) is made on them, never on the test split. Label budgets draw from the images before them.
+VALIDATION_SIZE = 256
 
 
-def labelled_indices(n: int, seed: int, pool_size: int = LABELLED_POOL_SIZE) -> list[int]:
-    """The ``n`` labelled images of a label budget: the first ``n`` of a permutation of the pool drawn with ``seed``.
+def validation_indices(pool_size: int = LABELLED_POOL_SIZE, n_val: int = VALIDATION_SIZE) -> list[int]:
+    """Indices of the labelled pool's validation split: its last ``n_val`` images (disjoint from every label budget
+    drawn by :func:`labelled_indices` with its default pool size)."""
+    if not 0 < n_val < pool_size:
+        raise ValueError(f"n_val: expected an integer in [1, {pool_size}), got {n_val!r}")
+    return list(range(pool_size - n_val, pool_size))
+
+
+def labelled_indices(n: int, seed: int, pool_size: int = LABELLED_POOL_SIZE - VALIDATION_SIZE) -> list[int]:
+    """The ``n`` labelled images of a label budget: the first ``n`` of a permutation of ``range(pool_size)`` drawn
+    with ``seed`` (by default the labelled pool less its validation split).
 
     Budgets are nested for one seed (the 8 images of ``n=8`` are the first 8 of ``n=32``), so a larger budget only
     adds labels. Used by the feature interpreter and the downstream evaluation alike.

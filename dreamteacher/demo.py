@@ -1,20 +1,27 @@
 """The embedded end-to-end demo: does DreamTeacher pretraining help on the built-in dataset? (``dreamteacher demo``)
 
-Phases (teacher and pretraining have wall-clock caps; ``make demo`` on a fresh clone, install included, must fit in
-15 minutes on a 2-core CPU and took 11m54s there):
+Phases:
 
-1. teacher: a small DDPM UNet trained on procedural shapes (cached in OUT/teacher);
-2. interpreter: a feature interpreter on the teacher's features of the smallest label budget's images (seed 0);
+1. teacher: the DDPM UNet shipped with the package for this image size (trained once by ``dreamteacher
+   train-teacher``; its command, seed and log ship with it), or one trained here with ``retrain_teacher``;
+2. interpreter: a feature interpreter on the teacher's features of the smallest label budget's images (seed 0), and
+   its held-out mIoU, the teacher's own quality;
 3. pretraining by feature distillation (OUT/pretrain_feature) and 4. by mixed distillation (OUT/pretrain_mixed),
    same steps, same data, same seed;
-5. evaluation: scratch vs both pretrained backbones, fine-tuned with each label budget, several seeds;
+5. evaluation: scratch vs both pretrained backbones, each label budget, several seeds, by full fine-tuning and by a
+   frozen-backbone probe; learning rates chosen per row on the labelled pool's validation split;
 6. pictures: PCA of teacher vs student features with masks, and loss curves.
+
+Presets (:data:`PRESETS`): ``quick`` is ``make demo`` (a fresh clone, install included, within 15 minutes on a 2-core
+CPU); ``long`` is the evidence (larger budgets, more seeds, about 2 hours there).
 
 Library code: it logs, and returns what the CLI prints.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,18 +31,21 @@ from typing import Any
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["DemoSettings", "run_demo"]
+__all__ = ["DemoSettings", "PRESETS", "run_demo"]
 
 
 @dataclass
 class DemoSettings:
-    """The demo's sizes (defaults chosen to fit `make demo` on a fresh clone in 15 minutes on a quiet 2-core CPU, see
-    the README)."""
+    """The demo's sizes. Defaults are the ``quick`` preset (see :data:`PRESETS`)."""
 
     image_size: int = 32
+    #: a shipped teacher's name (:func:`dreamteacher.teacher_training.shipped_teacher`), or None to train one
+    teacher: str | None = "shapes32"
+    retrain_teacher: bool = False
     teacher_steps: int = 1500
     teacher_batch: int = 16
     teacher_minutes: float = 4.0
+    teacher_lr: float = 5e-4
     interpreter_steps: int = 150
     pretrain_steps: int = 800
     pretrain_batch: int = 16
@@ -44,11 +54,51 @@ class DemoSettings:
     budgets: list[int] = field(default_factory=lambda: [8, 32])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     eval_steps: int = 150
-    eval_lr: float = 3e-3
+    #: the learning-rate grid, chosen per (protocol, backbone, budget) on the validation split
+    eval_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    probe_lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-2])
+    protocols: list[str] = field(default_factory=lambda: ["finetune", "probe"])
     eval_batch: int = 8
     n_test: int = 256
     num_workers: int = 1
     progress: bool = True
+
+
+#: Named presets: ``quick`` (``make demo``) and ``long`` (``make demo-long``, the evidence).
+PRESETS: dict[str, DemoSettings] = {
+    "quick": DemoSettings(),
+    "long": DemoSettings(pretrain_steps=4000, pretrain_minutes=20.0, budgets=[8, 32, 128], seeds=[0, 1, 2, 3, 4],
+                         eval_steps=400, interpreter_steps=300),
+}
+
+
+def _teacher_phase(out: Path, s: DemoSettings, say: Callable[[str], None]) -> tuple[Path, dict]:
+    """The teacher folder to distil: a shipped one (checked against its checksum), a cached one, or a new one."""
+    from .teacher_training import DEMO_UNET, shipped_teacher, train_teacher
+
+    if s.teacher is not None and not s.retrain_teacher:
+        root = shipped_teacher(s.teacher)
+        meta = json.loads((root / "teacher.json").read_text())
+        if meta["image_size"] != s.image_size:
+            raise ValueError(f"image_size: the shipped teacher {s.teacher!r} was trained at {meta['image_size']}x"
+                             f"{meta['image_size']}, not {s.image_size}; pass --retrain-teacher")
+        say(f"[1/6] teacher: the shipped {s.teacher!r} ({meta['steps']} steps of `{meta.get('command', '?')}`, "
+            f"EMA weights, fixed-batch epsilon MSE {meta['fixed_batch_loss']:.4f}; sha256 checked)")
+        return root, meta
+    teacher_dir = out / "teacher"
+    if (teacher_dir / "unet" / "config.json").is_file() and (teacher_dir / "teacher.json").is_file():
+        meta = json.loads((teacher_dir / "teacher.json").read_text())
+        if not meta.get("snapshot"):
+            say(f"[1/6] teacher: using the one trained earlier in {teacher_dir} (delete it to retrain)")
+            return teacher_dir, meta
+    say(f"[1/6] teacher: training a DDPM UNet2DModel {list(DEMO_UNET['block_out_channels'])} on procedural shapes "
+        f"at {s.image_size}x{s.image_size} (at most {s.teacher_steps} steps or {s.teacher_minutes:g} min)")
+    meta = train_teacher(teacher_dir, image_size=s.image_size, steps=s.teacher_steps, batch_size=s.teacher_batch,
+                         lr=s.teacher_lr, num_workers=s.num_workers, log_every=10, max_minutes=s.teacher_minutes,
+                         progress=s.progress)
+    if meta["first_loss"] is not None:
+        say(f"      {meta['steps']} steps, epsilon MSE {meta['first_loss']:.4f} -> {meta['last_loss']:.4f}")
+    return teacher_dir, meta
 
 
 def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] = (),
@@ -57,9 +107,9 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     evaluation results and the seconds each phase took."""
     from .config import load_config
     from .data import labelled_indices
-    from .evaluate import builtin_splits, evaluate_backbones, markdown_table, write_results
+    from .evaluate import builtin_splits, builtin_validation_split, evaluate_backbones, markdown_table, write_results
     from .interpreter import train_interpreter
-    from .train import DEMO_UNET, export_backbone, pretrain, train_teacher
+    from .train import export_backbone, pretrain
     from .viz import feature_figure, loss_curves, student_teacher_features
 
     s = settings
@@ -73,17 +123,7 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
 
     # 1. teacher
     t0 = time.perf_counter()
-    teacher_dir = out / "teacher"
-    if (teacher_dir / "unet" / "config.json").is_file():
-        say(f"[1/6] teacher: using the cached {teacher_dir} (delete it to retrain)")
-    else:
-        say(f"[1/6] teacher: training a DDPM UNet2DModel {list(DEMO_UNET['block_out_channels'])} on procedural shapes "
-            f"at {s.image_size}x{s.image_size} (at most {s.teacher_steps} steps or {s.teacher_minutes:g} min)")
-        result = train_teacher(teacher_dir, image_size=s.image_size, steps=s.teacher_steps,
-                               batch_size=s.teacher_batch, num_workers=s.num_workers, log_every=10,
-                               max_minutes=s.teacher_minutes, progress=s.progress)
-        if result["first_loss"] is not None:
-            say(f"      {result['steps']} steps, epsilon MSE {result['first_loss']:.4f} -> {result['last_loss']:.4f}")
+    teacher_dir, teacher_meta = _teacher_phase(out, s, say)
     phase("teacher", t0)
 
     def config(run_dir: Path, *extra: str):
@@ -101,8 +141,8 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     say(f"[2/6] interpreter: {n_interp} labelled images (label seed 0), {s.interpreter_steps} steps")
     interp = train_interpreter(config(out / "interpreter"), labels=n_interp, label_seed=0,
                                steps=s.interpreter_steps, out=out / "interpreter", progress=s.progress)
-    say(f"      loss {interp['first_loss']:.3f} -> {interp['last_loss']:.3f}, held-out mIoU of the interpreter "
-        f"itself {100 * interp['test_miou']:.1f}%")
+    say(f"      loss {interp['first_loss']:.3f} -> {interp['last_loss']:.3f}; the teacher's own features: held-out "
+        f"mIoU {100 * interp['test_miou']:.1f}%, foreground {100 * interp['test_fg_miou']:.1f}%")
     phase("interpreter", t0)
 
     # 3./4. pretraining, feature and mixed distillation
@@ -115,26 +155,42 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
         summary = pretrain(config(out / f"pretrain_{name}", *extra))
         runs[name] = summary
         backbones[f"DreamTeacher ({name})"] = str(export_backbone(summary["checkpoint"],
-                                                                  out / f"resnet18_{name}.pth"))
+                                                                  out / f"resnet18_{name}.safetensors"))
         say(f"      {summary['step']} steps{' (stopped by the time cap)' if summary['interrupted'] else ''}, "
             f"last logged loss {summary['loss']:.4f}")
         phase(f"pretrain {name}", t0)
 
-    # 5. evaluation
+    # 5. evaluation: one call per protocol, each with its own learning-rate grid chosen on the validation split
     t0 = time.perf_counter()
-    say(f"[5/6] evaluate: {len(backbones)} backbones x label budgets {s.budgets} x seeds {s.seeds}, "
-        f"{s.eval_steps} fine-tuning steps each, mIoU on {s.n_test} held-out images")
+    say(f"[5/6] evaluate: {len(backbones)} backbones x label budgets {s.budgets} x seeds {s.seeds} x "
+        f"{'/'.join(s.protocols)}, {s.eval_steps} steps each (learning rates chosen on the validation split), "
+        f"mIoU on {s.n_test} held-out images")
     train_set, test_set = builtin_splits(s.image_size, s.n_test)
-    results = evaluate_backbones(backbones, train_set, test_set, budgets=s.budgets, seeds=s.seeds,
-                                 class_names=None, steps=s.eval_steps, batch_size=s.eval_batch, lr=s.eval_lr,
-                                 progress=s.progress,
-                                 save_models=out / "evaluate" / "models", save_seeds=[s.seeds[0]])
+    val_set = builtin_validation_split(s.image_size)
     from .data import SHAPE_CLASSES
 
-    results["config"]["class_names"] = list(SHAPE_CLASSES)
+    parts = []
+    for protocol in s.protocols:
+        grid = s.eval_lrs if protocol == "finetune" else s.probe_lrs
+        parts.append(evaluate_backbones(
+            backbones, train_set, test_set, budgets=s.budgets, seeds=s.seeds, class_names=list(SHAPE_CLASSES),
+            steps=s.eval_steps, batch_size=s.eval_batch, lr=grid if len(grid) > 1 else grid[0],
+            protocols=[protocol], val_set=val_set, progress=s.progress,
+            save_models=out / "evaluate" / "models", save_seeds=[s.seeds[0]]))
+    from .evaluate import summarize
+
+    results = {"config": dict(parts[0]["config"]), "runs": [r for p in parts for r in p["runs"]],
+               "selection": [x for p in parts for x in p["selection"]]}
+    results["summary"] = summarize(results["runs"])
+    results["config"]["protocols"] = list(s.protocols)
+    results["config"]["lr"] = {p: (s.eval_lrs if p == "finetune" else s.probe_lrs) for p in s.protocols}
+    results["config"]["n_val"] = len(val_set)
     results["config"]["phase_seconds"] = dict(times)
-    results["config"]["interpreter"] = {"labels": n_interp, "label_seed": 0,
-                                        "images": labelled_indices(n_interp, 0)}
+    results["config"]["settings"] = dataclasses.asdict(s)
+    results["config"]["interpreter"] = {"labels": n_interp, "label_seed": 0, "images": labelled_indices(n_interp, 0),
+                                        "test_miou": interp["test_miou"], "test_fg_miou": interp["test_fg_miou"]}
+    results["config"]["teacher"] = {"path": str(teacher_dir), **{k: teacher_meta.get(k) for k in (
+        "steps", "command", "seed", "fixed_batch_loss", "sha256")}}
     json_path, md_path = write_results(results, out / "evaluate")
     phase("evaluate", t0)
 
@@ -150,7 +206,7 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     masks = torch.stack([ds[i][1] for i in range(4)])
     teacher_f, student_f = student_teacher_features(runs["mixed"]["checkpoint"], images)
     seg_run = next(r for r in results["runs"] if r["backbone"] == "DreamTeacher (mixed)" and r["labels"] ==
-                   max(s.budgets) and "model" in r)
+                   max(s.budgets) and "model" in r and r["protocol"] == s.protocols[0])
     from .evaluate import load_segmentation_model
 
     with torch.inference_mode():

@@ -24,9 +24,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from .data import LABELLED_POOL_SEED, LABELLED_POOL_SIZE, SHAPE_CLASSES, TEST_SEED, ProceduralShapes, labelled_indices
+from .data import (
+    LABELLED_POOL_SEED,
+    LABELLED_POOL_SIZE,
+    SHAPE_CLASSES,
+    TEST_SEED,
+    VALIDATION_SIZE,
+    ProceduralShapes,
+    labelled_indices,
+    validation_indices,
+)
+from .optim import warmup_cosine
 from .perf import single_pixel_convs_as_linear
 from .regressor import conv_bn_relu
 from .serialization import CONVERT_HINT, LoadError, load_file
@@ -36,7 +46,8 @@ logger = logging.getLogger("dreamteacher")
 
 __all__ = ["SegmentationModel", "SegmentationFolder", "load_backbone", "load_segmentation_model", "confusion_matrix",
            "iou_from_confusion", "finetune", "evaluate_model", "evaluate_backbones", "write_results",
-           "builtin_splits"]
+           "builtin_splits", "builtin_validation_split", "foreground_miou", "PROTOCOLS", "summarize",
+           "markdown_table"]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -59,13 +70,17 @@ class SegmentationModel(nn.Module):
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone(images)
+        return self.decode(self.backbone(images), images.shape[-2:])
+
+    def decode(self, feats: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        """The head alone: backbone maps (strides 4-32) -> logits ``[B, K, *size]`` (the frozen-backbone probe trains
+        only this on features computed once)."""
         top = self.lateral[-1](feats[-1])
         for i in range(len(feats) - 2, -1, -1):
             top = self.lateral[i](feats[i]) + F.interpolate(top, size=feats[i].shape[-2:], mode="bilinear",
                                                             align_corners=False)
         logits = self.classifier(self.fuse(top))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -195,9 +210,18 @@ class SegmentationFolder(Dataset):
 
 
 def builtin_splits(image_size: int, n_test: int = 256) -> tuple[Dataset, Dataset]:
-    """The built-in dataset's labelled pool and held-out test split (disjoint from the pretraining images)."""
-    return (ProceduralShapes(LABELLED_POOL_SIZE, image_size, seed=LABELLED_POOL_SEED),
+    """The built-in dataset's labelled pool (less its validation split, see :func:`builtin_validation_split`) and
+    held-out test split; both disjoint from the pretraining images."""
+    pool = ProceduralShapes(LABELLED_POOL_SIZE, image_size, seed=LABELLED_POOL_SEED)
+    return (Subset(pool, range(LABELLED_POOL_SIZE - VALIDATION_SIZE)),
             ProceduralShapes(n_test, image_size, seed=TEST_SEED))
+
+
+def builtin_validation_split(image_size: int) -> Dataset:
+    """The labelled pool's validation split (:func:`dreamteacher.data.validation_indices`): where learning rates and
+    other choices are made, never on the test split."""
+    pool = ProceduralShapes(LABELLED_POOL_SIZE, image_size, seed=LABELLED_POOL_SEED)
+    return Subset(pool, validation_indices())
 
 
 def _stack(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +259,15 @@ def iou_from_confusion(cm: torch.Tensor) -> tuple[list[float], float]:
     return iou.tolist(), float(present.mean()) if present.numel() else math.nan
 
 
+def foreground_miou(iou: Sequence[float], background_index: int | None = 0) -> float:
+    """Mean IoU over the classes other than ``background_index`` that have a non-empty union (NaN if none).
+
+    On scenes that are mostly background, mIoU is propped up by the background class; this is the number that says
+    whether the objects themselves are segmented."""
+    vals = [v for k, v in enumerate(iou) if k != background_index and not math.isnan(v)]
+    return statistics.fmean(vals) if vals else math.nan
+
+
 # ------------------------------------------------------------------------------------------------ fine-tune / test
 def _augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal and vertical flips, per image (label-preserving for any scene without a preferred
@@ -247,30 +280,63 @@ def _augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) ->
     return images, masks
 
 
+#: Evaluation protocols: ``finetune`` trains every weight; ``probe`` freezes the backbone (eval mode, its batch-norm
+#: statistics kept) and trains only the head, a direct reading of how good the representation is.
+PROTOCOLS = ("finetune", "probe")
+
+
 def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor, *, steps: int = 200,
              batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
-             ignore_index: int | None = 255, device: str | torch.device = "cpu") -> list[float]:
-    """Fine-tune every weight with cross-entropy on the labelled ``images [N, 3, H, W]`` / ``masks [N, H, W]``.
+             ignore_index: int | None = 255, device: str | torch.device = "cpu",
+             protocol: str = "finetune") -> list[float]:
+    """Train ``model`` with cross-entropy on the labelled ``images [N, 3, H, W]`` / ``masks [N, H, W]``.
 
     AdamW, 10% linear warm-up then cosine to 0; batches of ``batch_size`` drawn with replacement (any N works),
-    random flips; bf16 autocast on CUDA, fp32 on CPU. Returns the loss of every step.
+    random flips; bf16 autocast on CUDA, fp32 on CPU. ``protocol="finetune"`` trains every weight;
+    ``"probe"`` freezes the backbone and trains the head on backbone features computed once per image and flip
+    (the same batches and flips as fine-tuning, at a fraction of the cost). Returns the loss of every step.
     """
-    from .train import warmup_cosine
-
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
     device = torch.device(device)
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup=max(steps // 10, 1),
-                                                                           total=steps, min_ratio=0.0))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
+    cached = None
+    if protocol == "probe":
+        model.backbone.eval().requires_grad_(False)
+        cached = {}  # (flip_w, flip_h) -> per-level features of every labelled image
+        with torch.inference_mode(), autocast:
+            for fw in (False, True):
+                for fh in (False, True):
+                    x = images.flip(-1) if fw else images
+                    x = x.flip(-2) if fh else x
+                    feats = [model.backbone(x[i:i + 64].to(device)) for i in range(0, x.shape[0], 64)]
+                    cached[fw, fh] = [torch.cat(level).float() for level in zip(*feats)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup=max(steps // 10, 1),
+                                                                           total=steps, min_ratio=0.0))
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-        x, y = _augment(images[idx], masks[idx], gen)
-        with autocast:
-            logits = model(x.to(device, non_blocking=True))
+        if cached is None:
+            x, y = _augment(images[idx], masks[idx], gen)
+            with autocast:
+                logits = model(x.to(device, non_blocking=True))
+        else:  # the same draws as _augment, applied to the cached features of each flip
+            flip_w = torch.rand(batch_size, generator=gen) < 0.5
+            flip_h = torch.rand(batch_size, generator=gen) < 0.5
+            y = masks[idx].clone()
+            y[flip_w] = y[flip_w].flip(-1)
+            y[flip_h] = y[flip_h].flip(-2)
+            feats = []
+            for lvl in range(len(cached[False, False])):
+                rows = [cached[bool(fw), bool(fh)][lvl][i] for i, fw, fh in zip(idx.tolist(), flip_w, flip_h)]
+                feats.append(torch.stack(rows).to(device))
+            with autocast:
+                logits = model.decode(feats, images.shape[-2:])
         loss = F.cross_entropy(logits.float(), y.to(device), ignore_index=-100 if ignore_index is None
                                else ignore_index)
         opt.zero_grad(set_to_none=True)
@@ -278,6 +344,8 @@ def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+    if cached is not None:
+        model.backbone.requires_grad_(True)
     return losses
 
 
@@ -297,123 +365,202 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, 
 def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_set: Dataset, test_set: Dataset, *,
                        budgets: Sequence[int], seeds: Sequence[int], student: str = "resnet18",
                        num_classes: int = len(SHAPE_CLASSES), class_names: Sequence[str] | None = None,
-                       ignore_index: int | None = 255, steps: int = 200, batch_size: int = 8, lr: float = 1e-3,
-                       width: int = 64, device: str | torch.device = "cpu",
-                       save_models: str | os.PathLike | None = None, save_seeds: Sequence[int] | None = None,
-                       progress: bool = True) -> dict[str, Any]:
-    """Fine-tune and test every (backbone, label budget, seed).
+                       ignore_index: int | None = 255, background_index: int | None = 0, steps: int = 200,
+                       batch_size: int = 8, lr: float | Sequence[float] = 1e-3, width: int = 64,
+                       protocols: Sequence[str] = ("finetune",), val_set: Dataset | None = None,
+                       device: str | torch.device = "cpu", save_models: str | os.PathLike | None = None,
+                       save_seeds: Sequence[int] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train and test every (protocol, backbone, label budget, seed).
 
     Args:
         backbones: display name -> exported backbone / pretraining checkpoint path, or None for random init.
         train_set: the labelled pool; budget N with seed s uses ``labelled_indices(N, s, len(train_set))``.
         test_set: the held-out split (all of it is evaluated).
         budgets, seeds: label budgets and seeds.
+        lr: one learning rate, or a grid. With a grid, for each (protocol, backbone, budget) the first seed is run
+            with every value, the value with the best ``val_set`` mIoU is kept (ties: the first), and the other
+            seeds run with it; the test split plays no part in the choice. Every row is tuned the same way.
+        protocols: ``finetune`` and/or ``probe`` (see :data:`PROTOCOLS`).
+        val_set: the validation split (required with a grid), disjoint from ``train_set``'s budgets and the test.
+        background_index: the class left out of the foreground mIoU (None: no such class).
         save_models: directory to write the fine-tuned models to (``load_segmentation_model`` reads them).
         save_seeds: save only the runs of these seeds (None: every run).
 
     Returns:
-        ``{"config": {...}, "runs": [{"backbone", "labels", "seed", "miou", "iou", "seconds", "final_loss"}],
-        "summary": [...]}`` (see :func:`summarize`).
+        ``{"config": {...}, "runs": [{"protocol", "backbone", "labels", "seed", "lr", "miou", "fg_miou", "iou",
+        "val_miou", "seconds", "final_loss"}], "selection": [...], "summary": [...]}`` (see :func:`summarize`).
     """
     if not backbones:
         raise ValueError("backbones: expected at least one backbone (name -> path, or None for scratch)")
     for name, path in backbones.items():
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"backbones[{name!r}]: {path}: no such file")
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise ValueError(f"protocols: expected a non-empty subset of {PROTOCOLS}, got {list(protocols)}")
+    grid = [float(v) for v in (lr if isinstance(lr, Sequence) else [lr])]
+    if not grid or any(not (v > 0 and math.isfinite(v)) for v in grid):
+        raise ValueError(f"lr: expected positive learning rates, got {lr!r}")
+    if len(grid) > 1 and val_set is None:
+        raise ValueError("val_set: a learning-rate grid is chosen on a validation split; pass val_set")
     class_names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
     test_images, test_masks = _stack(test_set, range(len(test_set)))
-    runs = []
-    plan = [(b, n, s) for n in budgets for b in backbones for s in seeds]
+    val_images, val_masks = _stack(val_set, range(len(val_set))) if val_set is not None else (None, None)
+    seeds = list(seeds)
+    n_runs = len(protocols) * len(backbones) * len(budgets) * (len(seeds) + len(grid) - 1)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(plan), desc="evaluate", unit="run", dynamic_ncols=True)
+        bar = tqdm(total=n_runs, desc="evaluate", unit="run", dynamic_ncols=True)
+
+    def one_run(protocol: str, name: str, n_labels: int, seed: int, run_lr: float) -> tuple[dict, nn.Module]:
+        start = time.perf_counter()
+        images, masks = _stack(train_set, labelled_indices(n_labels, seed, len(train_set)))
+        torch.manual_seed(seed)  # head init (and the whole init for scratch) depends on the seed only
+        model = SegmentationModel(student, num_classes, width=width)
+        if backbones[name] is not None:
+            load_backbone(model.backbone, backbones[name])
+        if torch.device(device).type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        else:  # exact; oneDNN's weight gradient of convolutions on 1x1 maps is slow (dreamteacher.perf)
+            single_pixel_convs_as_linear(model)
+        losses = finetune(model, images, masks, steps=steps, batch_size=batch_size, lr=run_lr, seed=seed,
+                          ignore_index=ignore_index, device=device, protocol=protocol)
+        iou, miou = iou_from_confusion(evaluate_model(model, test_images, test_masks, num_classes,
+                                                      ignore_index=ignore_index, device=device))
+        val_miou = None
+        if val_images is not None:
+            val_miou = iou_from_confusion(evaluate_model(model, val_images, val_masks, num_classes,
+                                                         ignore_index=ignore_index, device=device))[1]
+        run = {"protocol": protocol, "backbone": name, "labels": n_labels, "seed": seed, "lr": run_lr,
+               "miou": miou, "fg_miou": foreground_miou(iou, background_index), "iou": iou, "val_miou": val_miou,
+               "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+        logger.info("evaluate %s %s, %d labels, seed %d, lr %g: mIoU %.2f%% (%.1f s)", protocol, name, n_labels,
+                    seed, run_lr, 100 * miou, run["seconds"])
+        if bar is not None:
+            bar.set_postfix(run=f"{protocol}/{name}", labels=n_labels, miou=f"{100 * miou:.1f}")
+            bar.update(1)
+        return run, model
+
+    def keep(run: dict, model: nn.Module) -> dict:
+        if save_models is not None and (save_seeds is None or run["seed"] in save_seeds):
+            path = Path(save_models) / f"{run['protocol']}_{run['backbone']}_{run['labels']}labels_seed{run['seed']}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"kind": "dreamteacher.segmentation", "state_dict": model.cpu().state_dict(),
+                        "student": student, "num_classes": num_classes, "width": width,
+                        "image_size": int(test_images.shape[-1]), "class_names": class_names}, path)
+            run["model"] = str(path)
+        return run
+
+    runs, selection = [], []
     try:
-        for name, n_labels, seed in plan:
-            start = time.perf_counter()
-            images, masks = _stack(train_set, labelled_indices(n_labels, seed, len(train_set)))
-            torch.manual_seed(seed)  # head init (and the whole init for scratch) depends on the seed only
-            model = SegmentationModel(student, num_classes, width=width)
-            if backbones[name] is not None:
-                load_backbone(model.backbone, backbones[name])
-            if torch.device(device).type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
-            else:  # exact; oneDNN's weight gradient of convolutions on 1x1 maps is slow (dreamteacher.perf)
-                single_pixel_convs_as_linear(model)
-            losses = finetune(model, images, masks, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                              ignore_index=ignore_index, device=device)
-            cm = evaluate_model(model, test_images, test_masks, num_classes, ignore_index=ignore_index, device=device)
-            iou, miou = iou_from_confusion(cm)
-            seconds = time.perf_counter() - start
-            run = {"backbone": name, "labels": n_labels, "seed": seed, "miou": miou, "iou": iou, "seconds": seconds,
-                   "final_loss": sum(losses[-10:]) / len(losses[-10:])}
-            if save_models is not None and (save_seeds is None or seed in save_seeds):
-                path = Path(save_models) / f"{name}_{n_labels}labels_seed{seed}.pt"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"kind": "dreamteacher.segmentation", "state_dict": model.cpu().state_dict(),
-                            "student": student, "num_classes": num_classes, "width": width,
-                            "image_size": int(test_images.shape[-1]), "class_names": class_names}, path)
-                run["model"] = str(path)
-            runs.append(run)
-            logger.info("evaluate %s, %d labels, seed %d: mIoU %.2f%% (%.1f s)", name, n_labels, seed, 100 * miou,
-                        seconds)
-            if bar is not None:
-                bar.set_postfix(backbone=name, labels=n_labels, miou=f"{100 * miou:.1f}")
-                bar.update(1)
+        for protocol in protocols:
+            for n_labels in budgets:
+                for name in backbones:
+                    chosen = grid[0]
+                    if len(grid) > 1:  # the first seed at every grid value; the choice reads only the val split
+                        trials = [one_run(protocol, name, n_labels, seeds[0], v) for v in grid]
+                        best = max(range(len(grid)), key=lambda i: (trials[i][0]["val_miou"], -i))
+                        chosen = grid[best]
+                        selection.append({"protocol": protocol, "backbone": name, "labels": n_labels,
+                                          "seed": seeds[0], "lr": chosen,
+                                          "val_miou": {str(v): t[0]["val_miou"] for v, t in zip(grid, trials)}})
+                        runs.append(keep(*trials[best]))
+                        rest = seeds[1:]
+                    else:
+                        rest = seeds
+                    for seed in rest:
+                        runs.append(keep(*one_run(protocol, name, n_labels, seed, chosen)))
     finally:
         if bar is not None:
             bar.close()
-    config = {"student": student, "budgets": list(budgets), "seeds": list(seeds), "steps": steps,
-              "batch_size": batch_size, "lr": lr, "width": width, "num_classes": num_classes,
-              "class_names": class_names, "ignore_index": ignore_index, "n_test": len(test_set),
-              "image_size": int(test_images.shape[-1]), "backbones": {k: None if v is None else str(v)
-                                                                      for k, v in backbones.items()}}
-    return {"config": config, "runs": runs, "summary": summarize(runs)}
+    config = {"student": student, "budgets": list(budgets), "seeds": seeds, "steps": steps,
+              "batch_size": batch_size, "lr": grid if len(grid) > 1 else grid[0], "width": width,
+              "protocols": list(protocols), "num_classes": num_classes, "class_names": class_names,
+              "ignore_index": ignore_index, "background_index": background_index, "n_test": len(test_set),
+              "n_val": len(val_set) if val_set is not None else 0, "image_size": int(test_images.shape[-1]),
+              "backbones": {k: None if v is None else str(v) for k, v in backbones.items()}}
+    return {"config": config, "runs": runs, "selection": selection, "summary": summarize(runs)}
 
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per (backbone, budget): mean and sample standard deviation of mIoU over seeds (std 0 with one seed), mean
-    per-class IoU, mean seconds."""
-    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    """Per (protocol, backbone, budget): mean and sample standard deviation over seeds (std 0 with one seed) of mIoU
+    and foreground mIoU, mean per-class IoU, mean seconds."""
+    groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["backbone"], r["labels"]), []).append(r)
+        groups.setdefault((r.get("protocol", "finetune"), r["backbone"], r["labels"]), []).append(r)
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if not values:
+            return math.nan, math.nan
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
     out = []
-    for (name, n), rs in groups.items():
-        mious = [r["miou"] for r in rs]
+    for (protocol, name, n), rs in groups.items():
         per_class = [statistics.fmean(v for v in col if not math.isnan(v)) if any(not math.isnan(v) for v in col)
                      else math.nan for col in zip(*(r["iou"] for r in rs))]
-        out.append({"backbone": name, "labels": n, "n_seeds": len(rs), "miou_mean": statistics.fmean(mious),
-                    "miou_std": statistics.stdev(mious) if len(mious) > 1 else 0.0, "iou_mean": per_class,
+        miou_mean, miou_std = mean_std([r["miou"] for r in rs])
+        fg_mean, fg_std = mean_std([r.get("fg_miou", math.nan) for r in rs])
+        out.append({"protocol": protocol, "backbone": name, "labels": n, "n_seeds": len(rs), "miou_mean": miou_mean,
+                    "miou_std": miou_std, "fg_miou_mean": fg_mean, "fg_miou_std": fg_std, "iou_mean": per_class,
+                    "lr": sorted({r.get("lr") for r in rs if r.get("lr") is not None}),
                     "seconds_mean": statistics.fmean(r["seconds"] for r in rs)})
     return out
 
 
+def _pm(mean: float, std: float) -> str:
+    return "–" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
 def markdown_table(results: Mapping[str, Any]) -> str:
-    """mIoU (mean ± std over seeds, %) per backbone and budget, plus per-class IoU at every budget."""
+    """mIoU and foreground mIoU (mean ± std over seeds, %) per protocol, backbone and budget, then per-class IoU."""
     cfg, summary = results["config"], results["summary"]
     budgets = list(dict.fromkeys(s["labels"] for s in summary))
-    names = list(dict.fromkeys(s["backbone"] for s in summary))
-    cell = {(s["backbone"], s["labels"]): s for s in summary}
+    rows = list(dict.fromkeys((s.get("protocol", "finetune"), s["backbone"]) for s in summary))
+    cell = {(s.get("protocol", "finetune"), s["backbone"], s["labels"]): s for s in summary}
     n_seeds = max(s["n_seeds"] for s in summary)
-    lines = [f"mIoU (%) on {cfg['n_test']} held-out images, {cfg['student']} + FPN head fine-tuned for {cfg['steps']}"
-             f" steps; mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''} (sample std"
-             f"{'; 0 with one seed' if n_seeds == 1 else ''}).", "",
-             "| backbone | " + " | ".join(f"{n} labels" for n in budgets) + " | time per run |",
-             "|---|" + "---:|" * (len(budgets) + 1)]
-    for name in names:
-        row = [f"{100 * cell[name, n]['miou_mean']:.1f} ± {100 * cell[name, n]['miou_std']:.1f}"
-               if (name, n) in cell else "" for n in budgets]
-        secs = statistics.fmean(cell[name, n]["seconds_mean"] for n in budgets if (name, n) in cell)
-        lines.append(f"| {name} | " + " | ".join(row) + f" | {secs:.1f} s |")
+    fg = cfg.get("background_index", 0) is not None
+    lr = cfg["lr"]
+
+    def grid_text(g) -> str:
+        return (f"chosen per row and budget from {g} on {cfg.get('n_val', 0)} validation images"
+                if isinstance(g, list) else f"{g:g}")
+
+    lr_text = "learning rate " + ("; ".join(f"{p}: {grid_text(g)}" for p, g in lr.items()) if isinstance(lr, Mapping)
+                                  else grid_text(lr))
+    lines = [f"mIoU (%) on {cfg['n_test']} held-out images, {cfg['student']} + FPN head trained for {cfg['steps']} "
+             f"steps ({lr_text}); mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''} (sample std"
+             f"{'; 0 with one seed' if n_seeds == 1 else ''}). finetune: every weight trained; probe: backbone "
+             f"frozen, head only." + (" fg: mean IoU of the shape classes (background left out)." if fg else ""), "",
+             "| protocol | backbone | " + " | ".join(f"{n} labels" + (f" | {n} labels fg" if fg else "")
+                                                    for n in budgets) + " | time per run |",
+             "|---|---|" + "---:|" * (len(budgets) * (2 if fg else 1) + 1)]
+    for protocol, name in rows:
+        row = []
+        for n in budgets:
+            c = cell.get((protocol, name, n))
+            row.append(_pm(c["miou_mean"], c["miou_std"]) if c else "")
+            if fg:
+                row.append(_pm(c["fg_miou_mean"], c["fg_miou_std"]) if c else "")
+        secs = statistics.fmean(cell[protocol, name, n]["seconds_mean"] for n in budgets
+                                if (protocol, name, n) in cell)
+        lines.append(f"| {protocol} | {name} | " + " | ".join(row) + f" | {secs:.1f} s |")
+    teacher = cfg.get("interpreter")
+    if teacher and teacher.get("test_miou") is not None:
+        fg_text = (f", foreground {100 * teacher['test_fg_miou']:.1f}" if teacher.get("test_fg_miou") is not None
+                   else "")
+        lines += ["", f"The teacher's own features (feature interpreter trained on {teacher['labels']} labels, same "
+                      f"test split): mIoU {100 * teacher['test_miou']:.1f}{fg_text}."]
     classes = cfg["class_names"]
     for n in budgets:
         lines += ["", f"Per-class IoU (%), {n} labels:", "",
-                  "| backbone | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
-        for name in names:
-            if (name, n) in cell:
-                vals = ["–" if math.isnan(v) else f"{100 * v:.1f}" for v in cell[name, n]["iou_mean"]]
-                lines.append(f"| {name} | " + " | ".join(vals) + " |")
+                  "| protocol | backbone | " + " | ".join(classes) + " |", "|---|---|" + "---:|" * len(classes)]
+        for protocol, name in rows:
+            if (protocol, name, n) in cell:
+                vals = ["–" if math.isnan(v) else f"{100 * v:.1f}" for v in cell[protocol, name, n]["iou_mean"]]
+                lines.append(f"| {protocol} | {name} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
 

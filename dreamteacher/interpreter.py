@@ -148,19 +148,28 @@ def check_interpreter_matches(record: dict[str, Any], cfg, teacher, order: Seque
 
 # ------------------------------------------------------------------------------------------------ training
 def _labelled_data(cfg, labels: int, label_seed: int, images: str | None, masks: str | None):
-    from .data import LABELLED_POOL_SEED, LABELLED_POOL_SIZE, SHAPE_CLASSES, ProceduralShapes, labelled_indices
+    from .data import (
+        LABELLED_POOL_SEED,
+        LABELLED_POOL_SIZE,
+        SHAPE_CLASSES,
+        VALIDATION_SIZE,
+        ProceduralShapes,
+        labelled_indices,
+    )
 
     if images is not None:
         from .evaluate import SegmentationFolder
 
         pool = SegmentationFolder(images, masks, cfg.data.image_size)
         class_names = None
-    else:
+        usable = len(pool)
+    else:  # the built-in pool's validation split stays out of every label budget
         pool = ProceduralShapes(LABELLED_POOL_SIZE, cfg.data.image_size, seed=LABELLED_POOL_SEED)
         class_names = list(SHAPE_CLASSES)
-    if labels > len(pool):
-        raise ValueError(f"labels: the labelled pool has {len(pool)} images, fewer than {labels}")
-    items = [pool[i] for i in labelled_indices(labels, label_seed, len(pool))]
+        usable = LABELLED_POOL_SIZE - VALIDATION_SIZE
+    if labels > usable:
+        raise ValueError(f"labels: the labelled pool has {usable} images, fewer than {labels}")
+    items = [pool[i] for i in labelled_indices(labels, label_seed, usable)]
     return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]), class_names
 
 
@@ -181,7 +190,7 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
     the built-in test split (``n_test`` images; skipped for folder data).
     """
     from .data import TEST_SEED, ProceduralShapes
-    from .evaluate import confusion_matrix, iou_from_confusion
+    from .evaluate import confusion_matrix, foreground_miou, iou_from_confusion
     from .train import build_teacher, save_checkpoint, setup_distributed, warmup_cosine
 
     device = setup_distributed(cfg.run.device).device
@@ -233,7 +242,7 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
     if bar is not None:
         bar.close()
     model.eval()
-    miou = None
+    miou = fg_miou = None
     if images is None:
         test = ProceduralShapes(n_test, cfg.data.image_size, seed=TEST_SEED)
         cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -245,12 +254,15 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
                 logits = model([feats[order[lvl]] for lvl in range(len(order))])
                 pred = F.interpolate(logits, size=yb.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
                 cm += confusion_matrix(pred.cpu(), yb, num_classes, ignore_index)
-        miou = iou_from_confusion(cm)[1]
+        iou, miou = iou_from_confusion(cm)
+        fg_miou = foreground_miou(iou)
     record = {"kind": "dreamteacher.interpreter", "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
               "config": model.config, "class_names": class_names, "labels": labels, "label_seed": label_seed,
-              "image_size": cfg.data.image_size, "teacher": _teacher_record(cfg, teacher, order), "test_miou": miou}
+              "image_size": cfg.data.image_size, "teacher": _teacher_record(cfg, teacher, order), "test_miou": miou,
+              "test_fg_miou": fg_miou}
     path = save_checkpoint(out / "interpreter.pt", record)
     first, last = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
     logger.info("interpreter %s: loss %.3f -> %.3f, held-out mIoU %s", path, first, last, miou)
-    return {"path": str(path), "first_loss": first, "last_loss": last, "test_miou": miou, "steps": steps,
+    return {"path": str(path), "first_loss": first, "last_loss": last, "test_miou": miou, "test_fg_miou": fg_miou,
+            "steps": steps,
             "log": str(out / "log.jsonl"), "seconds": time.perf_counter() - start}

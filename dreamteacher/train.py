@@ -1,12 +1,12 @@
-"""The lean DreamTeacher pretraining loop, readable top to bottom (DESIGN.md section 6).
+"""The lean DreamTeacher pretraining loop, readable top to bottom.
 
 config -> distributed setup from torchrun's environment -> frozen teacher (outside the trainable module) + trainable
 module (student + regressor, channels_last) -> optional ``torch.compile`` -> DDP -> loop (teacher features at the
 regressor's strides, ``dtkernels.fused_feat_loss``, bf16 autocast on GPU / fp32 on CPU, accumulation with gradient
 sync on the last micro-step only, clipping, fused AdamW on GPU or LAMB, warm-up + cosine) -> atomic checkpoints.
 
-Also here: :func:`train_teacher` (a small DDPM ``UNet2DModel`` with the epsilon-prediction MSE, for the embedded
-demo where no pretrained diffusion model can be downloaded) and :func:`export_backbone`.
+Also here: :func:`export_backbone`. Teacher training lives in :mod:`dreamteacher.teacher_training`, optimizers and
+schedules in :mod:`dreamteacher.optim`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +31,9 @@ from torch import nn
 import dtkernels
 
 from .config import PretrainConfig, config_from_dict, config_to_dict
+from .optim import build_optimizer, warmup_cosine
 from .regressor import FeatureRegressor
+from .runtime import StopFlag
 from .serialization import (
     CHECKPOINT_KIND,
     CHECKPOINT_VERSION,
@@ -49,9 +50,8 @@ from .teacher import DiffusionTeacher
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["DistillationModel", "Lamb", "DistEnv", "setup_distributed", "select_taps", "build_teacher",
-           "build_optimizer", "warmup_cosine", "save_checkpoint", "pretrain", "train_teacher", "export_backbone",
-           "build_dataset", "TINY_UNET", "DEMO_UNET"]
+__all__ = ["DistillationModel", "DistEnv", "setup_distributed", "select_taps", "build_teacher", "save_checkpoint",
+           "pretrain", "export_backbone", "build_dataset"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,62 +77,6 @@ class DistillationModel(nn.Module):
             return self.regressor(self.student(images))
         preds, fpn = self.regressor(self.student(images), return_fpn=True)
         return preds, self.logit_head(fpn[0])
-
-
-class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al., 2020): Adam's bias-corrected update with decoupled weight decay, scaled per tensor by the
-    trust ratio ``||w|| / ||update||`` (1 when either norm is 0). No host syncs: the ratio stays a tensor."""
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
-                m.lerp_(g, 1.0 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                update = (m / (1.0 - b1 ** state["step"])) / ((v / (1.0 - b2 ** state["step"])).sqrt_().add_(eps))
-                if wd:
-                    update.add_(p, alpha=wd)
-                w_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.sub_(update.mul_(trust * lr))
-        return loss
-
-
-def build_optimizer(cfg: PretrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused kernel when available) or LAMB; no weight decay on norms and biases (tensors with ndim <= 1)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = tuple(cfg.optim.betas)
-    if cfg.optim.name == "lamb":
-        return Lamb(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps)
-    try:  # one fused kernel over all parameters (CUDA, and CPU since torch 2.4)
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, foreach=True)
-
-
-def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier at optimizer step ``step`` (0-based): linear warm-up to 1, then cosine to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -359,30 +303,6 @@ def _truncate_log(log: Path, step: int) -> None:
         keep.append(line)
     if len(keep) != len(lines):
         log.write_text("".join(keep))
-
-
-# ------------------------------------------------------------------------------------------------ Ctrl-C
-class StopFlag:
-    """First SIGINT (Ctrl-C): finish the current step, save a checkpoint, exit cleanly. Second: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    def __enter__(self) -> StopFlag:
-        with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C raises as usual
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -689,97 +609,3 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
         details.update(report, timm_model=student.name, out_indices=list(student.out_indices),
                        reductions=list(student.reductions))
     return out
-
-
-# ------------------------------------------------------------------------------------------------ teacher training
-#: A tiny pixel UNet for tests (3 levels: mid_block and 3 up blocks, enough taps for 4 student levels).
-TINY_UNET = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8,
-                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
-#: The demo's teacher: five levels (native strides 1-16) so that the taps one octave finer than the student's
-#: strides 4-32 exist (mid_block and up_blocks.0-2, early exit before the full-resolution blocks).
-DEMO_UNET = dict(block_out_channels=(16, 32, 64, 64, 128), layers_per_block=1, norm_num_groups=8,
-                 down_block_types=("DownBlock2D",) * 5, up_block_types=("UpBlock2D",) * 5)
-
-
-def train_teacher(out_dir: str | os.PathLike, *, dataset=None, image_size: int = 64, unet: dict | None = None,
-                  steps: int = 1000, batch_size: int = 16, lr: float = 2e-3, warmup_steps: int = 50,
-                  num_train_timesteps: int = 1000, seed: int = 0, num_workers: int = 2, log_every: int = 25,
-                  max_minutes: float = 0.0, device: str = "auto", progress: bool = True) -> dict:
-    """Train a small DDPM ``UNet2DModel`` with the epsilon-prediction MSE and save it where
-    :meth:`DiffusionTeacher.from_pretrained` finds it (``unet/`` + ``scheduler/``).
-
-    ``loss = mean((unet(x_t, t) - eps)**2)`` with ``t`` uniform in ``[0, T)`` and ``x_t`` from ``dtkernels.q_sample``.
-    AdamW with warm-up + cosine; ``max_minutes`` stops early (the model is saved either way). Logs go to
-    ``out_dir/log.jsonl``. Returns ``{"path", "steps", "first_loss", "last_loss"}`` (mean losses of the first and
-    last logging windows).
-    """
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from .data import ProceduralShapes, build_loader
-
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = dataset if dataset is not None else ProceduralShapes(max(steps * batch_size, 1000), image_size,
-                                                                   seed=seed + 1)
-    config = dict(DEMO_UNET if unet is None else unet)
-    model = UNet2DModel(sample_size=image_size, in_channels=3, out_channels=3, **config).to(dev)
-    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps)
-    alphas = scheduler.alphas_cumprod.to(dev, torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-        s, warmup=warmup_steps, total=steps, min_ratio=0.1))
-    loader = build_loader(dataset, batch_size, seed=seed, num_workers=num_workers, rank=0, world_size=1)
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=steps, desc="train-teacher", unit="step", dynamic_ncols=True)
-    history: list[float] = []
-    window = torch.zeros((), device=dev)
-    start = last = time.perf_counter()
-    step, epoch = 0, 0
-    model.train()
-    with open(out / "log.jsonl", "w") as log, StopFlag() as stop:
-        while step < steps and not stop.requested:
-            loader.sampler.set_epoch(epoch)
-            for batch in loader:
-                x0 = _images(batch).to(dev, non_blocking=True)
-                t = torch.randint(0, num_train_timesteps, (x0.shape[0],), device=dev)
-                x_t, eps = dtkernels.q_sample(x0, t, alphas, seed=int(torch.randint(0, 2**62, ()).item()),
-                                              return_noise=True)
-                loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                sched.step()
-                optimizer.zero_grad(set_to_none=True)
-                window += loss.detach()
-                step += 1
-                if step % log_every == 0 or step == steps:
-                    now = time.perf_counter()
-                    n = (step - 1) % log_every + 1
-                    history.append(window.item() / n)
-                    window.zero_()
-                    log.write(json.dumps({"step": step, "loss": history[-1], "images_per_s": n * batch_size
-                                          / (now - last), "time": now - start}) + "\n")
-                    log.flush()
-                    if pbar is not None:
-                        pbar.set_postfix(loss=f"{history[-1]:.4f}", img_s=f"{n * batch_size / (now - last):.1f}")
-                    last = now
-                if pbar is not None:
-                    pbar.update(1)
-                if (step >= steps or stop.requested
-                        or (max_minutes > 0 and time.perf_counter() - start > 60 * max_minutes)):
-                    break
-            else:
-                epoch += 1
-                continue
-            break
-    if pbar is not None:
-        pbar.close()
-    model.eval()
-    DiffusionTeacher(model.cpu(), scheduler).save_pretrained(out)
-    return {"path": str(out), "steps": step, "first_loss": history[0] if history else None,
-            "last_loss": history[-1] if history else None, "interrupted": stop.requested}

@@ -14,24 +14,33 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot 
 
 
 def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys, monkeypatch):
-    import dreamteacher.train as train_mod
+    import dreamteacher.teacher_training as tt
 
-    monkeypatch.setattr(train_mod, "DEMO_UNET", train_mod.TINY_UNET)  # the demo's teacher, shrunk for a test
+    monkeypatch.setattr(tt, "DEMO_UNET", tt.TINY_UNET)  # the demo's teacher, shrunk for a test
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = cli.main(["demo", "--out", str(tmp_path), "--image-size", "32", "--teacher-steps", "2",
-                         "--interpreter-steps", "2", "--steps", "2", "--batch-size", "4", "--labels", "2", "4",
-                         "--seeds", "0", "1", "--eval-steps", "1", "--num-workers", "0", "--no-progress",
-                         "--model.width=16"])
+        code = cli.main(["demo", "--out", str(tmp_path), "--retrain-teacher", "--image-size", "32",
+                         "--teacher-steps", "2", "--interpreter-steps", "2", "--steps", "2", "--batch-size", "4",
+                         "--labels", "2", "4",
+                         "--seeds", "0", "1", "--eval-steps", "1", "--eval-lr", "1e-3", "3e-3", "--num-workers", "0",
+                         "--no-progress", "--model.width=16"])
     finally:
         torch.set_num_threads(n)
     assert code == 0
     printed = capsys.readouterr().out
-    for needle in ("| scratch |", "| DreamTeacher (feature) |", "| DreamTeacher (mixed) |", "2 labels", "4 labels"):
+    for needle in ("| finetune | scratch |", "| finetune | DreamTeacher (feature) |",
+                   "| probe | DreamTeacher (mixed) |", "2 labels fg", "4 labels", "The teacher's own features"):
         assert needle in printed, needle
     results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
-    assert len(results["runs"]) == 3 * 2 * 2 and set(results["config"]["phase_seconds"]) >= {"teacher", "interpreter"}
+    # 2 protocols x 3 backbones x 2 budgets x 2 seeds, plus the second value of each fine-tuning grid on seed 0
+    # (the probe's grid has two values too).
+    assert len(results["runs"]) == 2 * 3 * 2 * 2
+    assert len(results["selection"]) == 2 * 3 * 2
+    for sel in results["selection"]:
+        best = max(sel["val_miou"].values())
+        assert sel["val_miou"][str(sel["lr"])] == best  # chosen on the validation split
+    assert set(results["config"]["phase_seconds"]) >= {"teacher", "interpreter"}
     for line in printed.split("Outputs:", 1)[1].splitlines():
         if line.strip().startswith(("picture:", "evaluation:", "interpreter:", "exported backbone:")):
             path = line.split(":", 1)[1].split("(")[0].strip()

@@ -12,7 +12,8 @@ import torch
 from dreamteacher import cli
 from dreamteacher.config import load_config
 from dreamteacher.interpreter import FeatureInterpreter, dice_loss, interpreter_loss, load_interpreter
-from dreamteacher.train import TINY_UNET, pretrain, train_teacher
+from dreamteacher.teacher_training import TINY_UNET, train_teacher
+from dreamteacher.train import pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
 

@@ -26,7 +26,8 @@ from dreamteacher import cli
 from dreamteacher.config import ConfigError, PretrainConfig, config_from_dict, load_config
 from dreamteacher.data import SHAPE_CLASSES, ImageFolderDataset, ProceduralShapes, SkipUnreadable, render_shapes
 from dreamteacher.teacher import DiffusionTeacher
-from dreamteacher.train import TINY_UNET, export_backbone, pretrain, select_taps, train_teacher
+from dreamteacher.teacher_training import TINY_UNET, train_teacher
+from dreamteacher.train import export_backbone, pretrain, select_taps
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
 REPO = Path(__file__).resolve().parent.parent
@@ -324,7 +325,7 @@ def lamb_reference(p, grads, *, lr, betas, eps, wd):
 
 @pytest.mark.parametrize("wd", [0.0, 0.05])
 def test_lamb_matches_a_float64_reference(wd):
-    from dreamteacher.train import Lamb
+    from dreamteacher.optim import Lamb
 
     gen = torch.Generator().manual_seed(3)
     shapes = [(7, 5, 3, 3), (13,), (1,)]
@@ -354,7 +355,7 @@ def test_pretrain_with_lamb_runs_and_learns(teacher_dir, tmp_path):
 
 
 def test_warmup_cosine_schedule():
-    from dreamteacher.train import warmup_cosine
+    from dreamteacher.optim import warmup_cosine
 
     f = lambda s: warmup_cosine(s, warmup=4, total=14, min_ratio=0.1)  # noqa: E731
     assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])

@@ -14,7 +14,8 @@ from PIL import Image
 from dreamteacher import cli
 from dreamteacher.config import load_config
 from dreamteacher.data import SHAPE_CLASSES, TEST_SEED, ProceduralShapes
-from dreamteacher.train import TINY_UNET, pretrain, train_teacher
+from dreamteacher.teacher_training import TINY_UNET, train_teacher
+from dreamteacher.train import pretrain
 from dreamteacher.viz import (
     PCABasis,
     feature_figure,
