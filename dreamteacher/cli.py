@@ -9,29 +9,69 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 logger = logging.getLogger("dreamteacher")
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
+# Numeric options are checked where they are parsed (argparse ``type=``): a bad value is one ``error:`` line naming
+# the option before anything is built.
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    import math
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
 
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1), got {text}")
     return value
 
 
@@ -56,7 +96,8 @@ def add_cache_features(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=_positive_int, default=256, help="side of the square image crops")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="cache only the first N images (in sorted path order)")
-    p.add_argument("--t", type=int, default=150, help="noise level of the encoding (paper: 150 for ImageNet)")
+    p.add_argument("--t", type=_non_negative_int, default=150,
+                   help="noise level of the encoding (paper: 150 for ImageNet)")
     p.add_argument("--mode", choices=("stochastic", "deterministic"), default="stochastic",
                    help="stochastic: one-step noising with dtkernels.q_sample; deterministic: DDIM inversion to t")
     p.add_argument("--n-noise", type=_positive_int, default=1,
@@ -76,8 +117,9 @@ def add_cache_features(subparsers) -> argparse.ArgumentParser:
                         "embedding, the explicit opt-in)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per teacher forward")
     p.add_argument("--shard-size", type=_positive_int, default=256, help="images per shard file")
-    p.add_argument("--seed", type=int, default=0, help="base seed of the per-batch noise draws")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes decoding images")
+    p.add_argument("--seed", type=_int, default=0, help="base seed of the per-batch noise draws")
+    p.add_argument("--num-workers", type=_non_negative_int, default=0,
+                   help="DataLoader worker processes decoding images")
     p.add_argument("--device", default="auto", help="torch device (auto: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="teacher weights and compute dtype")
     p.add_argument("--repair", action="store_true",
@@ -91,21 +133,25 @@ def add_cache_features(subparsers) -> argparse.ArgumentParser:
 def run_cache_features(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import ImageFolderDataset
+    from .config import options_named
+    from .data import check_image_folder, load_image_folder
     from .feature_cache import CacheMismatchError, CorruptShardError, write_feature_cache
-    from .teacher import DiffusionTeacher
+    from .teacher import DiffusionTeacher, check_teacher_dir
+    from .train import check_device
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = DiffusionTeacher.from_pretrained(
-        args.teacher, taps=args.taps, strides=args.strides, t=args.t, mode=args.mode, n_noise=args.n_noise,
-        ddim_steps=args.ddim_steps, text_embedding=args.text_embedding or None, conditioning=args.conditioning)
+    check_device(device, "--device")
+    check_image_folder(args.data, "--data")  # before the teacher is loaded
+    check_teacher_dir(args.teacher, "--teacher", "--teacher DIR")
+    with options_named({"path": "--teacher", "taps": "--taps", "names": "--taps", "strides": "--strides", "t": "--t",
+                        "text_embedding": "--text-embedding", "conditioning": "--conditioning"}):
+        teacher = DiffusionTeacher.from_pretrained(
+            args.teacher, taps=args.taps, strides=args.strides, t=args.t, mode=args.mode, n_noise=args.n_noise,
+            ddim_steps=args.ddim_steps, text_embedding=args.text_embedding or None, conditioning=args.conditioning)
     teacher = teacher.to(device=device, dtype=getattr(torch, _DTYPES[args.dtype]))
-    dataset = ImageFolderDataset(args.data, args.resolution, uint8=True)
+    dataset = load_image_folder(args.data, args.resolution, "--data", uint8=True)
     if args.limit is not None:
         dataset.files = dataset.files[: args.limit]
-    if len(dataset) == 0:
-        print(f"error: no readable images under {args.data}", file=sys.stderr)
-        return 2
     print(f"teacher {args.teacher}: {type(teacher.unet).__name__}"
           f"{' + ' + type(teacher.vae).__name__ if teacher.vae is not None else ''}, mode {args.mode}, t {args.t}, "
           f"on {device} ({args.dtype})")
@@ -151,19 +197,20 @@ def add_train_teacher(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per step")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak AdamW learning rate (warm-up, then cosine)")
-    p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-    p.add_argument("--ema-decay", type=float, default=0.999,
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=100, help="linear warm-up steps")
+    p.add_argument("--min-lr-ratio", type=_non_negative_float, default=0.1,
+                   help="final learning rate as a fraction of --lr")
+    p.add_argument("--clip-grad", type=_non_negative_float, default=1.0, help="gradient-norm clipping (0: off)")
+    p.add_argument("--ema-decay", type=_fraction, default=0.999,
                    help="decay of the weights' exponential moving average, which is saved as the teacher (0: save "
                         "the raw weights)")
     p.add_argument("--timesteps", type=_positive_int, default=1000, help="DDPM noise levels T (linear betas)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init, data and noise")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--seed", type=_int, default=0, help="seed of the init, data and noise")
+    p.add_argument("--num-workers", type=_non_negative_int, default=2, help="DataLoader worker processes")
     p.add_argument("--log-every", type=_positive_int, default=25, help="steps per logged (averaged) loss")
-    p.add_argument("--max-minutes", type=float, default=0.0,
+    p.add_argument("--max-minutes", type=_non_negative_float, default=0.0,
                    help="stop early after this many minutes and save what was learned (0: no limit)")
-    p.add_argument("--save-every", type=int, default=0,
+    p.add_argument("--save-every", type=_non_negative_int, default=0,
                    help="also save the (EMA) teacher every this many steps, so a long run is usable before it ends "
                         "(0: only at the end)")
     p.add_argument("--device", default="auto", help="torch device (auto: cuda when available, else cpu)")
@@ -172,14 +219,15 @@ def add_train_teacher(subparsers) -> argparse.ArgumentParser:
 
 
 def _teacher_dataset(data: str, image_size: int, length: int, seed: int):
-    from .data import ImageFolderDataset, ProceduralShapes, SkipUnreadable
+    from .data import ProceduralShapes, SkipUnreadable, load_image_folder
 
     if data == "procedural":
         return ProceduralShapes(length, image_size, seed=seed)
-    return SkipUnreadable(ImageFolderDataset(data, image_size))
+    return SkipUnreadable(load_image_folder(data, image_size, "--data"))
 
 
 def run_train_teacher(args: argparse.Namespace) -> int:
+    from .config import UserError
     from .teacher_training import TeacherDiverged, train_teacher
 
     n = len(args.channels)
@@ -187,6 +235,14 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         print(f"error: --channels: expected multiples of 8 (GroupNorm with 8 groups), got {args.channels}",
               file=sys.stderr)
         return 2
+    if args.image_size % 2 ** (n - 1) or (args.data == "procedural" and args.image_size < 8):
+        raise UserError(f"--image-size: expected a multiple of {2 ** (n - 1)} (the UNet of {n} --channels halves it "
+                        f"{n - 1} times){' and at least 8 (procedural shapes)' if args.data == 'procedural' else ''}"
+                        f", got {args.image_size}")
+    if args.device != "auto":
+        from .train import check_device
+
+        check_device(args.device, "--device")
     unet = dict(block_out_channels=tuple(args.channels), layers_per_block=args.layers_per_block, norm_num_groups=8,
                 down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n)
     dataset = _teacher_dataset(args.data, args.image_size, max(args.steps * args.batch_size, 1000), args.seed + 1)
@@ -253,15 +309,17 @@ def _pretrain_config(args: argparse.Namespace):
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+    from .config import ConfigError, options_named
     from .train import pretrain
 
     try:
-        cfg, resume = _pretrain_config(args)
+        with options_named({"checkpoint": "--resume"}):
+            cfg, resume = _pretrain_config(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = pretrain(cfg, resume=resume)
+    with options_named({"checkpoint": "--resume"}):  # everything else main() reports as `error:` too
+        summary = pretrain(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_pretrain_summary(summary)
     return 0
@@ -302,9 +360,12 @@ def run_export(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_file():
         print(f"error: {args.checkpoint}: no such checkpoint", file=sys.stderr)
         return 2
+    from .config import options_named
+
     info: dict = {}
     try:
-        path = export_backbone(args.checkpoint, args.out, details=info)
+        with options_named({"out": "--out"}):
+            path = export_backbone(args.checkpoint, args.out, details=info)
     except ValueError as e:
         print(f"error: {e} (nothing written)", file=sys.stderr)
         return 2
@@ -334,10 +395,10 @@ def add_train_interpreter(subparsers) -> argparse.ArgumentParser:
         epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE.yaml", help="the pretraining YAML config (teacher, data)")
     p.add_argument("--labels", type=_positive_int, default=16, metavar="N", help="labelled images")
-    p.add_argument("--label-seed", type=int, default=0, help="seed of the labelled subset (and of the batches)")
+    p.add_argument("--label-seed", type=_int, default=0, help="seed of the labelled subset (and of the batches)")
     p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per step (drawn with replacement)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW peak learning rate")
     p.add_argument("--width", type=_positive_int, default=128, help="channels of the interpreter's conv blocks")
     p.add_argument("--images", default=None, metavar="DIR", help="labelled images (default: the built-in pool)")
     p.add_argument("--masks", default=None, metavar="DIR", help="PNG class-index masks for --images")
@@ -349,7 +410,7 @@ def add_train_interpreter(subparsers) -> argparse.ArgumentParser:
 
 
 def run_train_interpreter(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
+    from .config import ConfigError, UserPathError, load_config, options_named
     from .interpreter import train_interpreter
 
     try:
@@ -358,13 +419,17 @@ def run_train_interpreter(args: argparse.Namespace) -> int:
             raise ConfigError("teacher.path: expected the directory of a diffusers teacher (--teacher.path=DIR)")
         if (args.images is None) != (args.masks is None):
             raise ConfigError("--images and --masks: give both or neither")
+        for option, folder in (("--images", args.images), ("--masks", args.masks)):
+            if folder is not None and not Path(folder).is_dir():
+                raise UserPathError(f"{option}: {folder} is not a directory")
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = train_interpreter(cfg, labels=args.labels, label_seed=args.label_seed, steps=args.steps,
-                               batch_size=args.batch_size, lr=args.lr, width=args.width, images=args.images,
-                               masks=args.masks, num_classes=args.num_classes, out=args.out,
-                               progress=not args.no_progress)
+    with options_named({"labels": "--labels"}):
+        result = train_interpreter(cfg, labels=args.labels, label_seed=args.label_seed, steps=args.steps,
+                                   batch_size=args.batch_size, lr=args.lr, width=args.width, images=args.images,
+                                   masks=args.masks, num_classes=args.num_classes, out=args.out,
+                                   progress=not args.no_progress)
     miou = f", held-out mIoU {100 * result['test_miou']:.1f}%" if result["test_miou"] is not None else ""
     print(f"interpreter {result['path']}: {args.labels} labels, loss {result['first_loss']:.3f} -> "
           f"{result['last_loss']:.3f}{miou}; log {result['log']}")
@@ -388,7 +453,8 @@ def add_evaluate(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--student", default="resnet18", help="timm model name of the backbones")
     p.add_argument("--labels", type=_positive_int, nargs="+", default=[8, 32], metavar="N",
                    help="label budgets: labelled training images per run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S", help="seeds per (backbone, budget)")
+    p.add_argument("--seeds", type=_int, nargs="+", default=[0, 1, 2], metavar="S",
+                   help="seeds per (backbone, budget)")
     p.add_argument("--data", default="procedural", help="'procedural' (built-in) or 'folders' (the four --*-images/"
                                                         "--*-masks options; implied when they are given)")
     p.add_argument("--train-images", default=None, metavar="DIR", help="labelled pool: images")
@@ -398,7 +464,7 @@ def add_evaluate(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test-masks", default=None, metavar="DIR", help="held-out split: PNG masks")
     p.add_argument("--num-classes", type=_positive_int, default=None,
                    help="classes of the mask folders (built-in: 6, background + 5 shapes)")
-    p.add_argument("--ignore-index", type=int, default=255, help="mask value excluded from the loss and the metrics")
+    p.add_argument("--ignore-index", type=_int, default=255, help="mask value excluded from the loss and the metrics")
     p.add_argument("--image-size", type=_positive_int, default=64, help="side of the square crops")
     p.add_argument("--n-test", type=_positive_int, default=256, help="built-in data: held-out images")
     p.add_argument("--steps", type=_positive_int, default=200, help="fine-tuning steps per run")
@@ -450,6 +516,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
 
     try:
+        import timm
+
+        if not timm.is_model(args.student):
+            raise ValueError(f"--student: timm has no model {args.student!r} (see timm.list_models())")
         backbones = _parse_backbones(args.backbone)
         folders = [args.train_images, args.train_masks, args.test_images, args.test_masks]
         if args.data == "folders" or any(folders):
@@ -522,7 +592,7 @@ def add_viz(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_positive_int, default=4, help="rows of features.png")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="image side (None: the checkpoint config's data.image_size)")
-    p.add_argument("--seed", type=int, default=0, help="key of the teacher's noise draw")
+    p.add_argument("--seed", type=_int, default=0, help="key of the teacher's noise draw")
     p.add_argument("--logs", action="append", default=None, metavar="NAME=PATH",
                    help="a JSON-lines log to plot in curves.png (repeatable)")
     p.add_argument("--out", default="runs/viz", metavar="DIR", help="output directory")
@@ -648,16 +718,16 @@ def add_demo(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="image side (other than the shipped teacher's 32 needs --retrain-teacher)")
     p.add_argument("--teacher-steps", type=_positive_int, default=None, help="steps of a retrained teacher")
-    p.add_argument("--teacher-minutes", type=float, default=None,
+    p.add_argument("--teacher-minutes", type=_non_negative_float, default=None,
                    help="wall-clock cap of a retrained teacher's training (0: none)")
     p.add_argument("--interpreter-steps", type=_positive_int, default=None, help="interpreter steps")
     p.add_argument("--steps", type=_positive_int, default=None, help="steps of each pretraining run")
-    p.add_argument("--pretrain-minutes", type=float, default=None,
+    p.add_argument("--pretrain-minutes", type=_non_negative_float, default=None,
                    help="wall-clock cap of each pretraining run (0: none)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="pretraining batch")
     p.add_argument("--labels", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="label budgets of the evaluation (the interpreter uses the smallest)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help="evaluation seeds")
+    p.add_argument("--seeds", type=_int, nargs="+", default=None, metavar="S", help="evaluation seeds")
     p.add_argument("--eval-steps", type=_positive_int, default=None, help="training steps per evaluation run")
     p.add_argument("--eval-lr", type=_positive_float, nargs="+", default=None, metavar="LR",
                    help="fine-tuning learning-rate grid (chosen on the validation split)")
@@ -665,7 +735,7 @@ def add_demo(subparsers) -> argparse.ArgumentParser:
                    help="probe learning-rate grid (chosen on the validation split)")
     p.add_argument("--protocol", nargs="+", choices=["finetune", "probe"], default=None,
                    help="evaluation protocols")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes")
+    p.add_argument("--num-workers", type=_non_negative_int, default=None, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(_accepts_overrides=True)
     return p
@@ -762,8 +832,18 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals end in the one ``error: ...`` line every user mistake ends in (after the
+    usage), naming the option; exit status 2 as argparse's. Subparsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        message = message.removeprefix("argument ")  # "argument --steps: ..." -> "--steps: ..."
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreamteacher",
+    parser = _Parser(prog="dreamteacher",
                                      description="DreamTeacher-style generative pretraining: teacher features, "
                                                  "distillation, evaluation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -789,10 +869,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .perf import keep_freed_memory
 
         keep_freed_memory()
-    from .serialization import LoadError
+    from .config import UserError
 
     try:
         return args._run(args)
-    except LoadError as e:  # a file that was not loaded (unsafe, damaged, missing): one line, no traceback
+    except UserError as e:
+        # A mistake in what was asked for (ConfigError, LoadError, ... raised where it is found, naming the option):
+        # one line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,21 +9,47 @@ naming the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-__all__ = ["ConfigError", "PretrainConfig", "load_config", "apply_overrides", "config_to_dict", "config_from_dict",
+__all__ = ["UserError", "UserPathError", "ConfigError", "options_named", "PretrainConfig", "load_config", "apply_overrides", "config_to_dict", "config_from_dict",
            "describe_config"]
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what the user asked for: an option's value, or a file or folder it names that is missing or not
+    what the option expects. The message starts with the option or config key (``teacher.path: ...``) and says what
+    to do; the command line prints it as one ``error:`` line and exits with status 2, without a traceback (anything
+    else that escapes a command is a bug and keeps its traceback)."""
+
+
+class UserPathError(UserError, FileNotFoundError):
+    """A file or folder named by an option is missing, or is not the kind of file or folder the option expects."""
+
+
+class ConfigError(UserError):
     """A config key is unknown or its value has the wrong type or is out of range."""
+
+
+@contextlib.contextmanager
+def options_named(names: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, a :class:`UserError` whose message starts with a library argument's name (``path: ...``, the
+    convention of every message here) is re-raised naming the option or config key the value came from instead
+    (``{"path": "teacher.path"}`` -> ``teacher.path: ...``), so the user reads the name they typed."""
+    try:
+        yield
+    except UserError as e:
+        head, sep, rest = str(e).partition(": ")
+        if sep and head in names and len(e.args) == 1:
+            e.args = (f"{names[head]}: {rest}",)
+        raise
 
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None,
@@ -277,6 +303,11 @@ def _validate(cfg: PretrainConfig) -> PretrainConfig:
                           f"model.reductions), got {len(cfg.teacher.taps)}")
     if not cfg.model.reductions:
         raise ConfigError("model.reductions: expected at least one stride")
+    for key, values in (("model.reductions", cfg.model.reductions), ("model.pool_sizes", cfg.model.pool_sizes)):
+        if any(v < 1 for v in values):
+            raise ConfigError(f"{key}: expected positive integers, got {values}")
+    if cfg.loss.level_weights is not None and any(w < 0 for w in cfg.loss.level_weights):
+        raise ConfigError(f"loss.level_weights: expected non-negative weights, got {cfg.loss.level_weights}")
     if cfg.teacher.conditioning == "zeros" and cfg.teacher.text_embedding:
         raise ConfigError("teacher.conditioning: zeros excludes teacher.text_embedding "
                           f"({cfg.teacher.text_embedding!r}); set one of them")
@@ -354,10 +385,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     if path is not None:
         import yaml
 
+        if not Path(path).is_file():
+            raise ConfigError(f"--config: {path}: no such file (expected a YAML config file)")
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config: {path}: cannot be read ({e})") from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+            raise ConfigError(f"--config: {path}: not valid YAML ({e})") from e
         cfg = config_from_dict(data, cfg)
     return apply_overrides(cfg, overrides)
 

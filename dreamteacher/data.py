@@ -45,6 +45,35 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+def check_image_folder(root: str | os.PathLike, option: str) -> Path:
+    """``root`` as a Path, or :class:`~dreamteacher.config.UserPathError` naming ``option`` when it is not a folder of
+    images: missing, not a directory, or a feature cache (which holds features, not images)."""
+    from .config import UserPathError
+    from .feature_cache import is_feature_cache
+
+    path = Path(root)
+    if not path.is_dir():
+        raise UserPathError(f"{option}: {root} is not a directory (expected a folder of images)")
+    if is_feature_cache(path):
+        raise UserPathError(f"{option}: {root} is a feature cache written by `dreamteacher cache-features`, not a "
+                            "folder of images; give the folder of images (e.g. the one the cache was made from)")
+    return path
+
+
+def load_image_folder(root: str | os.PathLike, resolution: int, option: str, *, uint8: bool = False
+                      ) -> ImageFolderDataset:
+    """:class:`ImageFolderDataset` of ``root``, or :class:`~dreamteacher.config.UserError` naming ``option`` when
+    ``root`` is not a folder of images (:func:`check_image_folder`) or holds no readable image."""
+    from .config import UserError
+
+    folder = ImageFolderDataset(check_image_folder(root, option), resolution, uint8=uint8)
+    if len(folder) == 0:
+        skipped = f" ({len(folder.skipped)} unreadable image files skipped)" if folder.skipped else ""
+        raise UserError(f"{option}: no readable images under {root}{skipped}; expected a folder of "
+                        f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files (searched recursively)")
+    return folder
+
+
 class ImageFolderDataset(Dataset):
     """Every image under ``root`` (recursive, sorted by relative path), resized and center-cropped to a square.
 
@@ -65,7 +94,9 @@ class ImageFolderDataset(Dataset):
 
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"root: {self.root} is not a directory")
+            from .config import UserPathError
+
+            raise UserPathError(f"root: {self.root} is not a directory")
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
             raise ValueError(f"resolution: expected a positive integer, got {resolution!r}")
         self.resolution = resolution

@@ -110,12 +110,20 @@ def load_backbone(student: StudentBackbone, path: str | os.PathLike) -> StudentB
         raise FileNotFoundError(f"backbone: {path}: no such file")
     exported_from = _exported_timm_model(path)
     if exported_from is not None and exported_from != student.name:
-        raise ValueError(f"backbone: {path} is an export of timm {exported_from!r}, not {student.name!r}")
+        from .config import UserError
+
+        raise UserError(f"backbone: {path} is an export of timm {exported_from!r}, not {student.name!r}; evaluate it "
+                        f"as that model (--student {exported_from})")
     state = _read_state(path)
     if student.body.state_dict().keys() <= state.keys():  # features_only names
         key_map = student.timm_key_map()
         state = {key_map.get(k, k): v for k, v in state.items()}
-    student.load_exported_state_dict(state, source=f"backbone: {path}")
+    try:
+        student.load_exported_state_dict(state, source=f"backbone: {path}")
+    except ValueError as e:  # the weights of another timm model (e.g. a checkpoint of another student)
+        from .config import UserError
+
+        raise UserError(f"{e}; give the --student the backbone was trained as") from e
     return student
 
 

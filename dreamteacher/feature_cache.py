@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .config import UserError
 from .data import to_unit_range
 
 logger = logging.getLogger("dreamteacher")
@@ -42,12 +43,20 @@ MANIFEST = "manifest.json"
 IDENTITY_KEYS = ("format", "version", "teacher", "config", "dataset")
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError):
     """The cache directory was made with a different teacher, config or dataset."""
 
 
 class CorruptShardError(RuntimeError):
     """A shard is missing, truncated or does not match its recorded sha256."""
+
+
+def is_feature_cache(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by :func:`write_feature_cache` (it has a manifest of this format)."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):  # no manifest, unreadable, not JSON, not a JSON object
+        return False
 
 
 def shard_name(index: int) -> str:

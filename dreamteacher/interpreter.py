@@ -126,7 +126,10 @@ def load_interpreter(path: str | os.PathLike, device: str | torch.device = "cpu"
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"label.interpreter: {path}: no such file")
+        from .config import UserPathError
+
+        raise UserPathError(f"label.interpreter: {path}: no such file (expected OUT/interpreter.pt of `dreamteacher "
+                            "train-interpreter`)")
     state = load_file(path, what="label.interpreter")
     if not isinstance(state, dict) or state.get("kind") != "dreamteacher.interpreter":
         raise LoadError(f"label.interpreter: {path} is not an interpreter written by dreamteacher train-interpreter",
@@ -141,9 +144,15 @@ def check_interpreter_matches(record: dict[str, Any], cfg, teacher, order: Seque
     now = _teacher_record(cfg, teacher, order)
     for key in ("fingerprint", "taps", "strides", "t", "mode"):
         if record["teacher"][key] != now[key]:
-            raise ValueError(f"label.interpreter: trained on teacher features with {key} = {record['teacher'][key]!r}"
-                             f", this run's teacher gives {key} = {now[key]!r}; retrain it with `dreamteacher "
-                             f"train-interpreter` and this run's config")
+            from .config import ConfigError
+
+            was = record["teacher"][key]
+            setting = {"fingerprint": f"teacher.path={record['teacher'].get('path')} (its teacher)",
+                       "taps": f"teacher.taps={','.join(map(str, was))}", "t": f"teacher.t={was}",
+                       "mode": f"teacher.mode={was}", "strides": "the model.reductions it was trained with"}[key]
+            raise ConfigError(f"label.interpreter: trained on teacher features with {key} = {was!r}, this run's "
+                              f"teacher gives {key} = {now[key]!r}; retrain it with `dreamteacher train-interpreter` "
+                              f"and this run's config, or run with {setting}")
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -168,7 +177,9 @@ def _labelled_data(cfg, labels: int, label_seed: int, images: str | None, masks:
         class_names = list(SHAPE_CLASSES)
         usable = LABELLED_POOL_SIZE - VALIDATION_SIZE
     if labels > usable:
-        raise ValueError(f"labels: the labelled pool has {usable} images, fewer than {labels}")
+        from .config import UserError
+
+        raise UserError(f"labels: the labelled pool has {usable} images, fewer than {labels}")
     items = [pool[i] for i in labelled_indices(labels, label_seed, usable)]
     return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]), class_names
 

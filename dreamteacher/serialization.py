@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .config import UserError
+
 logger = logging.getLogger("dreamteacher")
 
 __all__ = ["LoadError", "UnsafeFileError", "CorruptFileError", "load_file", "load_tensors", "load_checkpoint",
@@ -48,9 +50,9 @@ CONVERT_HINT = ("if it is a checkpoint of an older dreamteacher from a source yo
 _PLAIN = "tensors, numbers, strings, lists and dicts"
 
 
-class LoadError(ValueError):
+class LoadError(UserError):
     """A file that was not loaded: missing, unsafe (would run code), truncated or of another format. The message
-    names the file and what to do."""
+    names the file and what to do (the command line prints it as one ``error:`` line, exit status 2)."""
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None) -> None:
         super().__init__(message)

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -32,11 +33,14 @@ from torch import nn
 
 import dtkernels
 
+from .config import UserError, UserPathError
+
 logger = logging.getLogger("dreamteacher")
 
 __all__ = [
     "FeatureTaps",
     "DiffusionTeacher",
+    "check_teacher_dir",
     "GeneratorTeacher",
     "default_tap_names",
     "encode_empty_prompt",
@@ -96,7 +100,7 @@ def default_tap_names(model: nn.Module) -> list[str]:
     """The decoder blocks of a diffusers UNet (``up_blocks.0`` ... ``up_blocks.{n-1}``)."""
     up = getattr(model, "up_blocks", None)
     if up is None:
-        raise ValueError(f"taps: {type(model).__name__} has no up_blocks; name the modules to tap explicitly")
+        raise UserError(f"taps: {type(model).__name__} has no up_blocks; name the modules to tap explicitly")
     return [f"up_blocks.{i}" for i in range(len(up))]
 
 
@@ -128,15 +132,15 @@ class FeatureTaps:
                  early_exit: bool = False) -> None:
         self.names = list(names) if names is not None else default_tap_names(model)
         if not self.names:
-            raise ValueError("names: expected at least one module to tap")
+            raise UserError("names: expected at least one module to tap")
         if len(set(self.names)) != len(self.names):
-            raise ValueError(f"names: duplicate module names in {self.names}")
+            raise UserError(f"names: duplicate module names in {self.names}")
         if strides is not None:
             strides = [int(s) for s in strides]
             if len(strides) != len(self.names):
-                raise ValueError(f"strides: expected {len(self.names)} strides (one per tap), got {len(strides)}")
+                raise UserError(f"strides: expected {len(self.names)} strides (one per tap), got {len(strides)}")
             if any(s <= 0 for s in strides):
-                raise ValueError(f"strides: expected positive integers, got {strides}")
+                raise UserError(f"strides: expected positive integers, got {strides}")
         self.strides = strides
         self.dtype = dtype
         self.early_exit = bool(early_exit)
@@ -151,7 +155,7 @@ class FeatureTaps:
             try:
                 modules.append(model.get_submodule(name))
             except AttributeError as e:
-                raise ValueError(f"names: {type(model).__name__} has no module {name!r}") from e
+                raise UserError(f"names: {type(model).__name__} has no module {name!r}") from e
         self._handles = [m.register_forward_hook(partial(self._hook, n)) for n, m in zip(self.names, modules)]
 
     def _hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
@@ -263,7 +267,7 @@ def _load_embedding(source: torch.Tensor | str | os.PathLike) -> torch.Tensor:
         if "embedding" in tensors:
             return tensors["embedding"]
         if len(tensors) != 1:
-            raise ValueError(f"text_embedding: {path} holds {sorted(tensors)}; expected one tensor or 'embedding'")
+            raise UserError(f"text_embedding: {path} holds {sorted(tensors)}; expected one tensor or 'embedding'")
         return next(iter(tensors.values()))
     if not isinstance(tensors, torch.Tensor):
         raise TypeError(f"text_embedding: {path} holds a {type(tensors).__name__}, expected a tensor")
@@ -279,6 +283,32 @@ ZEROS_SOURCE = "zeros (explicit opt-in)"
 _CACHE_MARK = "dreamteacher.empty_prompt_embedding"
 # How the cached embedding is made; a change here must invalidate old caches.
 _CACHE_RECIPE = "tokenizer('', padding=max_length, max_length=model_max_length, truncation) -> text_encoder[0] fp32"
+
+
+def check_teacher_dir(path: str | os.PathLike, option: str = "path", set_as: str | None = None) -> Path:
+    """``path`` as a Path when it is a local diffusers directory with a UNet config (``config.json`` or
+    ``unet/config.json``); otherwise :class:`~dreamteacher.config.UserPathError` naming ``option``, saying that
+    nothing is downloaded at run time and how to point at a local copy (a hub id like ``org/model`` gets the
+    ``huggingface-cli download`` line for it). ``set_as``: how the message says to give a directory DIR (default
+    ``{option}=DIR``)."""
+    root = Path(path)
+    text = str(path)
+    if root.is_dir():
+        if (root / "config.json").is_file() or (root / "unet" / "config.json").is_file():
+            return root
+        problem = f"is a directory without a UNet config.json (looked in {root} and {root / 'unet'})"
+    elif root.exists():
+        problem = "is a file, not a directory"
+    else:
+        problem = "is not a directory"
+    hub_id = not root.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", text) is not None
+    if hub_id:
+        problem += " here (it looks like a model hub id)"
+    repo = text if hub_id else "ORG/MODEL"
+    raise UserPathError(f"{option}: {text!r} {problem}. Teachers are read from a local diffusers directory and never "
+                        f"downloaded at run time: download it where there is network (`huggingface-cli download "
+                        f"{repo} --local-dir DIR`), copy DIR here and pass {set_as or f'{option}=DIR'}, or train one with "
+                        "`dreamteacher train-teacher --out DIR`")
 
 
 def _diffusers_load(cls, directory: Path, **kwargs) -> nn.Module:
@@ -314,7 +344,7 @@ def _check_embedding(emb: torch.Tensor, cross_dim: int, what: str) -> torch.Tens
     if emb.dim() == 2:
         emb = emb.unsqueeze(0)
     if emb.dim() != 3 or emb.shape[0] != 1 or emb.shape[1] < 1 or emb.shape[-1] != cross_dim:
-        raise ValueError(f"text_embedding: {what} has shape {tuple(emb.shape)}; expected [L, {cross_dim}] or "
+        raise UserError(f"text_embedding: {what} has shape {tuple(emb.shape)}; expected [L, {cross_dim}] or "
                          f"[1, L, {cross_dim}] (the UNet's cross_attention_dim is {cross_dim})")
     return emb
 
@@ -445,7 +475,7 @@ def encode_empty_prompt(root: str | os.PathLike) -> tuple[torch.Tensor, dict[str
         enc_name = archs[0]
     tok_cls, enc_cls = getattr(transformers, tok_name, None), getattr(transformers, enc_name, None)
     if tok_cls is None or enc_cls is None:
-        raise ValueError(f"conditioning: {root} names transformers classes {tok_name!r} / {enc_name!r}, which the "
+        raise UserError(f"conditioning: {root} names transformers classes {tok_name!r} / {enc_name!r}, which the "
                          f"installed transformers {transformers.__version__} does not have")
     tokenizer = tok_cls.from_pretrained(str(root / "tokenizer"), local_files_only=True)
     # float32: the embedding is computed once and cast to the teacher's dtype afterwards, and CPU half kernels are
@@ -537,7 +567,7 @@ class DiffusionTeacher(nn.Module):
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
 
         if conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
+            raise UserError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
         cross_dim = _cross_attention_dim(unet)
         self.conditional = cross_dim is not None
         #: Where the unconditional text embedding came from (None for unconditional UNets).
@@ -545,10 +575,10 @@ class DiffusionTeacher(nn.Module):
         if self.conditional:
             if conditioning == "zeros":
                 if text_embedding is not None:
-                    raise ValueError("conditioning: 'zeros' and a text_embedding exclude each other; drop one")
+                    raise UserError("conditioning: 'zeros' and a text_embedding exclude each other; drop one")
                 emb, source = torch.zeros(1, 1, cross_dim), ZEROS_SOURCE
             elif text_embedding is None:
-                raise ValueError(_missing_conditioning(cross_dim, None))
+                raise UserError(_missing_conditioning(cross_dim, None))
             else:
                 given = "a tensor given by the caller" if isinstance(text_embedding, torch.Tensor) \
                     else f"file {text_embedding}"
@@ -557,17 +587,17 @@ class DiffusionTeacher(nn.Module):
             self.conditioning_source = source
             self.register_buffer("uncond_embedding", emb.to(next(unet.parameters()).dtype))
         elif text_embedding is not None:
-            raise ValueError("text_embedding: the UNet takes no encoder_hidden_states (not a conditional UNet)")
+            raise UserError("text_embedding: the UNet takes no encoder_hidden_states (not a conditional UNet)")
 
         if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+            raise UserError(f"mode: expected one of {MODES}, got {mode!r}")
         self.mode = mode
         self.t = self._check_t(t)
         if isinstance(n_noise, bool) or not isinstance(n_noise, int) or n_noise < 1:
-            raise ValueError(f"n_noise: expected an integer >= 1, got {n_noise!r}")
+            raise UserError(f"n_noise: expected an integer >= 1, got {n_noise!r}")
         self.n_noise = n_noise
         if isinstance(ddim_steps, bool) or not isinstance(ddim_steps, int) or ddim_steps < 1:
-            raise ValueError(f"ddim_steps: expected an integer >= 1, got {ddim_steps!r}")
+            raise UserError(f"ddim_steps: expected an integer >= 1, got {ddim_steps!r}")
         self.ddim_steps = ddim_steps
         self.feature_dtype = feature_dtype
         # The teacher casts after averaging draws, so the taps keep the model's dtype.
@@ -614,16 +644,12 @@ class DiffusionTeacher(nn.Module):
         """
         import diffusers
 
-        root = Path(path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"path: {root} is not a directory")
+        root = check_teacher_dir(path)
         unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
-        if not (unet_dir / "config.json").is_file():
-            raise FileNotFoundError(f"path: no UNet config.json in {root} or {root / 'unet'}")
         class_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
         unet_cls = getattr(diffusers, class_name, None)
         if unet_cls is None:
-            raise ValueError(f"path: {unet_dir / 'config.json'} names an unknown diffusers class {class_name!r}")
+            raise UserError(f"path: {unet_dir / 'config.json'} names an unknown diffusers class {class_name!r}")
         # diffusers defaults to low_cpu_mem_usage=True and, without `accelerate` installed, warns at every load
         # before falling back; ask for what will happen.
         load = {"local_files_only": True, "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
@@ -654,7 +680,7 @@ class DiffusionTeacher(nn.Module):
                     text_embedding = root / UNCOND_EMBEDDING_FILE
                     source = f"file {text_embedding}" + _saved_source(text_embedding)
                 else:
-                    raise ValueError(_missing_conditioning(cross_dim, root))
+                    raise UserError(_missing_conditioning(cross_dim, root))
         teacher = cls(unet, scheduler, vae=vae, text_embedding=text_embedding, conditioning=conditioning,
                       conditioning_source=source, **kwargs)
         if teacher.conditional:
@@ -683,7 +709,7 @@ class DiffusionTeacher(nn.Module):
 
     def _check_t(self, t: int) -> int:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.num_train_timesteps:
-            raise ValueError(f"t: expected an integer in [0, {self.num_train_timesteps}), got {t!r}")
+            raise UserError(f"t: expected an integer in [0, {self.num_train_timesteps}), got {t!r}")
         return t
 
     @property
@@ -820,7 +846,7 @@ class DiffusionTeacher(nn.Module):
         t = self.t if t is None else self._check_t(t)
         mode = mode or self.mode
         if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+            raise UserError(f"mode: expected one of {MODES}, got {mode!r}")
         n_noise = n_noise or self.n_noise
         image_size = images.shape[-2:]
         x0 = self.encode_images(images)

@@ -30,7 +30,7 @@ from torch import nn
 
 import dtkernels
 
-from .config import PretrainConfig, config_from_dict, config_to_dict
+from .config import ConfigError, PretrainConfig, UserError, config_from_dict, config_to_dict, options_named
 from .optim import build_optimizer, warmup_cosine
 from .regressor import FeatureRegressor
 from .runtime import StopFlag
@@ -46,7 +46,7 @@ from .serialization import (
 )
 from .serialization import load_checkpoint as _load_checkpoint
 from .student import StudentBackbone
-from .teacher import DiffusionTeacher
+from .teacher import DiffusionTeacher, check_teacher_dir
 
 logger = logging.getLogger("dreamteacher")
 
@@ -103,12 +103,42 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device, "run.device")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank, local_rank, world, dev)
+
+
+def check_device(device: str, option: str) -> torch.device:
+    """``torch.device(device)``, or :class:`UserError` naming ``option`` for a name torch does not know or a CUDA
+    device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{option}: {device!r} is not a torch device ({e}); expected auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index is not None and dev.index >= torch.cuda.device_count())):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise UserError(f"{option}: {device!r} asked for, but this machine has {have}; use auto or cpu")
+    return dev
+
+
+def build_student(cfg: PretrainConfig) -> StudentBackbone:
+    """The config's student; a timm model it does not name or cannot distil is a :class:`ConfigError`."""
+    import timm
+
+    if not timm.is_model(cfg.model.student):
+        raise ConfigError(f"model.student: timm has no model {cfg.model.student!r} (see timm.list_models())")
+    try:
+        return StudentBackbone(cfg.model.student, pretrained=cfg.model.pretrained,
+                               reductions=tuple(cfg.model.reductions))
+    except ValueError as e:  # student.py's refusals name their argument: the student or its strides
+        head, sep, rest = str(e).partition(": ")
+        if type(e) is ValueError and sep and head in ("student", "reductions"):
+            raise ConfigError(f"model.{head}: {rest}") from e
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ teacher
@@ -122,7 +152,7 @@ def select_taps(native_strides: Sequence[int], student_strides: Sequence[int]) -
     """
     targets = sorted(student_strides, reverse=True)  # coarse to fine, like the decoder's call order
     if len(native_strides) < len(targets):
-        raise ValueError(f"teacher.taps: the teacher has {len(native_strides)} candidate blocks, fewer than the "
+        raise UserError(f"teacher.taps: the teacher has {len(native_strides)} candidate blocks, fewer than the "
                          f"{len(targets)} student levels; name the taps explicitly")
     best, best_cost = None, math.inf
     for combo in itertools.combinations(range(len(native_strides)), len(targets)):
@@ -133,6 +163,12 @@ def select_taps(native_strides: Sequence[int], student_strides: Sequence[int]) -
     return [by_stride[s] for s in student_strides]
 
 
+#: DiffusionTeacher's argument names -> the config keys they come from (for error messages).
+_TEACHER_KEYS = {"path": "teacher.path", "t": "teacher.t", "mode": "teacher.mode", "n_noise": "teacher.n_noise",
+                 "ddim_steps": "teacher.ddim_steps", "names": "teacher.taps", "taps": "teacher.taps",
+                 "text_embedding": "teacher.text_embedding", "conditioning": "teacher.conditioning"}
+
+
 def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int]
                   ) -> tuple[DiffusionTeacher, list[int]]:
     """The frozen teacher with one tap per student level, each resized to that level's stride in the hook.
@@ -141,18 +177,21 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
     returns its features in call order).
     """
     if not cfg.teacher.path:
-        raise ValueError("teacher.path: expected the directory of a diffusers teacher (see `dreamteacher "
-                         "train-teacher`)")
+        raise ConfigError("teacher.path: expected the directory of a diffusers teacher (--teacher.path=DIR; see "
+                          "`dreamteacher train-teacher`)")
+    # Before _candidate_taps reads its config.json.
+    check_teacher_dir(cfg.teacher.path, "teacher.path", "--teacher.path=DIR (teacher: path: DIR in a YAML config)")
     dtype = cfg.teacher.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     common = dict(t=cfg.teacher.t, mode=cfg.teacher.mode, n_noise=cfg.teacher.n_noise,
                   ddim_steps=cfg.teacher.ddim_steps, early_exit=cfg.teacher.early_exit)
     names = cfg.teacher.taps
-    probe = DiffusionTeacher.from_pretrained(cfg.teacher.path, taps=None if names else _candidate_taps(cfg),
-                                             text_embedding=cfg.teacher.text_embedding or None,
-                                             conditioning=cfg.teacher.conditioning,
-                                             embedding_cache_dir=cfg.run.out_dir, **common)
+    with options_named(_TEACHER_KEYS):
+        probe = DiffusionTeacher.from_pretrained(cfg.teacher.path, taps=None if names else _candidate_taps(cfg),
+                                                 text_embedding=cfg.teacher.text_embedding or None,
+                                                 conditioning=cfg.teacher.conditioning,
+                                                 embedding_cache_dir=cfg.run.out_dir, **common)
     if names is None:  # automatic choice from the candidates' native strides (a dry run on a tiny input)
         info = probe.feature_info
         picked = select_taps([i["native_reduction"] for i in info], student_strides)
@@ -204,21 +243,18 @@ def _call_order(teacher: DiffusionTeacher, names: Sequence[str]) -> list[str]:
             h.remove()
     missing = [n for n in names if n not in seen]
     if missing:
-        raise ValueError(f"teacher.taps: modules {missing} did not run in the teacher's forward")
+        raise UserError(f"teacher.taps: modules {missing} did not run in the teacher's forward")
     return list(dict.fromkeys(seen))
 
 
 # ------------------------------------------------------------------------------------------------ data
 def build_dataset(cfg: PretrainConfig):
     """The procedural shapes dataset, or an image folder (unreadable files skipped and counted)."""
-    from .data import ImageFolderDataset, ProceduralShapes, SkipUnreadable
+    from .data import ProceduralShapes, SkipUnreadable, load_image_folder
 
     if cfg.data.source == "procedural":
         return ProceduralShapes(cfg.data.length, cfg.data.image_size, seed=cfg.data.seed)
-    folder = ImageFolderDataset(cfg.data.source, cfg.data.image_size)
-    if len(folder) == 0:
-        raise ValueError(f"data.source: no readable images under {cfg.data.source}")
-    return SkipUnreadable(folder)
+    return SkipUnreadable(load_image_folder(cfg.data.source, cfg.data.image_size, "data.source"))
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -305,6 +341,18 @@ def _truncate_log(log: Path, step: int) -> None:
         log.write_text("".join(keep))
 
 
+def _check_resume_config(state: dict, cfg: PretrainConfig, resume: Any) -> None:
+    """Refuse to resume a checkpoint into another student (its weights cannot be loaded), naming the key."""
+    old = state["config"].get("model", {}) if isinstance(state["config"].get("model"), dict) else {}
+    for key in ("student", "reductions", "width", "pool_sizes"):
+        was, now = old.get(key), getattr(cfg.model, key)
+        if was is not None and was != now:
+            shown = ",".join(map(str, was)) if isinstance(was, list) else was
+            raise ConfigError(f"model.{key}: the checkpoint {resume} was trained with model.{key}={shown}, this run "
+                              f"asks for {now!r}; resume with --model.{key}={shown} (or drop the override), or start "
+                              "a fresh run in another run.out_dir")
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) -> dict:
     """Distill the teacher into the student. Returns a summary (out dir, final step, last loss, checkpoint paths).
@@ -332,12 +380,17 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         if resume is None:
             logger.info("--resume auto: no checkpoint in %s, starting fresh", out / "checkpoints")
     state = load_checkpoint(resume) if resume is not None else None
+    if state is not None:
+        _check_resume_config(state, cfg, resume)
+    if cfg.data.source != "procedural":  # a cheap look before the models are built; build_dataset checks the rest
+        from .data import check_image_folder
+
+        check_image_folder(cfg.data.source, "data.source")
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
 
     # -- models: the frozen teacher outside, the trainable module (student + regressor) inside
-    student = StudentBackbone(cfg.model.student, pretrained=cfg.model.pretrained,
-                              reductions=tuple(cfg.model.reductions))
+    student = build_student(cfg)
     strides = [info["reduction"] for info in student.feature_info]
     teacher, order = build_teacher(cfg, device, strides)
     teacher_channels = [teacher.feature_info[order[lvl]]["num_chs"] for lvl in range(len(strides))]
@@ -363,7 +416,12 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         s, warmup=cfg.schedule.warmup_steps, total=cfg.run.steps, min_ratio=cfg.schedule.min_lr_ratio))
     step, epoch, consumed = 0, 0, 0  # optimizer steps done; data epoch; micro-batches of this epoch consumed
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # shapes or keys of another model: a config that differs from the checkpoint's
+            raise UserError(f"--resume: the weights of {resume} do not fit the model this config builds "
+                            f"({str(e).splitlines()[0][:300]}); resume with the checkpoint's model.* and label.* "
+                            "settings, or start a fresh run in another run.out_dir") from e
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
@@ -386,7 +444,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     loader = build_loader(dataset, cfg.run.batch_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
                           prefetch_factor=cfg.data.prefetch_factor)
     if len(loader.sampler) < 1 or loader.sampler.num_samples < cfg.run.batch_size:
-        raise ValueError(f"data: {len(dataset)} images are fewer than one batch of {cfg.run.batch_size} per process")
+        raise UserError(f"run.batch_size: data.source has {len(dataset)} images, fewer than one batch of "
+                        f"{cfg.run.batch_size} per process; lower run.batch_size or give more images")
     batches_per_epoch = loader.sampler.num_samples // cfg.run.batch_size
     epoch, consumed = epoch + consumed // batches_per_epoch, consumed % batches_per_epoch
 
@@ -582,7 +641,7 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
         out = (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent) / "backbone.safetensors"
     out = Path(out)
     if out.suffix not in EXPORT_SUFFIXES:
-        raise ValueError(f"out: expected a file name ending in {' or '.join(EXPORT_SUFFIXES)}, got {str(out)!r}")
+        raise UserError(f"out: expected a file name ending in {' or '.join(EXPORT_SUFFIXES)}, got {str(out)!r}")
     state = load_checkpoint(ckpt)
     cfg = config_from_dict(state["config"])
     student = StudentBackbone(cfg.model.student, reductions=tuple(cfg.model.reductions))
@@ -590,19 +649,22 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
     student.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
     sd = student.export_state_dict()
     report = student.check_export(sd, check_features=check_features)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        try:
-            save_file(sd, str(tmp), metadata=student.export_metadata())
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    else:
-        save_plain(out, sd)
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            try:
+                save_file(sd, str(tmp), metadata=student.export_metadata())
+                os.replace(tmp, out)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        else:
+            save_plain(out, sd)
+    except OSError as e:  # a read-only or missing place, a file where a folder should be, a full disk
+        raise UserError(f"out: cannot write {out} ({e.strerror or e}); give a writable file path") from e
     logger.info("exported %s (%s, %d tensors, out_indices %s) from %s", out, student.name, len(sd),
                 list(student.out_indices), ckpt)
     if details is not None:
