@@ -358,7 +358,8 @@ def run_export(args: argparse.Namespace) -> int:
     from .train import export_backbone
 
     if not Path(args.checkpoint).is_file():
-        print(f"error: {args.checkpoint}: no such checkpoint", file=sys.stderr)
+        print(f"error: checkpoint: {args.checkpoint}: no such file (expected OUT_DIR/checkpoints/last.pt of "
+              "`dreamteacher pretrain`)", file=sys.stderr)
         return 2
     from .config import options_named
 

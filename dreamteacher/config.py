@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-__all__ = ["UserError", "UserPathError", "ConfigError", "options_named", "PretrainConfig", "load_config", "apply_overrides", "config_to_dict", "config_from_dict",
-           "describe_config"]
+__all__ = ["UserError", "UserPathError", "ConfigError", "options_named", "PretrainConfig", "load_config",
+           "apply_overrides", "config_to_dict", "config_from_dict", "describe_config"]
 
 
 class UserError(ValueError):

@@ -147,9 +147,12 @@ def check_interpreter_matches(record: dict[str, Any], cfg, teacher, order: Seque
             from .config import ConfigError
 
             was = record["teacher"][key]
-            setting = {"fingerprint": f"teacher.path={record['teacher'].get('path')} (its teacher)",
-                       "taps": f"teacher.taps={','.join(map(str, was))}", "t": f"teacher.t={was}",
-                       "mode": f"teacher.mode={was}", "strides": "the model.reductions it was trained with"}[key]
+            if key == "fingerprint":
+                setting = f"teacher.path={record['teacher'].get('path')} (its teacher)"
+            elif key == "strides":
+                setting = "the model.reductions it was trained with"
+            else:
+                setting = f"teacher.{key}={','.join(map(str, was)) if isinstance(was, list) else was}"
             raise ConfigError(f"label.interpreter: trained on teacher features with {key} = {was!r}, this run's "
                               f"teacher gives {key} = {now[key]!r}; retrain it with `dreamteacher train-interpreter` "
                               f"and this run's config, or run with {setting}")

@@ -307,8 +307,8 @@ def check_teacher_dir(path: str | os.PathLike, option: str = "path", set_as: str
     repo = text if hub_id else "ORG/MODEL"
     raise UserPathError(f"{option}: {text!r} {problem}. Teachers are read from a local diffusers directory and never "
                         f"downloaded at run time: download it where there is network (`huggingface-cli download "
-                        f"{repo} --local-dir DIR`), copy DIR here and pass {set_as or f'{option}=DIR'}, or train one with "
-                        "`dreamteacher train-teacher --out DIR`")
+                        f"{repo} --local-dir DIR`), copy DIR here and pass {set_as or f'{option}=DIR'}, or train "
+                        "one with `dreamteacher train-teacher --out DIR`")
 
 
 def _diffusers_load(cls, directory: Path, **kwargs) -> nn.Module:
