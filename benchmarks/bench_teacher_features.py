@@ -18,19 +18,8 @@ coarsest level), 64x64 images, batch 8, t = 150. Providers, all returning the sa
 Tap sets: ``all_up`` taps every up block (early exit skips only the output norm/conv), ``coarse_up`` taps the two
 coarser up blocks (strides 8 and 4 for a ResNet student's C2/C3), so the full-resolution up block is skipped too.
 
-Latest numbers (2 CPU cores shared with other jobs, load average 8-12; dtkernels.q_sample on its eager reference
-fallback, about 20 ms per batch where randn_like + arithmetic takes 0.5 ms), from
-``THREADS=1 ROUNDS=10 python benchmarks/bench_teacher_features.py``, median (best) of 10 interleaved rounds:
-
-    all_up     plain 2.4 (2.9) img/s, teacher_full 2.3 (2.9), teacher 2.4 (2.8): 1.00x (0.96x), no measurable change
-    coarse_up  plain 2.6 (3.5) img/s, teacher_full 2.3 (3.4), teacher 3.0 (4.4): 1.16x (1.26x); early exit saves
-               22% (23%) of the full-forward teacher's time; FlopCounterMode: 96.5 -> 78.1 GFLOP per batch (-19%)
-
-Rerun after the C++ q_sample kernel landed (0.42 ms per batch, like randn_like + arithmetic), ROUNDS=6:
-all_up 0.94x (1.02x); coarse_up 1.26x (1.31x), early exit saves 23% (24%).
-
-Back-to-back pytest-benchmark groups on that loaded machine drifted by more than these differences; trust the
-interleaved run (or an idle machine).
+Results are in benchmarks/README.md (section Teacher features). Back-to-back pytest-benchmark groups on a loaded
+machine drift by more than the differences measured; trust the interleaved run (or an idle machine).
 """
 
 from __future__ import annotations

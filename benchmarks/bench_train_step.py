@@ -17,8 +17,7 @@ Group ``train-step``, providers side by side in one run, same models and weights
 
 Every provider runs in its own worker process (``python bench_train_step.py --worker PROVIDER``, driven over a
 pipe: one line per step), so a process-wide setting of one provider cannot leak into another, and each process
-starts the way its loop would. The timed call is one round trip to the worker (tens of microseconds of a ~100 ms
-step).
+starts the way its loop would. The timed call is one round trip to the worker, small against a step.
 
 ``extra_info`` holds images/s; ``test_train_step_breakdown`` times the phases of the naive and the lean step
 (teacher, student + regressor forward, loss forward, backward, clip + optimizer). ``python
@@ -280,8 +279,8 @@ if __name__ == "__main__":
         worker_main(sys.argv[2])
         sys.exit(0)
     # Interleaved rounds with one worker process alive at a time: a fresh process per provider and round, as a
-    # user's training run is alone on its machine. (With several workers alive, the naive step ran up to 2x slower
-    # on this VM: its freed-and-refaulted pages cost more while another process holds memory, see benchmarks/README.)
+    # user's training run is alone on its machine. (With several workers alive, the naive step ran much slower on a
+    # small VM: its freed-and-refaulted pages cost more while another process holds memory, see benchmarks/README.)
     rounds, steps, warmup = 4, 4, 3
     per = {p: [] for p in PROVIDERS}
     for _ in range(rounds):

@@ -144,16 +144,15 @@ class RunConfig:
     clip_grad: float = opt(1.0, "max global gradient norm (0 disables clipping)", minimum=0.0)
     compile: bool = opt(False, "torch.compile the trainable module (student + regressor)")
     channels_last: bool | None = opt(None, "channels_last memory format for the models and images; null (auto): on "
-                                           "GPU only (on this project's 2-core CPU NCHW steps were 1.2-1.3x faster "
-                                           "at the demo's 32x32, channels_last ~1.05x faster at 64x64)")
+                                           "GPU only (on a small CPU NCHW steps were faster at the demo's size; "
+                                           "benchmarks/README.md)")
     single_pixel_linear: bool | None = opt(None, "run the trainable module's convolutions that see 1x1 maps as the "
                                                  "equivalent matrix product (dreamteacher.perf.SinglePixelConv2d; "
                                                  "exact); null (auto): on CPU, where oneDNN's weight gradient for "
-                                                 "them is slow (student + regressor forward + backward at the demo "
-                                                 "size: 74 -> 54 ms)")
+                                                 "them is slow (benchmarks/README.md)")
     keep_freed_memory: bool = opt(True, "CPU: make glibc malloc keep freed memory for reuse instead of returning it "
                                         "to the kernel, which otherwise page-faults it back in every step "
-                                        "(dreamteacher.perf; 130 -> 92 ms per demo step on this project's CPU)")
+                                        "(dreamteacher.perf)")
     log_every: int = opt(10, "steps between logged losses (the only steps that sync with .item())", minimum=1)
     ckpt_every: int = opt(500, "steps between checkpoints (one is always written at the end)", minimum=1)
     out_dir: str = opt("runs/pretrain", "output directory: config, logs, checkpoints, exported backbone")

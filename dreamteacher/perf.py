@@ -1,24 +1,22 @@
 """CPU training throughput: a process-level allocator setting and a model transform.
 
-**Allocator** (:func:`keep_freed_memory`).
-glibc's malloc hands freed memory back to the kernel (``munmap`` of large chunks, ``trim`` of the heap top), so a
-training step that frees its activations and gradients and allocates them again next step page-faults every page
-back in, zero-filled by the kernel. On this project's 2-core VM the demo pretraining step spent about a third of its
-time there (4,600 page faults per step; 130 -> 92 ms per step when freed memory is kept, `benchmarks/
-bench_train_step.py`). PyTorch's CPU performance guides recommend preloading jemalloc or tcmalloc for the same
-reason; :func:`keep_freed_memory` gets the effect with glibc alone, at run time.
+**Allocator** (:func:`keep_freed_memory`). glibc's malloc hands freed memory back to the kernel (``munmap`` of large
+chunks, ``trim`` of the heap top), so a training step that frees its activations and gradients and allocates them again
+next step page-faults every page back in, zero-filled by the kernel. On a small VM that is a large share of the demo
+pretraining step's time (``benchmarks/bench_train_step.py``; numbers in benchmarks/README.md). PyTorch's CPU performance
+guides recommend preloading jemalloc or tcmalloc for the same reason; :func:`keep_freed_memory` gets the effect with
+glibc alone, at run time.
 
 The cost: the process keeps its peak heap mapped (resident memory does not shrink after a peak), which is what a
 long training process wants anyway.
 
 **Convolutions on single-pixel maps** (:func:`single_pixel_convs_as_linear`). At small images the deepest stage of a
-stride-32 backbone sees 1×1 maps (resnet18 at 32×32: layer4's 3×3 convolutions, and the regressor's pool-1 and
-coarsest FPN convolutions). oneDNN's weight gradient for these shapes is pathologically slow on this project's CPU:
-7.2 ms for one 512->512 3×3 convolution of a [16, 512, 1, 1] input, against 0.76 ms for the same numbers as one
-matrix product. A convolution whose input is one pixel *is* a matrix product: with zero padding, the single output
-pixel sees the input pixel through one kernel tap only, every other tap multiplies padding. :class:`SinglePixelConv2d`
-computes exactly that when its input is 1×1 and is an ordinary ``nn.Conv2d`` otherwise; the demo's student +
-regressor forward + backward drops from 74 to 54 ms.
+stride-32 backbone sees 1×1 maps (resnet18 at 32×32: layer4's 3×3 convolutions, and the regressor's pool-1 and coarsest
+FPN convolutions). oneDNN's weight gradient for these shapes is pathologically slow on the CPU: many times slower than
+the same numbers as one matrix product (benchmarks/README.md). A convolution whose input is one pixel *is* a matrix
+product: with zero padding, the single output pixel sees the input pixel through one kernel tap only, every other tap
+multiplies padding. :class:`SinglePixelConv2d` computes exactly that when its input is 1×1 and is an ordinary
+``nn.Conv2d`` otherwise.
 """
 
 from __future__ import annotations
@@ -104,7 +102,7 @@ class SinglePixelConv2d(nn.Conv2d):
 
 class _SinglePixelLinear(torch.autograd.Function):
     """``x @ weight[:, :, i, j].T + bias``, with the weight gradient written once into a zeroed full-size tensor
-    (autograd through two ``select`` views zero-fills and copies it twice: 3 ms more per demo step). Under autocast
+    (autograd through two ``select`` views zero-fills and copies it twice). Under autocast
     the forward's matmul runs in the autocast dtype and the backward casts to the gradient's dtype."""
 
     @staticmethod
