@@ -296,7 +296,7 @@ def check_teacher_dir(path: str | os.PathLike, option: str = "path", set_as: str
     if root.is_dir():
         if (root / "config.json").is_file() or (root / "unet" / "config.json").is_file():
             return root
-        problem = f"is a directory without a UNet config.json (looked in {root} and {root / 'unet'})"
+        problem = f"is a directory with no UNet config.json (looked in {root} and {root / 'unet'})"
     elif root.exists():
         problem = "is a file, not a directory"
     else:
