@@ -161,6 +161,9 @@ class RunConfig:
     progress: bool = opt(True, "show a progress bar (rank 0)")
     max_minutes: float = opt(0.0, "stop (with a checkpoint) after this many minutes of training; 0: no limit",
                              minimum=0.0)
+    naive: bool = opt(False, "the naive loop, for speed comparisons: the losses in eager PyTorch as a user writes "
+                             "them (dreamteacher.losses, same values), torch.optim.AdamW's default implementation, "
+                             "the full teacher forward (no early exit), no malloc tuning, no 1x1-convolution rewrite")
 
 
 @dataclass

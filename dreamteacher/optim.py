@@ -54,6 +54,8 @@ def build_optimizer(cfg: PretrainConfig, model: nn.Module, device: torch.device)
     betas = tuple(cfg.optim.betas)
     if cfg.optim.name == "lamb":
         return Lamb(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps)
+    if cfg.run.naive:  # what a user gets without asking for anything: PyTorch's default implementation
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps)
     try:  # one fused kernel over all parameters (CUDA, and CPU since torch 2.4)
         return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, fused=True)
     except (RuntimeError, TypeError):

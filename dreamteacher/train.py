@@ -31,6 +31,7 @@ from torch import nn
 import dtkernels
 
 from .config import ConfigError, PretrainConfig, UserError, config_from_dict, config_to_dict, options_named
+from .losses import eager_feat_loss, eager_soft_ce
 from .optim import build_optimizer, warmup_cosine
 from .regressor import FeatureRegressor
 from .runtime import StopFlag
@@ -185,7 +186,7 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     common = dict(t=cfg.teacher.t, mode=cfg.teacher.mode, n_noise=cfg.teacher.n_noise,
-                  ddim_steps=cfg.teacher.ddim_steps, early_exit=cfg.teacher.early_exit)
+                  ddim_steps=cfg.teacher.ddim_steps, early_exit=cfg.teacher.early_exit and not cfg.run.naive)
     names = cfg.teacher.taps
     with options_named(_TEACHER_KEYS):
         probe = DiffusionTeacher.from_pretrained(cfg.teacher.path, taps=None if names else _candidate_taps(cfg),
@@ -368,7 +369,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     # -- distributed setup and seeds
     env = setup_distributed(cfg.run.device)
     device = env.device
-    if device.type == "cpu" and cfg.run.keep_freed_memory:
+    if device.type == "cpu" and cfg.run.keep_freed_memory and not cfg.run.naive:
         from .perf import keep_freed_memory
 
         keep_freed_memory()
@@ -406,7 +407,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                               else None, width=cfg.model.width).to(device)
     memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    if cfg.run.single_pixel_linear if cfg.run.single_pixel_linear is not None else device.type == "cpu":
+    if (not cfg.run.naive and (cfg.run.single_pixel_linear if cfg.run.single_pixel_linear is not None
+                               else device.type == "cpu")):
         from .perf import single_pixel_convs_as_linear
 
         n = single_pixel_convs_as_linear(model)
@@ -485,6 +487,9 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     loss_kwargs = dict(mse_weight=cfg.loss.mse_weight, at_weight=cfg.loss.at_weight, at_p=cfg.loss.at_p,
                        at_mode=cfg.loss.at_mode, whiten=cfg.loss.whiten, eps=cfg.loss.eps,
                        level_weights=cfg.loss.level_weights, return_parts=True)
+    # run.naive: the same losses written in eager PyTorch (dreamteacher.losses), for speed comparisons.
+    feat_loss = eager_feat_loss if cfg.run.naive else dtkernels.fused_feat_loss
+    soft_ce = eager_soft_ce if cfg.run.naive else dtkernels.soft_ce
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     accum = cfg.run.accumulation
     images_per_step = cfg.run.batch_size * accum * env.world_size
@@ -529,14 +534,14 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                             outputs = train_model(images)
                         preds, logits = outputs if interpreter is not None else (outputs, None)
                         level_targets = [targets[order[lvl]] for lvl in range(len(preds))]
-                        parts = dtkernels.fused_feat_loss(
-                            preds, [t.to(p.dtype) for t, p in zip(level_targets, preds)], **loss_kwargs)
+                        parts = feat_loss(preds, [t.to(p.dtype) for t, p in zip(level_targets, preds)],
+                                          **loss_kwargs)
                         loss = parts.loss
                         if interpreter is not None:
                             # Soft labels from the teacher features just computed (no second teacher forward).
                             with torch.inference_mode():
                                 soft = interpreter(level_targets)
-                            ld = dtkernels.soft_ce(logits.float(), soft.float(), tau=cfg.label.tau)
+                            ld = soft_ce(logits.float(), soft.float(), tau=cfg.label.tau)
                             ld_sum += ld.detach() / accum
                             loss = loss + cfg.label.weight * ld
                         (loss / accum).backward()
