@@ -75,6 +75,20 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _check_out_dir(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output folder that cannot be one (an existing file, or under one) before any work is done."""
+    from .config import UserPathError
+
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserPathError(f"{option}: {path} cannot be a folder: {p} is a file; give a folder path")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise UserPathError(f"{option}: {path} cannot be written ({p} is not writable); give a writable "
+                                    "folder")
+            return
+
+
 # ------------------------------------------------------------------------------------------------ cache-features
 def add_cache_features(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -142,6 +156,7 @@ def run_cache_features(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")
     check_image_folder(args.data, "--data")  # before the teacher is loaded
+    _check_out_dir(args.out, "--out")
     check_teacher_dir(args.teacher, "--teacher", "--teacher DIR")
     with options_named({"path": "--teacher", "taps": "--taps", "names": "--taps", "strides": "--strides", "t": "--t",
                         "text_embedding": "--text-embedding", "conditioning": "--conditioning"}):
@@ -243,6 +258,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         from .train import check_device
 
         check_device(args.device, "--device")
+    _check_out_dir(args.out, "--out")
     unet = dict(block_out_channels=tuple(args.channels), layers_per_block=args.layers_per_block, norm_num_groups=8,
                 down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n)
     dataset = _teacher_dataset(args.data, args.image_size, max(args.steps * args.batch_size, 1000), args.seed + 1)
@@ -315,6 +331,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     try:
         with options_named({"checkpoint": "--resume"}):
             cfg, resume = _pretrain_config(args)
+        _check_out_dir(cfg.run.out_dir, "run.out_dir")
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -423,6 +440,7 @@ def run_train_interpreter(args: argparse.Namespace) -> int:
         for option, folder in (("--images", args.images), ("--masks", args.masks)):
             if folder is not None and not Path(folder).is_dir():
                 raise UserPathError(f"{option}: {folder} is not a directory")
+        _check_out_dir(args.out, "--out")
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -528,6 +546,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
             missing = [n for n, v in zip(names, folders) if not v]
             if missing:
                 raise ValueError(f"{', '.join(missing)}: required with mask folders")
+            for option, folder in [*zip(names, folders), ("--val-images", args.val_images),
+                                   ("--val-masks", args.val_masks)]:
+                if folder and not Path(folder).is_dir():
+                    raise ValueError(f"{option}: {folder} is not a directory")
             if args.num_classes is None:
                 raise ValueError("--num-classes: required with mask folders")
             train = SegmentationFolder(args.train_images, args.train_masks, args.image_size)
@@ -549,6 +571,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                              "and --val-masks")
         if max(args.labels) > len(train):
             raise ValueError(f"--labels: the labelled pool has {len(train)} images, fewer than {max(args.labels)}")
+        _check_out_dir(args.out, "--out")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -819,6 +842,64 @@ def run_convert_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ablate(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "ablate", help="ablations on the built-in data: AT term, whitening, timestep, encoding, mixed distillation",
+        description="Pretrain one resnet18 per variant of the DreamTeacher recipe (MSE only vs MSE + AT, whitening "
+                    "channel/sample/none, three teacher timesteps, stochastic vs deterministic DDIM encoding, feature "
+                    "vs mixed distillation), all from the same teacher with the same steps, data and seed, then "
+                    "evaluate every backbone and scratch with the demo's budgets, seeds, protocols and validation-"
+                    "split learning-rate choice. Writes OUT/ablation.md and OUT/ablation.json. Sizes come from "
+                    "--preset (the demo's presets); extra --section.key=value options apply to every run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["quick", "long"], default="quick", help="sizes of every phase (default quick)")
+    p.add_argument("--out", default="runs/ablate", metavar="DIR", help="output directory (default runs/ablate)")
+    p.add_argument("--retrain-teacher", action="store_true",
+                   help="train the teacher here (into OUT/teacher) instead of using the shipped one")
+    p.add_argument("--teacher-steps", type=_positive_int, default=None, help="steps of a retrained teacher")
+    p.add_argument("--interpreter-steps", type=_positive_int, default=None, help="interpreter steps (mixed)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="steps of each pretraining run")
+    p.add_argument("--pretrain-minutes", type=float, default=None,
+                   help="wall-clock cap of each pretraining run (0: none)")
+    p.add_argument("--labels", type=_positive_int, nargs="+", default=None, metavar="N", help="label budgets")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help="evaluation seeds")
+    p.add_argument("--eval-steps", type=_positive_int, default=None, help="training steps per evaluation run")
+    p.add_argument("--protocol", nargs="+", choices=["finetune", "probe"], default=None,
+                   help="evaluation protocols")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(_accepts_overrides=True)
+    return p
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .ablate import run_ablation
+    from .config import ConfigError, load_config
+    from .demo import PRESETS
+
+    try:
+        load_config(None, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    chosen = {"pretrain_steps": args.steps, "pretrain_minutes": args.pretrain_minutes,
+              "teacher_steps": args.teacher_steps, "interpreter_steps": args.interpreter_steps,
+              "budgets": sorted(args.labels) if args.labels else None, "seeds": args.seeds,
+              "eval_steps": args.eval_steps, "protocols": args.protocol}
+    settings = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in chosen.items() if v is not None},
+                                   retrain_teacher=args.retrain_teacher, progress=not args.no_progress)
+    try:
+        result = run_ablation(args.out, settings, args.overrides, say=print)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(result["table"])
+    print(f"ablation finished in {result['seconds']:.0f} s: {result['markdown']}, {result['json']}")
+    return 0
+
+
 #: name -> (declare the options, run the command)
 COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "cache-features": (add_cache_features, run_cache_features),
@@ -830,6 +911,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "viz": (add_viz, run_viz),
     "demo": (add_demo, run_demo),
     "convert-checkpoint": (add_convert_checkpoint, run_convert_checkpoint),
+    "ablate": (add_ablate, run_ablate),
 }
 
 

@@ -361,7 +361,10 @@ def convert_legacy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) ->
     state = dict(state)
     state["rng"] = encode_rng_states(state["rng"])
     state["kind"], state["version"] = CHECKPOINT_KIND, CHECKPOINT_VERSION
-    save_plain(dst, state)
+    try:
+        save_plain(dst, state)
+    except OSError as e:  # a read-only or missing place, a file where a folder should be, a full disk
+        raise UserError(f"OUT: cannot write {dst} ({e.strerror or e}); give a writable file path") from e
     load_checkpoint(dst, what="OUT")  # proves the result loads the safe way
     logger.info("converted %s -> %s (step %s)", src, dst, state["step"])
     return {"src": str(src), "dst": str(dst), "step": state["step"], "converted": converted}

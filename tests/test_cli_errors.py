@@ -66,6 +66,15 @@ def teacher_dir(work) -> Path:
 
 
 @pytest.fixture(scope="module")
+def teacher2(work) -> Path:
+    """Another teacher: same architecture, other weights."""
+    out = work / "teacher2"
+    train_teacher(out, image_size=32, unet=TINY_UNET, steps=1, batch_size=2, num_workers=0, log_every=1, seed=1,
+                  progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
 def images(work) -> Path:
     root = work / "images"
     root.mkdir()
@@ -129,12 +138,12 @@ def conditional_dir(work) -> Path:
 
 
 @pytest.fixture(scope="module")
-def files(work, teacher_dir, images, empty_dir, broken_dir, cache_dir, checkpoint, interpreter_file,
+def files(work, teacher_dir, teacher2, images, empty_dir, broken_dir, cache_dir, checkpoint, interpreter_file,
           conditional_dir) -> dict[str, str]:
     """What the subprocess cases' ``{name}`` placeholders stand for."""
     (work / "a_file").write_text("not a folder")
-    return {"work": str(work), "teacher": str(teacher_dir), "images": str(images), "empty": str(empty_dir),
-            "broken": str(broken_dir), "cache": str(cache_dir), "ckpt": str(checkpoint),
+    return {"work": str(work), "teacher": str(teacher_dir), "teacher2": str(teacher2), "images": str(images),
+            "empty": str(empty_dir), "broken": str(broken_dir), "cache": str(cache_dir), "ckpt": str(checkpoint),
             "interp": str(interpreter_file), "cond": str(conditional_dir), "a_file": str(work / "a_file")}
 
 
@@ -206,16 +215,47 @@ IN_PROCESS = [
      ("model.student", "no_such_model")),
     (["pretrain", "--run.device=cpu", "--run.out_dir={tmp}"], ("teacher.path",)),
     (["export", "{tmp}/missing.pt"], ("checkpoint", "no such file")),
+    (["train-teacher", "--out", "{tmp}/a_file"], ("--out", "is a file")),
+    (["train-teacher", "--out", "{tmp}/a_file/sub"], ("--out", "is a file")),
+    (["pretrain", "--run.out_dir={tmp}/a_file", "--run.device=cpu"], ("run.out_dir", "is a file")),
+    (["train-interpreter", "--out", "{tmp}/a_file", "--teacher.path={tmp}"], ("--out", "is a file")),
+    (["evaluate", "--train-images", "{tmp}/nope", "--train-masks", "{tmp}", "--test-images", "{tmp}",
+      "--test-masks", "{tmp}", "--num-classes", "3"], ("--train-images", "not a directory")),
+    (["evaluate", "--train-images", "{tmp}"], ("--train-masks", "required")),
+    (["convert-checkpoint", "{tmp}/in.pt", "{tmp}/out.pt"], ("--trust-pickle", "required")),
 ]
 
 
 @pytest.mark.parametrize("argv, names", IN_PROCESS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in IN_PROCESS])
 def test_parse_and_config_mistakes(argv, names, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
     args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     try:
         code = cli.main(["--default-malloc", *args])
     except SystemExit as e:  # argparse refusals exit
         code = e.code
+    out, err = capsys.readouterr()
+    check_error(code, out, err, names)
+
+
+# A YAML config with mistakes: (its text, fragments the error line must contain).
+YAML_CONFIGS = [
+    ("run: {stepz: 3}\n", ("run.stepz", "unknown key")),
+    ("runs: {steps: 3}\n", ("runs", "unknown section")),
+    ("run: {steps: -1}\n", ("run.steps", ">= 1")),
+    ("run: {steps: ten}\n", ("run.steps", "int")),
+    ("optim: {lr: .nan}\n", ("optim.lr", "finite")),
+    ("optim: {betas: [0.9, 1.5]}\n", ("optim.betas",)),
+    ("model: {student: [resnet18]}\n", ("model.student", "str")),
+    ("- 1\n- 2\n", ("config", "mapping")),
+    ("run: {steps: [\n", ("--config", "not valid YAML")),
+]
+
+
+@pytest.mark.parametrize("text, names", YAML_CONFIGS, ids=[t.strip() for t, _ in YAML_CONFIGS])
+def test_config_file_mistakes(text, names, tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text(text)
+    code = cli.main(["--default-malloc", "pretrain", "--config", str(tmp_path / "config.yaml")])
     out, err = capsys.readouterr()
     check_error(code, out, err, names)
 
@@ -246,6 +286,11 @@ SUBPROCESS = [
     ("teacher.t out of range", [*"pretrain @tiny --teacher.t=5000".split()], ("teacher.t", "[0, 1000)")),
     ("interpreter of another t", [*"pretrain @tiny --label.interpreter={interp} --teacher.t=99".split()],
      ("label.interpreter", "t = 150", "teacher.t=150")),
+    ("interpreter of other taps", [*"pretrain @tiny --label.interpreter={interp}".split(),
+                                   "--teacher.taps=mid_block,up_blocks.0,up_blocks.1,up_blocks.2"],
+     ("label.interpreter", "taps", "teacher.taps=")),
+    ("interpreter of another teacher", [*"pretrain @tiny --label.interpreter={interp} --teacher.path={teacher2}"
+                                        .split()], ("label.interpreter", "fingerprint", "teacher.path=")),
     ("missing interpreter", [*"pretrain @tiny --label.interpreter={work}/nope.pt".split()],
      ("label.interpreter", "no such file")),
     ("resume into another student", [*"pretrain @tiny --resume {ckpt} --model.student=resnet18".split()],
