@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dtkernels-installed
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test test-all bench demo lint clean
+.PHONY: install test test-all bench demo demo-long ablate lint clean
 
 install: $(STAMP)
 
@@ -27,10 +27,17 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-json=.benchmarks/latest.json
 	$(BIN)/python benchmarks/summarize.py .benchmarks/latest.json
 
-# End to end on the built-in procedural dataset, no downloads: teacher (cached in runs/demo/teacher), resnet18
+# End to end on the built-in procedural dataset, no downloads: the shipped teacher, resnet18
 # pretraining, export. Fits in 15 minutes on a 2-core CPU (each phase has a wall-clock cap).
 demo: $(STAMP)
 	$(BIN)/dreamteacher demo --out runs/demo
+
+# The evidence: the same pipeline with larger budgets, more seeds and longer runs (about 2 hours on a 2-core CPU).
+demo-long: $(STAMP)
+	$(BIN)/dreamteacher demo --preset long --out runs/demo-long
+
+ablate: $(STAMP)
+	$(BIN)/dreamteacher ablate --preset long --out runs/ablate-long
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet ruff

@@ -150,7 +150,7 @@ def run_cache_features(args: argparse.Namespace) -> int:
     from .config import options_named
     from .data import check_image_folder, load_image_folder
     from .feature_cache import CacheMismatchError, CorruptShardError, write_feature_cache
-    from .teacher import DiffusionTeacher, check_teacher_dir
+    from .teacher import DiffusionTeacher, check_image_size, check_teacher_dir
     from .train import check_device
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,6 +163,7 @@ def run_cache_features(args: argparse.Namespace) -> int:
         teacher = DiffusionTeacher.from_pretrained(
             args.teacher, taps=args.taps, strides=args.strides, t=args.t, mode=args.mode, n_noise=args.n_noise,
             ddim_steps=args.ddim_steps, text_embedding=args.text_embedding or None, conditioning=args.conditioning)
+    check_image_size(teacher, args.resolution, "--resolution")
     teacher = teacher.to(device=device, dtype=getattr(torch, _DTYPES[args.dtype]))
     dataset = load_image_folder(args.data, args.resolution, "--data", uint8=True)
     if args.limit is not None:

@@ -324,10 +324,14 @@ def ship_teacher(src: str | os.PathLike, dst: str | os.PathLike, *, command: str
     unet.save_pretrained(dst / "unet")
     scheduler.save_pretrained(dst / "scheduler")
     back = UNet2DModel.from_pretrained(dst / "unet", torch_dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the recorded number is reproduced on one thread (reduction order)
+    try:
+        check = fixed_batch_loss(back, image_size=meta["image_size"], num_train_timesteps=meta["num_train_timesteps"])
+    finally:
+        torch.set_num_threads(threads)
     meta.update({"command": command, "stored_dtype": "float16", "sha256": _sha256(dst / _UNET_FILE),
-                 "fixed_batch_loss_float32": meta.get("fixed_batch_loss"),
-                 "fixed_batch_loss": fixed_batch_loss(back, image_size=meta["image_size"],
-                                                      num_train_timesteps=meta["num_train_timesteps"])})
+                 "fixed_batch_loss_before_float16": meta.get("fixed_batch_loss"), "fixed_batch_loss": check})
     shutil.copyfile(src / "log.jsonl", dst / "log.jsonl")
     (dst / "teacher.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta

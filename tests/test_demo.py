@@ -46,3 +46,30 @@ def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys
             path = line.split(":", 1)[1].split("(")[0].strip()
             assert Path(path).exists(), line
     assert (tmp_path / "features.png").is_file() and (tmp_path / "curves.png").is_file()
+
+
+def test_ablate_runs_every_variant_at_tiny_size(tmp_path, capsys, monkeypatch):
+    import dreamteacher.teacher_training as tt
+
+    monkeypatch.setattr(tt, "DEMO_UNET", tt.TINY_UNET)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(["ablate", "--out", str(tmp_path), "--retrain-teacher", "--teacher-steps", "2",
+                         "--interpreter-steps", "2", "--steps", "1", "--labels", "2",
+                         "--seeds", "0", "--eval-steps", "1", "--protocol", "probe", "--no-progress",
+                         "--model.width=16", "--data.num_workers=0", "--teacher.ddim_steps=2"])
+    finally:
+        torch.set_num_threads(n)
+    assert code == 0
+    printed = capsys.readouterr().out
+    for needle in ("MSE only (lambda_AT = 0)", "whitening: sample", "whitening: none", "t = 50", "t = 400",
+                   "deterministic (DDIM) encoding", "mixed distillation", "| probe | scratch |", "2 labels fg"):
+        assert needle in printed, needle
+    results = json.loads((tmp_path / "ablation.json").read_text())
+    variants = results["config"]["variants"]
+    assert len(variants) == 8 and all(v["steps"] == 1 for v in variants.values())
+    # one run per (variant + scratch) at one budget and one seed; each variant's run dir holds its config
+    assert len(results["runs"]) == 9
+    cfg = (Path(variants["MSE only (lambda_AT = 0)"]["out_dir"]) / "config.yaml").read_text()
+    assert "at_weight: 0.0" in cfg
