@@ -40,6 +40,7 @@ logger = logging.getLogger("dreamteacher")
 __all__ = [
     "FeatureTaps",
     "DiffusionTeacher",
+    "check_image_size",
     "check_teacher_dir",
     "GeneratorTeacher",
     "default_tap_names",
@@ -309,6 +310,33 @@ def check_teacher_dir(path: str | os.PathLike, option: str = "path", set_as: str
                         f"downloaded at run time: download it where there is network (`huggingface-cli download "
                         f"{repo} --local-dir DIR`), copy DIR here and pass {set_as or f'{option}=DIR'}, or train "
                         "one with `dreamteacher train-teacher --out DIR`")
+
+
+def check_image_size(teacher: DiffusionTeacher, size: int, option: str) -> int:
+    """``size`` when the teacher's UNet runs the blocks it needs on ``size`` x ``size`` images; otherwise
+    :class:`UserError` naming ``option``.
+
+    Each down block halves the map (rounding up); each decoder block after the first concatenates the upsampled map
+    with a skip of the level above, which fails unless that skip is twice as large. The blocks that must run are
+    those up to the last tapped decoder block (with early exit in stochastic mode) or the whole UNet (DDIM inversion
+    needs its output)."""
+    levels = len(teacher.unet.config.block_out_channels)
+    sizes = [-(-size // teacher.latent_factor)]
+    for _ in range(levels - 1):
+        sizes.append(-(-sizes[-1] // 2))
+    last = levels - 1  # index of the last decoder block that runs
+    if teacher.taps.early_exit and teacher.mode == "stochastic":
+        blocks = [int(n.split(".")[1]) if n.startswith("up_blocks.") else 0 if n.startswith(("mid_block",
+                  "down_blocks.", "conv_in", "time_")) else levels - 1 for n in teacher.taps.names]
+        last = max(blocks)
+    if all(sizes[levels - 1 - i] == 2 * sizes[levels - i] for i in range(1, last + 1)):
+        return size
+    multiple = teacher.latent_factor * 2 ** (levels - 1)
+    latent = f" (after the VAE's /{teacher.latent_factor})" if teacher.latent_factor > 1 else ""
+    below, above = size // multiple * multiple, (size // multiple + 1) * multiple
+    raise UserError(f"{option}: the teacher's UNet cannot run on {size}x{size} images: it has {levels} levels and "
+                    f"halves the image {levels - 1} times{latent}, so its skip connections need a multiple of "
+                    f"{multiple}; use e.g. {' or '.join(str(v) for v in (below, above) if v > 0)}")
 
 
 def _diffusers_load(cls, directory: Path, **kwargs) -> nn.Module:

@@ -47,7 +47,7 @@ from .serialization import (
 )
 from .serialization import load_checkpoint as _load_checkpoint
 from .student import StudentBackbone
-from .teacher import DiffusionTeacher, check_teacher_dir
+from .teacher import DiffusionTeacher, check_image_size, check_teacher_dir
 
 logger = logging.getLogger("dreamteacher")
 
@@ -206,6 +206,7 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
                                conditioning_source=probe.conditioning_source,
                                taps=[names[lvl] for lvl in ordered], strides=[student_strides[lvl] for lvl in ordered],
                                **common)
+    check_image_size(teacher, cfg.data.image_size, "data.image_size")
     teacher = teacher.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
     if _channels_last(cfg, device) and device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)

@@ -307,6 +307,67 @@ SUBPROCESS = [
 ]
 
 
+# More mistakes with built files, in-process (the subprocess table above covers the path through the real entry).
+WITH_FILES = [
+    ("image size the UNet cannot run", [*"pretrain @tiny --data.image_size=34".split()],
+     ("data.image_size", "multiple of 4", "32 or 36")),
+    ("resolution the UNet cannot run", ["cache-features", "--teacher", "{teacher}", "--data", "{images}", "--out",
+                                        "{tmp}/c", "--resolution", "30"], ("--resolution", "28 or 32")),
+    ("embedding for an unconditional teacher", ["cache-features", "--teacher", "{teacher}", "--data", "{images}",
+                                                "--out", "{tmp}/c", "--text-embedding", "{tmp}/e.pt"],
+     ("--text-embedding", "not a conditional UNet")),
+    ("conditional teacher without an embedding (cache-features)",
+     ["cache-features", "--teacher", "{cond}", "--data", "{images}", "--out", "{tmp}/c", "--resolution", "16"],
+     ("--conditioning", "--text-embedding FILE", "--conditioning zeros")),
+    ("missing embedding file", [*"pretrain @tiny --teacher.path={cond} --data.image_size=16".split(),
+                                "--teacher.text_embedding={tmp}/nope.pt"], ("teacher.text_embedding", "no such file")),
+    ("fewer images than a batch", [*"pretrain @tiny --data.source={images} --run.batch_size=8".split()],
+     ("run.batch_size", "4 images")),
+    ("resume with another width", [*"pretrain @tiny --resume {ckpt} --model.width=32".split()],
+     ("model.width", "--model.width=16")),
+    ("export onto a folder", ["export", "{ckpt}", "--out", "{tmp}/folder.safetensors"], ("--out", "cannot write")),
+    ("convert to an unwritable place", ["convert-checkpoint", "{ckpt}", "{tmp}/a_file/x.pt", "--trust-pickle"],
+     ("OUT", "cannot write")),
+    ("missing backbone", ["evaluate", "--backbone", "x={tmp}/nope.pt"], ("--backbone", "no such file")),
+    ("empty --data", ["cache-features", "--teacher", "{teacher}", "--data", "{empty}", "--out", "{tmp}/c"],
+     ("--data", "no readable images")),
+    ("labels beyond the pool", ["train-interpreter", "--out", "{tmp}/i", "--labels", "100000",
+                                *"@tiny".split()], ("--labels", "fewer than 100000")),
+]
+
+
+@pytest.mark.parametrize("argv, names", [c[1:] for c in WITH_FILES], ids=[c[0] for c in WITH_FILES])
+def test_mistakes_with_files_in_process(argv, names, files, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "folder.safetensors").mkdir()
+    args = []
+    for a in argv:
+        args += tiny(Path(files["teacher"]), tmp_path / "run") if a == "@tiny" else [a.format(**files, tmp=tmp_path)]
+    try:
+        code = cli.main(["--default-malloc", *args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    check_error(code, out, err, names)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only user mistakes become `error:` lines: anything else escapes cli.main with its traceback."""
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "export", (cli.add_export, broken))
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["--default-malloc", "export", "x.pt"])
+
+    def broken_value(args):
+        raise ValueError("a bug that is a ValueError")
+
+    monkeypatch.setitem(cli.COMMANDS, "export", (cli.add_export, broken_value))
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["--default-malloc", "export", "x.pt"])
+
+
 @pytest.mark.parametrize("argv, names", [c[1:] for c in SUBPROCESS], ids=[c[0] for c in SUBPROCESS])
 def test_mistakes_with_files_in_a_subprocess(argv, names, files, tmp_path):
     args = []
