@@ -61,6 +61,9 @@ class DemoSettings:
     eval_batch: int = 8
     n_test: int = 256
     num_workers: int = 1
+    #: > 0: also pretrain the lean loop and the naive loop (``run.naive``) for this many minutes each (steps set from
+    #: a short throughput calibration of each, so both finish their schedules in the budget) and evaluate both
+    speed_minutes: float = 0.0
     progress: bool = True
 
 
@@ -68,7 +71,7 @@ class DemoSettings:
 PRESETS: dict[str, DemoSettings] = {
     "quick": DemoSettings(),
     "long": DemoSettings(pretrain_steps=4000, pretrain_minutes=20.0, budgets=[8, 32, 128], seeds=[0, 1, 2, 3, 4],
-                         eval_steps=400, interpreter_steps=300),
+                         eval_steps=400, interpreter_steps=300, speed_minutes=8.0),
 }
 
 
@@ -160,6 +163,30 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
             f"last logged loss {summary['loss']:.4f}")
         phase(f"pretrain {name}", t0)
 
+    # 4b. speed turned into accuracy: lean vs naive loop, same wall-clock budget
+    speed: dict[str, dict[str, Any]] = {}
+    if s.speed_minutes > 0:
+        t0 = time.perf_counter()
+        budget_s = 60.0 * s.speed_minutes
+        for name, naive in (("lean", False), ("naive", True)):
+            calib_dir = out / f"speed_{name}_calibration"
+            cal = pretrain(config(calib_dir, "--run.steps=30", "--run.max_minutes=0", "--run.log_every=10",
+                                  f"--run.naive={naive}", "--run.progress=false"))
+            records = [json.loads(line) for line in (Path(cal["out_dir"]) / "log.jsonl").read_text().splitlines()]
+            ips = records[-1]["images_per_s"]  # the last window, after warm-up
+            steps = max(int(budget_s * ips / s.pretrain_batch), 10)
+            say(f"[speed] {name} loop: {ips:.1f} images/s in calibration -> {steps} steps in {s.speed_minutes:g} min")
+            summary = pretrain(config(out / f"speed_{name}", f"--run.steps={steps}",
+                                      f"--run.max_minutes={s.speed_minutes * 1.15:.3f}", f"--run.naive={naive}"))
+            log = [json.loads(line) for line in (Path(summary["out_dir"]) / "log.jsonl").read_text().splitlines()]
+            speed[name] = {"steps": summary["step"], "planned_steps": steps, "seconds": log[-1]["time"],
+                           "images_per_s": summary["step"] * s.pretrain_batch / log[-1]["time"],
+                           "interrupted": summary["interrupted"],
+                           "backbone": str(export_backbone(summary["checkpoint"],
+                                                           out / f"resnet18_speed_{name}.safetensors"))}
+            backbones[f"{name} loop, {s.speed_minutes:g} min"] = speed[name]["backbone"]
+        phase("speed", t0)
+
     # 5. evaluation: one call per protocol, each with its own learning-rate grid chosen on the validation split
     t0 = time.perf_counter()
     say(f"[5/6] evaluate: {len(backbones)} backbones x label budgets {s.budgets} x seeds {s.seeds} x "
@@ -189,6 +216,7 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     results["config"]["settings"] = dataclasses.asdict(s)
     results["config"]["interpreter"] = {"labels": n_interp, "label_seed": 0, "images": labelled_indices(n_interp, 0),
                                         "test_miou": interp["test_miou"], "test_fg_miou": interp["test_fg_miou"]}
+    results["config"]["speed"] = speed
     results["config"]["teacher"] = {"path": str(teacher_dir), **{k: teacher_meta.get(k) for k in (
         "steps", "command", "seed", "fixed_batch_loss", "sha256")}}
     json_path, md_path = write_results(results, out / "evaluate")

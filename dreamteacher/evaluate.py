@@ -555,6 +555,16 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         secs = statistics.fmean(cell[protocol, name, n]["seconds_mean"] for n in budgets
                                 if (protocol, name, n) in cell)
         lines.append(f"| {protocol} | {name} | " + " | ".join(row) + f" | {secs:.1f} s |")
+    speed = cfg.get("speed") or {}
+    if speed:
+        minutes = cfg.get("settings", {}).get("speed_minutes")
+        lines += ["", f"Same wall-clock budget ({minutes:g} min of pretraining each; rows `lean loop` / `naive loop` "
+                      "above): the lean loop (dtkernels' fused ops and every lean setting) against the naive one "
+                      "(run.naive: eager losses, PyTorch defaults).", "",
+                  "| loop | steps done | images/s | stopped by the time cap |", "|---|---:|---:|---|"]
+        for name, rec in speed.items():
+            lines.append(f"| {name} | {rec['steps']} | {rec['images_per_s']:.1f} | "
+                         f"{'yes' if rec['interrupted'] else 'no'} |")
     teacher = cfg.get("interpreter")
     if teacher and teacher.get("test_miou") is not None:
         fg_text = (f", foreground {100 * teacher['test_fg_miou']:.1f}" if teacher.get("test_fg_miou") is not None
