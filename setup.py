@@ -7,11 +7,12 @@ Install (torch must be importable in the build environment)::
 Environment variables:
 
 * ``DTKERNELS_BUILD_CPP=0``: skip the C++ extension; the package then falls back to the eager reference on CPU.
-* ``DTKERNELS_CPU_ISA``: instruction set of the kernels (``at::vec`` is compiled for it): ``auto`` (default: the
-  best of ``avx512`` / ``avx2`` / ``default`` that the build machine supports), ``avx512``, ``avx2`` or ``default``
-  (portable, whatever the compiler's baseline is). The whole extension is compiled with these flags, so
-  ``import dtkernels._C`` checks the running CPU and raises ImportError (the package falls back to the reference)
-  when it lacks them. Build wheels for other machines with ``DTKERNELS_CPU_ISA=avx2`` or ``default``.
+* ``DTKERNELS_CPU_ISA``: instruction set of the kernels (``at::vec`` is compiled for it): ``auto`` (default:
+  ``avx2`` on an x86-64 build machine with AVX2, FMA and F16C, else ``default``; ``auto`` never picks AVX-512, which
+  must be asked for), ``avx512``, ``avx2`` or ``default`` (portable, whatever the compiler's baseline is). The whole
+  extension is compiled with these flags, so ``import dtkernels._C`` checks the running CPU and raises ImportError
+  (the package falls back to the reference) when it lacks them. Build wheels for other machines with
+  ``DTKERNELS_CPU_ISA=avx2`` or ``default``.
 * ``DTKERNELS_CXX_DEBUG=1``: ``-O0 -g``.
 """
 
@@ -53,8 +54,8 @@ def _choose_isa() -> str:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "default"
     flags = _cpu_flags()
-    # AVX2 by default: portable to every x86-64 machine of the last decade. AVX-512 has not been measured for
-    # feat_loss; soft_ce (exp-bound) measured 1.25-1.4x faster with DTKERNELS_CPU_ISA=avx512.
+    # AVX2 by default: portable to every x86-64 machine of the last decade. AVX-512 is opt-in (DTKERNELS_CPU_ISA=
+    # avx512): it helps the exp-bound soft_ce, was not measured for feat_loss (benchmarks/README.md).
     if {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "default"

@@ -57,8 +57,9 @@ namespace {
 constexpr const char* kOp = "feat_loss";
 constexpr double kAtNormEps = 1e-12;  // dtkernels.reference.AT_NORM_EPS
 constexpr int64_t kChunkElems = int64_t(1) << 18;      // target elements per work item (1 MiB of float32)
-// Student + teacher bytes of one wave. Pass 2 re-reads a wave from the shared L3 (32 MiB on the target Zen 4, but
-// shared with other tenants); measured on the target: 4-8 MiB fastest, 16 MiB and more ~1.7x slower fwd_bwd.
+// Student + teacher bytes of one wave. Pass 2 re-reads a wave from the shared L3, which other tenants of the machine
+// share too: a wave well below the L3's size is what keeps that re-read a cache hit (larger waves were clearly
+// slower in fwd_bwd; benchmarks/README.md has the numbers).
 constexpr int64_t kWaveBytes = int64_t(8) << 20;
 // Samples (student + teacher bytes) above this size get software prefetch of the next row in the kHW passes.
 constexpr int64_t kPrefetchBytes = int64_t(1) << 20;
@@ -67,8 +68,8 @@ enum class Layout { kHW, kC };
 enum class PowMode { kP1, kP2, kP3, kGeneral };
 
 struct Params {
-  int64_t whiten;   // 0 none, 1 channel, 2 sample
-  int64_t at_mode;  // 0 paper, 1 mean_sq
+  Whitening whiten;
+  AtMode at_mode;
   double p;
   double mse_w;
   double at_w;
@@ -139,7 +140,9 @@ class LevelBase {
   virtual void finish_sample(int64_t b) = 0;  // attention scalars of sample b (at_b[b] and the grad coefficients)
 
   // The MSE of whitened targets needs statistics over a whole position (kHW) or sample, so it is summed in pass 2.
-  bool mse_in_pass2() const { return layout == Layout::kHW ? P.whiten != 0 : P.whiten == 2; }
+  bool mse_in_pass2() const {
+    return layout == Layout::kHW ? P.whiten != Whitening::kNone : P.whiten == Whitening::kSample;
+  }
 
   // Splits sample b into chunks of about kChunkElems elements (whole rows of positions).
   void append_chunks(int64_t level, int64_t b, std::vector<Chunk>& chunks) const {
@@ -172,7 +175,7 @@ class Level final : public LevelBase {
     const int64_t n = B * HW + kW;
     as_.assign(n, A(0));
     at_.assign(n, A(0));
-    if (P.whiten == 1) {
+    if (P.whiten == Whitening::kChannel) {
       pmean_.assign(n, A(0));
       prstd_.assign(n, A(0));
     }
@@ -233,7 +236,7 @@ class Level final : public LevelBase {
       dq[j] = q - double(at[j]) / dent;
     }
     const double dn2 = sum_positions([&](int64_t j) { return dq[j] * dq[j]; });
-    at_b[b] = P.at_mode == 0 ? std::sqrt(dn2) : dn2;
+    at_b[b] = P.at_mode == AtMode::kPaper ? std::sqrt(dn2) : dn2;
     if (!P.grad) return;
     A* ga = ga_.data() + b * HW;
     if (!P.grad_at) {
@@ -243,7 +246,7 @@ class Level final : public LevelBase {
     const double cw = coef * P.at_w;
     double scale;
     bool zero = false;
-    if (P.at_mode == 0) {
+    if (P.at_mode == AtMode::kPaper) {
       const double dn = std::sqrt(dn2);
       zero = !(dn > 0.0);  // g_q = 0 where ||d_b|| == 0 or NaN (torch.where(dn > 0, ..., 0))
       scale = zero ? 0.0 : cw / (double(B) * dn);
@@ -440,14 +443,14 @@ class Level final : public LevelBase {
     // Sums over C are blocked: kRowBlock rows are accumulated (in registers or block buffers, fresh per block) and
     // then added to the chunk's accumulators, so a position's sum is ~kRowBlock + C / kRowBlock roundings deep
     // instead of C (a plain running sum in float is ~4x less accurate than torch's cascade sums for C = 512).
-    if (P.whiten == 1) {
+    if (P.whiten == Whitening::kChannel) {
       // LayerNorm statistics over C at each position: Welford's update within a block of rows, blocks merged with
       // Chan's formula; mean then biased variance, never E[t^2] - E[t]^2.
       A* mean = pmean_.data() + b * HW + j0;
       A* m2 = prstd_.data() + b * HW + j0;
-      // Register tiles walk the block's rows column by column; that is measured faster while the sample fits in
-      // L2 or the rows are short, and slower for long rows streamed from memory (r50 levels, 1-thread forward
-      // 9.3 -> 11.3 ms), which keep the row-by-row walk the hardware prefetchers follow.
+      // Register tiles walk the block's rows column by column; that is faster while the sample fits in L2 or the
+      // rows are short, and slower for long rows streamed from memory (the r50 levels), which keep the row-by-row
+      // walk the hardware prefetchers follow.
       const bool tiled = !prefetch_ || sp.nv <= 8;
       for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
         const int64_t cn = std::min(kRowBlock, C - c0);
@@ -492,7 +495,7 @@ class Level final : public LevelBase {
           for (int64_t v = 0; v < sp.nv; ++v) {
             const int64_t n = sp.lanes(v), o = v * kW;
             const Vec x = ld(tr + o, n), y = ld(sr + o, n);
-            if (P.whiten == 0) {
+            if (P.whiten == Whitening::kNone) {
               const Vec d = y - x;  // zero in masked lanes
               racc = at::vec::fmadd(d, d, racc);
             } else {
@@ -509,7 +512,7 @@ class Level final : public LevelBase {
           st(as + o, ld(as + o, n) + Vec::loadu(bas + o), n);
         }
       }
-      if (P.whiten == 0) {
+      if (P.whiten == Whitening::kNone) {
         out.mse += acc;
       } else {
         out.sum_t += acc;
@@ -540,8 +543,8 @@ class Level final : public LevelBase {
   // training call, kGrad) or without a gradient (evaluation). The arithmetic of the general loop below, per element;
   // the branches on the options are hoisted out of the loops, full vectors run without lane checks (the partial
   // last vector after them) and the MSE partial sums go from float lanes to double every kFlushVecs vectors instead
-  // of after every row (rows of the coarse levels are one or two vectors long). Measured 1-thread, fwd_bwd: 20-40%
-  // less time per level than the general loop.
+  // of after every row (rows of the coarse levels are one or two vectors long). This is the hot loop of training,
+  // so it is worth the specialization over the general loop.
   template <bool kGrad>
   void pass2_hw_channel(const Chunk& ch, ChunkOut& out) {
     const int64_t b = ch.b, j0 = ch.j0;
@@ -557,7 +560,7 @@ class Level final : public LevelBase {
     const A* pr = prstd_.data() + b * HW + j0;
     const A* ga = kGrad ? ga_.data() + b * HW + j0 : nullptr;
     double acc = 0.0;
-    // Two partial sums of diff^2: one FMA chain was this loop's latency bound (4 cycles per vector).
+    // Two partial sums of diff^2: one FMA chain was this loop's latency bound.
     Vec racc(A(0)), racc2(A(0));
     int64_t pending = 0;
     for (int64_t c = C - 1; c >= 0; --c) {  // backwards: the end of the chunk is the most recently read
@@ -625,11 +628,11 @@ class Level final : public LevelBase {
   }
 
   void pass2_hw(const Chunk& ch, ChunkOut& out) {
-    if (P.whiten == 1 && P.grad && P.grad_mse && P.grad_at) {
+    if (P.whiten == Whitening::kChannel && P.grad && P.grad_mse && P.grad_at) {
       pass2_hw_channel<true>(ch, out);
       return;
     }
-    if (P.whiten == 1 && !P.grad) {
+    if (P.whiten == Whitening::kChannel && !P.grad) {
       pass2_hw_channel<false>(ch, out);
       return;
     }
@@ -645,12 +648,12 @@ class Level final : public LevelBase {
     const bool mse_here = mse_in_pass2();  // whitened MSE needs the statistics of pass 1
     const bool read_t = mse_here || (do_grad && P.grad_mse);
     const bool use_ga = do_grad && P.grad_at;
-    // Streaming stores for the gradient (written once, never re-read here): measured 33.6 -> 25.3 ms CPU time for
-    // fwd_bwd of the ResNet-50 levels on one thread, as they skip the read-for-ownership of every gradient line.
+    // Streaming stores for the gradient (written once, never re-read here): they skip the read-for-ownership of
+    // every gradient line, a large share of fwd_bwd's memory traffic at the r50 sizes.
     const bool use_nt = do_grad && stream_store_supported() && !is_reduced_v<T>;
     const Vec smean(smean_[b]), srstd(srstd_[b]);
-    const A* pm = P.whiten == 1 ? pmean_.data() + b * HW + j0 : nullptr;
-    const A* pr = P.whiten == 1 ? prstd_.data() + b * HW + j0 : nullptr;
+    const A* pm = P.whiten == Whitening::kChannel ? pmean_.data() + b * HW + j0 : nullptr;
+    const A* pr = P.whiten == Whitening::kChannel ? prstd_.data() + b * HW + j0 : nullptr;
     const A* ga = do_grad ? ga_.data() + b * HW + j0 : nullptr;
     double acc = 0.0;
     for (int64_t c = C - 1; c >= 0; --c) {  // backwards: the end of the chunk is the most recently read
@@ -670,9 +673,9 @@ class Level final : public LevelBase {
         Vec diff(A(0));
         if (read_t) {
           const Vec x = ld(tr + o, n);
-          if (P.whiten == 1) {
+          if (P.whiten == Whitening::kChannel) {
             diff = y - (x - ld(pm + o, n)) * ld(pr + o, n);
-          } else if (P.whiten == 2) {
+          } else if (P.whiten == Whitening::kSample) {
             diff = y - (x - smean) * srstd;
           } else {
             diff = y - x;
@@ -714,7 +717,7 @@ class Level final : public LevelBase {
       const T* sr = s_ + b * vs_.sb + j * vs_.shw;
       auto ld = [&](const T* p, int64_t v) { return v + 1 < nv ? load_acc(p + v * kW) : load_acc(p + v * kW, rem); };
       Vec vas(A(0)), vat(A(0)), vmse(A(0));
-      if (P.whiten == 1) {
+      if (P.whiten == Whitening::kChannel) {
         Vec vsum(A(0));
         for (int64_t v = 0; v < nv; ++v) {
           const Vec x = ld(tr, v);
@@ -741,7 +744,7 @@ class Level final : public LevelBase {
         pmean_[b * HW + j] = mean;
         prstd_[b * HW + j] = rstd;
         mse += hsum(vmse);
-      } else if (P.whiten == 0) {
+      } else if (P.whiten == Whitening::kNone) {
         for (int64_t v = 0; v < nv; ++v) {
           const Vec x = ld(tr, v);
           const Vec y = ld(sr, v);
@@ -807,10 +810,10 @@ class Level final : public LevelBase {
       T* gr = do_grad ? g_ + b * vg_.sb + j * vg_.shw : nullptr;
       const bool nt_row = use_nt && reinterpret_cast<uintptr_t>(gr) % sizeof(Vec) == 0;
       A mean = 0, rstd = 1;
-      if (P.whiten == 1) {
+      if (P.whiten == Whitening::kChannel) {
         mean = pmean_[b * HW + j];
         rstd = prstd_[b * HW + j];
-      } else if (P.whiten == 2) {
+      } else if (P.whiten == Whitening::kSample) {
         mean = smean_[b];
         rstd = srstd_[b];
       }
@@ -823,7 +826,7 @@ class Level final : public LevelBase {
         Vec diff(A(0));
         if (read_t) {
           const Vec x = n == kW ? load_acc(tr + v * kW) : load_acc(tr + v * kW, n);
-          diff = P.whiten == 0 ? y - x : y - (x - vmean) * vrstd;
+          diff = P.whiten == Whitening::kNone ? y - x : y - (x - vmean) * vrstd;
           if (mse_here) {
             const Vec d = keep_first(diff, n);
             vmse = vmse + d * d;
@@ -852,8 +855,8 @@ class Level final : public LevelBase {
   View vs_, vt_, vg_;
   // kHW passes walk a chunk row by row (c outer); a row segment is a few KiB, about one page, so the hardware
   // prefetcher retrains on every row. When a sample is larger than a core's L2 (it streams from L3 / DRAM), the
-  // next row's segment is prefetched into L2 while the current one is processed: measured 19-24 -> 17-18 ms for
-  // fwd_bwd of the ResNet-50 levels on one thread. Samples that fit in L2 measured slightly slower with it.
+  // next row's segment is prefetched into L2 while the current one is processed. Samples that fit in L2 do not
+  // benefit (they were slightly slower with it), hence the size threshold.
   const bool prefetch_ = int64_t(C) * HW * 2 * int64_t(sizeof(T)) > kPrefetchBytes;
   std::vector<A> as_, at_;        // attention maps sum_c |x|^p, [B*HW] (+ padding)
   std::vector<A> pmean_, prstd_;  // channel whitening statistics per position
@@ -979,8 +982,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
             L, " and ", teacher.size());
   DTK_CHECK(kOp, static_cast<int64_t>(level_coef.size()) == L, "level_coef must have one entry per level (", L,
             "), got ", level_coef.size());
-  DTK_CHECK(kOp, at_mode == 0 || at_mode == 1, "at_mode must be 0 (paper) or 1 (mean_sq), got ", at_mode);
-  DTK_CHECK(kOp, whiten >= 0 && whiten <= 2, "whiten must be 0 (none), 1 (channel) or 2 (sample), got ", whiten);
+  const AtMode at_m = to_mode<AtMode>(kOp, "at_mode", at_mode);
+  const Whitening wh = to_mode<Whitening>(kOp, "whiten", whiten);
   DTK_CHECK(kOp, std::isfinite(at_p) && at_p >= 1.0, "at_p must be a finite number >= 1, got ", at_p);
   DTK_CHECK(kOp, std::isfinite(eps) && eps >= 0.0, "eps must be a finite number >= 0, got ", eps);
   for (int64_t l = 0; l < L; ++l) {
@@ -1002,7 +1005,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
 
   const at::ScalarType out_dtype = student[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto out_opts = student[0].options().dtype(out_dtype);
-  Params P{whiten, at_mode, at_p, mse_weight, at_weight, eps, compute_grad, mse_weight != 0.0, at_weight != 0.0};
+  Params P{wh, at_m, at_p, mse_weight, at_weight, eps, compute_grad, mse_weight != 0.0, at_weight != 0.0};
 
   // Per level: pick the kernel layout, copy what does not fit it, allocate the gradient.
   std::vector<at::Tensor> keep;  // inputs / scratch tensors that must outlive the kernels
@@ -1074,7 +1077,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
     for (int64_t i = 0; i < n; ++i) cost[i] = (chunks[i].j1 - chunks[i].j0) * levels[chunks[i].level]->C;
     const std::vector<int64_t> bounds = partition(cost, at::get_num_threads());
     parallel_chunks(bounds, false, [&](int64_t i) { levels[chunks[i].level]->pass1(chunks[i], outs[i]); });
-    if (whiten == 2) {
+    if (wh == Whitening::kSample) {
       for (size_t k = 0; k < wave.size(); ++k) {
         const auto [l, b] = wave[k];
         double st = 0.0;
@@ -1128,7 +1131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
         const int64_t nc = static_cast<int64_t>(chunks.size());
         outs.assign(nc, ChunkOut{});
         for (int64_t i = 0; i < nc; ++i) lv.pass1(chunks[i], outs[i]);
-        if (whiten == 2) {
+        if (wh == Whitening::kSample) {
           double st = 0.0, sq = 0.0;
           for (int64_t i = 0; i < nc; ++i) st += outs[i].sum_t;
           const double cnt = double(lv.C) * double(lv.HW);
@@ -1152,9 +1155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t b = 0; b < levels[l]->B; ++b) items.emplace_back(l, b);
   }
-  // Many samples: independent samples (one parallel region, no barrier; on the shared 2-core target this was
-  // 13 / 20 ms vs 26 / 37 ms for fwd / fwd_bwd of the ResNet-50 levels, and waves had 10x outliers whenever a worker
-  // thread was descheduled at one of their barriers). Few samples: waves split each sample over the threads.
+  // Many samples: independent samples (one parallel region, no barrier: on a shared machine waves stall whenever a
+  // worker thread is descheduled at one of their barriers, and the independent schedule was much faster on the
+  // training shapes). Few samples: waves split each sample over the threads.
   if (static_cast<int64_t>(items.size()) >= 4 * at::get_num_threads()) {
     run_independent(items);
   } else {
@@ -1181,7 +1184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
       a += lv.at_b[b];
     }
     mse[l] = m / (double(lv.B) * double(lv.C) * double(lv.HW));
-    atv[l] = at_mode == 0 ? a / double(lv.B) : a / (double(lv.B) * double(lv.HW));
+    atv[l] = at_m == AtMode::kPaper ? a / double(lv.B) : a / (double(lv.B) * double(lv.HW));
     loss += level_coef[l] * (mse_weight * mse[l] + at_weight * atv[l]);
   }
   at::Tensor loss_t = at::empty({}, out_opts);
@@ -1208,14 +1211,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feat_los
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// feat_loss_eager: the eager CPU path with its autograd in C++.
+// The backward of the ops whose forward writes the student gradient (feat_loss; soft_ce with mean / sum).
 //
-// With a Python autograd.Function around the kernel, an eager fused_feat_loss forward + backward on tiny CPU inputs
-// costs ~100 us outside the kernel, part of it the engine calling back into Python. This op is the same kernel with
-// the same backward formula as dtkernels::feat_loss + its registered autograd, as a C++ autograd::Function
-// registered at the Autograd key, so neither direction re-enters Python (~84 us; most of the rest is the autograd
-// engine itself). The unit-gradient shortcut below is the CPU branch of _library._scale_grads, in C++. Used by dtkernels._library for plain eager CPU calls
-// only; traced calls (torch.compile, fake tensors) keep dtkernels::feat_loss.
+// scale_grads_cpu is the CPU kernel of dtkernels::scale_grads, which the registered ops' backward
+// (dtkernels._dispatch.scale_saved_grads) calls for plain eager CPU tensors, and the backward of FeatLossEager below:
+// one C++ formula, two ways of reaching it. Scale each saved gradient by the upstream gradient (a CPU scalar:
+// reading it is free); when it is exactly 1 (loss.backward()) the saved tensors are handed on without a multiply.
+std::vector<at::Tensor> scale_grads_cpu(at::TensorList grads, const at::Tensor& grad_out) {
+  DTK_CHECK("scale_grads", grad_out.numel() == 1, "grad_out must have one element, got shape ", grad_out.sizes());
+  const bool unit = grad_out.item<double>() == 1.0;
+  std::vector<at::Tensor> out;
+  out.reserve(grads.size());
+  for (const auto& g : grads) out.push_back(unit ? g : g * grad_out.to(g.scalar_type()));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// feat_loss_eager: another way of calling dtkernels::feat_loss for plain eager CPU calls, with the same autograd
+// formula as the op's registered one (backward = scale_grads_cpu) in a C++ autograd::Function registered at the
+// Autograd key, so neither direction re-enters Python. Defined in dtkernels/ops/feat_loss.py, which uses it only for
+// plain eager automatic-backend CPU calls (the per-call cost of a Python autograd.Function is a visible share of
+// the small levels; benchmarks/README.md); traced calls (torch.compile, fake tensors) keep dtkernels::feat_loss.
 struct FeatLossEager : public torch::autograd::Function<FeatLossEager> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList student,
                                                 at::TensorList teacher, at::ArrayRef<double> level_coef,
@@ -1240,9 +1256,8 @@ struct FeatLossEager : public torch::autograd::Function<FeatLossEager> {
     torch::autograd::variable_list out(2 * L + 8);
     const at::Tensor& g = grad_outputs[0];
     if (!g.defined()) return out;  // the loss did not contribute to what is differentiated
-    // Scale by the upstream gradient (a CPU scalar: reading it is free); skip the multiply when it is exactly 1.
-    const bool unit = g.numel() == 1 && g.item<double>() == 1.0;
-    for (int64_t l = 0; l < L; ++l) out[l] = unit ? grads[l] : grads[l] * g.to(grads[l].scalar_type());
+    std::vector<at::Tensor> scaled = scale_grads_cpu(grads, g);
+    for (int64_t l = 0; l < L; ++l) out[l] = scaled[l];
     return out;
   }
 };
@@ -1261,10 +1276,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feat_loss_eager_autograd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> feat_loss_eager_cpu(
     at::TensorList student, at::TensorList teacher, at::ArrayRef<double> level_coef, double mse_weight,
     double at_weight, double at_p, int64_t at_mode, int64_t whiten, double eps, bool compute_grad) {
+  (void)compute_grad;
   auto [loss, mse, at, grads] =
       feat_loss_cpu(student, teacher, level_coef, mse_weight, at_weight, at_p, at_mode, whiten, eps, false);
   (void)grads;
-  (void)compute_grad;
   return {loss, mse, at};
 }
 
@@ -1273,6 +1288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feat_loss_eager_cpu(
 TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {
   m.impl("feat_loss", &feat_loss_cpu);
   m.impl("feat_loss_eager", &feat_loss_eager_cpu);
+  m.impl("scale_grads", &scale_grads_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dtkernels, Autograd, m) { m.impl("feat_loss_eager", &feat_loss_eager_autograd); }

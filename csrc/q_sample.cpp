@@ -13,12 +13,12 @@
 // (r cos 2 pi u2, r sin 2 pi u2)). That is tl.randn4x, so a seed gives the same noise here and on CUDA (within
 // ~1e-6: compiled Triton rounds the uniforms and its float32 log / sin / cos slightly differently).
 //
-// Noise generation is the whole cost of the op: ~2 ns (7-8 cycles) per element on one Zen 4 core of integer and
-// transcendental math against 8 bytes of memory traffic per float32 element, so the op runs at ~20% of copy
-// bandwidth on 2 cores (and 4x faster than torch.randn_like plus the arithmetic).
+// Noise generation is the whole cost of the op: several cycles per element of integer and transcendental math
+// against 8 bytes of memory traffic per float32 element, so the op is compute-bound, well below copy bandwidth
+// (and still faster than torch.randn_like plus the arithmetic; benchmarks/README.md has the numbers).
 //   * Philox runs on blocks of kGroups counters at once, one 32-bit lane per counter (SoA: one vector per word),
-//     with AVX2 / AVX-512 intrinsics: lo = vpmulld, hi from two vpmuludq (2x faster than GCC's vectorization of the
-//     portable uint64 loops, which the DEFAULT build and the rare blocks whose low counter word wraps use).
+//     with AVX2 / AVX-512 intrinsics: lo = vpmulld, hi from two vpmuludq (GCC's vectorization of the portable
+//     uint64 loops is much slower; the DEFAULT build and the rare blocks whose low counter word wraps use those).
 //   * Box-Muller runs on at::vec::Vectorized<float> (Vectorized<double> for float64 x0, where the reference does the
 //     float part in double): sqrt exact, log and sin / cos from Sleef (the library at::vec uses). sin / cos of
 //     2 pi u2 are Sleef's sincospi(2 u2): 2 u2 is exact, so there is no rounded 2 pi u2 argument. float32 uses the
@@ -116,7 +116,7 @@ inline void philox_block_scalar(uint64_t g0, PhiloxKey key, uint32_t (&w)[4][kGr
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// Hand-vectorized Philox, twice as fast as what GCC makes of the loops above (measured on Zen 4, AVX2): per vector
+// Hand-vectorized Philox, much faster than what GCC makes of the loops above: per vector
 // of 32-bit lanes, lo = vpmulld, hi = the high halves of two vpmuludq (even lanes, odd lanes shifted down) blended.
 #if defined(CPU_CAPABILITY_AVX512)
 using IVec = __m512i;

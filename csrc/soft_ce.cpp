@@ -24,12 +24,12 @@
 //     rescaled sums, needs an extra exp per element for the rescale and recomputes both exps for the gradient,
 //     4 exps per element against 2 here; the tile is cache resident either way, so the memory traffic is the same.)
 //     While a tile computes, the next tile's rows of s and t and this tile's gradient rows are software-prefetched
-//     (on this CPU that made the kernel ~1.7x faster: the hardware prefetchers do not follow K short row streams).
+//     (the hardware prefetchers do not follow K short row streams, and without it the tile loop waits on memory).
 //   * Row path (classes contiguous, positions not: channels_last, [N, K] row-major) when K >= kMinRowClasses: one
 //     position at a time, vectorized over the K contiguous classes (a row is packed into a buffer the same way).
 //   * Anything else takes the position path, gathering the tensors whose positions are not contiguous element by
 //     element (in memory order) into the packed tile: channels_last / [N, K] with few classes (a row of 19 is too
-//     short to vectorize over: the gather is ~3x faster than the row path there), student and teacher in different
+//     short to vectorize over: the gather beats the row path there), student and teacher in different
 //     layouts, sliced views. Correct for any strides; no input is ever copied.
 // The gradient tensor is torch.empty_like(student); it is written through its own strides (vector stores when
 // contiguous along the vectorized axis, element by element otherwise).
@@ -678,31 +678,30 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_cpu(const at::Tensor& student, const 
                                                const std::optional<at::Tensor>& mask, double tau, double scale,
                                                int64_t reduction, bool compute_grad) {
   check_inputs(student, teacher, mask, tau, scale);
-  DTK_CHECK(kOp, reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-            reduction);
+  const Reduction red = to_mode<Reduction>(kOp, "reduction", reduction);
   const at::ScalarType acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = student.size(0), P = student.size(2);
   const at::Tensor m = (mask.has_value() && mask->defined()) ? as_compute(*mask, acc) : at::Tensor();
-  const bool grad = compute_grad && reduction != 0;
+  const bool grad = compute_grad && red != Reduction::kNone;
   at::Tensor g = grad ? at::empty_like(student) : at::Tensor();
   if (grad) advise_huge_pages(g);  // fresh large buffers: 2 MiB pages instead of a fault per 4 KiB (utils.h)
-  at::Tensor loss_map = reduction == 0 ? at::empty({B, P}, student.options().dtype(acc)) : at::Tensor();
-  at::Tensor loss = reduction == 0 ? loss_map : at::empty({}, student.options().dtype(acc));
+  at::Tensor loss_map = red == Reduction::kNone ? at::empty({B, P}, student.options().dtype(acc)) : at::Tensor();
+  at::Tensor loss = red == Reduction::kNone ? loss_map : at::empty({}, student.options().dtype(acc));
 
   // Mean: the gradient weight 1 / sum(mask) is needed before the gradient is written.
   double denom = 1.0;
-  if (reduction == 1) denom = m.defined() ? mask_sum(m) : static_cast<double>(B) * static_cast<double>(P);
+  if (red == Reduction::kMean) denom = m.defined() ? mask_sum(m) : static_cast<double>(B) * static_cast<double>(P);
 
   AT_DISPATCH_FLOATING_TYPES(acc, "soft_ce_cpu", [&] {
     using A = scalar_t;
     Problem<A> pr;
     fill_problem<A>(pr, student, teacher, m, g, tau, scale);
-    if (reduction == 1) pr.coef = denom != 0.0 ? static_cast<A>(scale / tau / denom) : A(0);
-    if (reduction == 0) pr.loss_map = loss_map.data_ptr<A>();
+    if (red == Reduction::kMean) pr.coef = denom != 0.0 ? static_cast<A>(scale / tau / denom) : A(0);
+    if (red == Reduction::kNone) pr.loss_map = loss_map.data_ptr<A>();
     const double total = run<A>(pr, student.scalar_type(), teacher.scalar_type());
-    if (reduction != 0) {
+    if (red != Reduction::kNone) {
       double value = total;
-      if (reduction == 1) value = denom != 0.0 ? total / denom : total * 0.0;
+      if (red == Reduction::kMean) value = denom != 0.0 ? total / denom : total * 0.0;
       loss.fill_(static_cast<A>(value));
     }
   });

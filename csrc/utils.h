@@ -51,6 +51,41 @@
 
 namespace dtkernels {
 
+// ---------------------------------------------------------------------------------------------------------------
+// Modes. The ops take them as int64 (a schema has no enum type); the values are those of dtkernels/modes.py, which
+// is where each name gets its number (tests/test_modes.py checks that these match it). Kernels compare the enums,
+// never the integers; to_mode() is the only conversion, and it rejects values outside the enum.
+// ---------------------------------------------------------------------------------------------------------------
+enum class Whitening : int64_t { kNone = 0, kChannel = 1, kSample = 2 };
+enum class AtMode : int64_t { kPaper = 0, kMeanSq = 1 };
+enum class Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+template <typename E>
+struct ModeInfo;
+template <>
+struct ModeInfo<Whitening> {
+  static constexpr Whitening kLast = Whitening::kSample;
+  static constexpr const char* kExpected = "Whitening (dtkernels.modes.Whitening: none, channel, sample)";
+};
+template <>
+struct ModeInfo<AtMode> {
+  static constexpr AtMode kLast = AtMode::kMeanSq;
+  static constexpr const char* kExpected = "AtMode (dtkernels.modes.AtMode: paper, mean_sq)";
+};
+template <>
+struct ModeInfo<Reduction> {
+  static constexpr Reduction kLast = Reduction::kSum;
+  static constexpr const char* kExpected = "Reduction (dtkernels.modes.Reduction: none, mean, sum)";
+};
+
+// The enum member with value `value`; `op` and `what` name the op and the argument in the error.
+template <typename E>
+inline E to_mode(const char* op, const char* what, int64_t value) {
+  DTK_CHECK(op, value >= 0 && value <= static_cast<int64_t>(ModeInfo<E>::kLast), what, " must be a ",
+            ModeInfo<E>::kExpected, " value, got ", value);
+  return static_cast<E>(value);
+}
+
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -155,7 +190,7 @@ inline void stream_fence() {
 
 // Ask the kernel to back a freshly allocated output buffer with transparent huge pages before its first touch.
 // Large buffers (the r50 gradient is 63 MB) come straight from mmap, so every call pays one page fault per 4 KiB page
-// on first write: measured ~12 ms of the 34 ms single-thread fwd_bwd of the ResNet-50 levels on the target VM. With
+// on first write, a sizeable share of a single-thread fwd_bwd of the ResNet-50 levels. With
 // THP in "madvise" or "always" mode the 2 MiB-aligned interior of the buffer faults in 2 MiB pages instead; with THP
 // off (or on non-Linux systems) this is a no-op. Memory that glibc recycles (already faulted in) is unaffected apart
 // from khugepaged being allowed to collapse it later. Only for buffers of at least kHugeAdviseBytes.

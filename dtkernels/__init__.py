@@ -4,8 +4,8 @@ CPU tensors run C++ kernels (``dtkernels._C``), CUDA tensors run Triton kernels,
 reference in :mod:`dtkernels.reference`. :func:`backends` says which are available here and why not.
 """
 
-from . import reference
-from ._library import backends, get_backend, set_backend, use_backend
+from . import modes, reference
+from ._dispatch import backends, get_backend, set_backend, use_backend
 from .functional import FeatLossParts, at_loss, attention_map, fused_feat_loss, ln_mse_loss, q_sample, soft_ce
 from .modules import FusedFeatLoss, SoftCrossEntropy
 
@@ -24,5 +24,6 @@ __all__ = [
     "set_backend",
     "use_backend",
     "reference",
+    "modes",
 ]
 __version__ = "0.1.0"

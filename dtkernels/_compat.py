@@ -31,8 +31,8 @@ logger = logging.getLogger("dtkernels")
 PRIVATE_APIS: dict[str, str] = {
     "torch._C._AutoDispatchBelowAutograd": (
         "context manager: call an op's kernels below the Autograd key, from the eager autograd.Function around the "
-        "dispatcher (dtkernels._library._below_autograd); the public alternative, register_autograd's wrapper, is "
-        "the per-call Python cost the fast path avoids"),
+        "dispatcher (dtkernels._dispatch.Op.impl('dispatch')); the public alternative, register_autograd's wrapper, "
+        "is the per-call Python cost the fast path avoids"),
     "torch._C._dispatch_has_kernel_for_dispatch_key": (
         "whether the C++ library registered a kernel of a dtkernels op for a dispatch key (CPU, Autograd)"),
     "torch.utils._python_dispatch._get_current_dispatch_mode": (

@@ -12,13 +12,15 @@ from typing import NamedTuple
 
 import torch
 
-from . import _library, reference
+from . import _dispatch, reference
+from .modes import AtMode, Reduction, Whitening
+from .ops import feat_loss as _feat_loss_op
+from .ops import q_sample as _q_sample_op
+from .ops import soft_ce as _soft_ce_op
 
 __all__ = ["FeatLossParts", "fused_feat_loss", "ln_mse_loss", "at_loss", "attention_map", "soft_ce", "q_sample"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_WHITEN_CODES = {None: 0, "channel": 1, "sample": 2}
-_AT_CODES = {"paper": 0, "mean_sq": 1}
 
 
 class FeatLossParts(NamedTuple):
@@ -79,16 +81,12 @@ def _check_number(value: object, name: str, *, minimum: float | None = None, str
     return value
 
 
-def _whiten_code(whiten: str | None) -> int:
-    if whiten not in _WHITEN_CODES:
-        raise ValueError(f"whiten: expected one of 'channel', 'sample' or None, got {whiten!r}")
-    return _WHITEN_CODES[whiten]
+def _whiten_code(whiten: str | None) -> Whitening:
+    return Whitening.from_arg(whiten)
 
 
-def _at_code(at_mode: str) -> int:
-    if at_mode not in _AT_CODES:
-        raise ValueError(f"at_mode: expected 'paper' or 'mean_sq', got {at_mode!r}")
-    return _AT_CODES[at_mode]
+def _at_code(at_mode: str) -> AtMode:
+    return AtMode.from_arg(at_mode)
 
 
 def _level_coefficients(level_weights: Sequence[float] | torch.Tensor | None, n: int) -> list[float]:
@@ -152,8 +150,8 @@ def fused_feat_loss(student: Sequence[torch.Tensor] | torch.Tensor, teacher: Seq
     at_p = _check_number(at_p, "at_p", minimum=1.0)
     eps = _check_number(eps, "eps", minimum=0.0, strict=True)
     coef = _level_coefficients(level_weights, len(student))
-    loss, mse, at = _library.feat_loss(student, [t.detach() for t in teacher], coef, mse_weight, at_weight, at_p,
-                                       _at_code(at_mode), _whiten_code(whiten), eps, _needs_grad(student))
+    loss, mse, at = _feat_loss_op.feat_loss(student, [t.detach() for t in teacher], coef, mse_weight, at_weight,
+                                            at_p, _at_code(at_mode), _whiten_code(whiten), eps, _needs_grad(student))
     if return_parts:
         return FeatLossParts(loss, mse.detach(), at.detach())
     return loss
@@ -181,7 +179,7 @@ def attention_map(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return reference.attention_map(x, p)
 
 
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_REDUCTIONS = Reduction.args()
 
 
 def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float = 4.0, dim: int = 1,
@@ -224,8 +222,7 @@ def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: 
         raise ValueError(f"dim: expected an integer in [{-ndim}, {ndim - 1}] for {ndim}-D logits, got {dim!r}")
     dim = dim % ndim
     tau = _check_number(tau, "tau", minimum=0.0, strict=True)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    reduction_mode = Reduction.from_arg(reduction)
     if student_logits.numel() == 0:
         raise ValueError(f"student_logits: expected a non-empty tensor, got shape {tuple(student_logits.shape)}")
 
@@ -252,8 +249,8 @@ def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: 
         m = mask.reshape(s.shape[0], s.shape[2]).to(reference.compute_dtype(student_logits))
     scale = tau * tau if scale_by_tau_sq else 1.0
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss = _library.soft_ce(s, t, m, tau, scale, _REDUCTIONS[reduction], compute_grad)
-    if reduction == "none":
+    loss = _soft_ce_op.soft_ce(s, t, m, tau, scale, reduction_mode, compute_grad)
+    if reduction_mode == Reduction.NONE:
         return loss.reshape(pos_shape)
     return loss
 
@@ -303,7 +300,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, no
             raise ValueError(f"noise: expected the device of x0 ({x0.device}), got {noise.device}")
     if t.device != x0.device and t.device.type != "cpu":
         raise ValueError(f"t: expected the device of x0 ({x0.device}) or the CPU, got {t.device}")
-    if _library._is_plain_eager(t) and _library._is_plain_eager(alphas_cumprod):
+    if _dispatch.is_plain_eager(t) and _dispatch.is_plain_eager(alphas_cumprod):
         # Value checks read the data (a sync on CUDA); skipped while tracing, where they cannot run.
         n_steps = alphas_cumprod.numel()
         t_min, t_max = int(t.min()), int(t.max())
@@ -320,7 +317,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, no
     if seed >= 2**63:
         seed -= 2**64  # the op's int is signed 64-bit; kernels reinterpret it as unsigned
     alphas = alphas_cumprod.to(x0.device)
-    x_t, eps = _library.q_sample(x0, t.to(x0.device), alphas, noise, seed, bool(return_noise))
+    x_t, eps = _q_sample_op.q_sample(x0, t.to(x0.device), alphas, noise, seed, bool(return_noise))
     if return_noise:
         return x_t, (noise if noise is not None else eps)
     return x_t

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from .modes import Reduction
 
 __all__ = ["FusedFeatLoss", "SoftCrossEntropy"]
 
@@ -55,8 +56,7 @@ class SoftCrossEntropy(nn.Module):
                  reduction: str = "mean") -> None:
         super().__init__()
         F._check_number(tau, "tau", minimum=0.0, strict=True)
-        if reduction not in F._REDUCTIONS:
-            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+        Reduction.from_arg(reduction)
         self.tau, self.dim, self.scale_by_tau_sq, self.reduction = float(tau), dim, scale_by_tau_sq, reduction
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,

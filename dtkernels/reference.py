@@ -39,6 +39,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .modes import AtMode, Reduction, Whitening
+
 __all__ = [
     "AT_NORM_EPS",
     "WHITEN_MODES",
@@ -51,6 +53,7 @@ __all__ = [
     "fused_feat_loss",
     "feat_loss_level_grad",
     "feat_loss_op",
+    "scale_grads_op",
     "SOFT_CE_REDUCTIONS",
     "soft_ce",
     "soft_ce_op",
@@ -63,8 +66,8 @@ __all__ = [
 
 #: Lower bound on the L2 norm of an attention map, as in ``torch.nn.functional.normalize``.
 AT_NORM_EPS = 1e-12
-WHITEN_MODES = ("channel", "sample", None)
-AT_MODES = ("paper", "mean_sq")
+WHITEN_MODES = (Whitening.CHANNEL.arg, Whitening.SAMPLE.arg, Whitening.NONE.arg)
+AT_MODES = AtMode.args()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -151,10 +154,6 @@ def fused_feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Ten
     return loss, torch.stack(mse_parts), torch.stack(at_parts)
 
 
-_WHITEN_CODES = {0: None, 1: "channel", 2: "sample"}
-_AT_CODES = {0: "paper", 1: "mean_sq"}
-
-
 def feat_loss_level_grad(s: torch.Tensor, t: torch.Tensor, coef: float, mse_weight: float, at_weight: float,
                          at_p: float, at_mode: str, whiten_mode: str | None, eps: float) -> torch.Tensor:
     """Analytic ``d loss / d s`` of one level (the formulas in the module docstring), in the compute dtype.
@@ -197,8 +196,8 @@ def feat_loss_op(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor
 
     Args:
         level_coef: ``w_l / sum(w)`` per level (already normalized by the caller).
-        at_mode: 0 = ``"paper"``, 1 = ``"mean_sq"``.
-        whiten: 0 = none, 1 = ``"channel"``, 2 = ``"sample"``.
+        at_mode: an :class:`~dtkernels.modes.AtMode` value.
+        whiten: a :class:`~dtkernels.modes.Whitening` value.
         compute_grad: also return ``d loss / d student`` for ``grad_output == 1``.
 
     Returns:
@@ -206,8 +205,8 @@ def feat_loss_op(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor
         float64), and the per-level student gradients, each with the dtype and layout of
         ``torch.empty_like(student[l])`` (an empty list when ``compute_grad`` is false).
     """
-    whiten_mode = _WHITEN_CODES[whiten]
-    mode = _AT_CODES[at_mode]
+    whiten_mode = Whitening(whiten).arg
+    mode = AtMode(at_mode).arg
     out_dtype = compute_dtype(student[0])
     loss = torch.zeros((), dtype=out_dtype, device=student[0].device)
     mse_parts, at_parts, grads = [], [], []
@@ -223,6 +222,13 @@ def feat_loss_op(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor
                 g.copy_(feat_loss_level_grad(s, t, c, mse_weight, at_weight, at_p, mode, whiten_mode, eps))
                 grads.append(g)
     return loss, torch.stack(mse_parts), torch.stack(at_parts), grads
+
+
+def scale_grads_op(grads: Sequence[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """Reference of ``dtkernels::scale_grads``, the backward of the ops whose forward writes the student gradient
+    for ``grad_output == 1`` (``feat_loss``; ``soft_ce`` with mean/sum): each gradient times the 0-dim upstream
+    gradient, in the gradient's dtype."""
+    return [g * grad_out.to(g.dtype) for g in grads]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,7 +249,7 @@ def feat_loss_op(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor
 # Canonical layout used by the op: ``[B, K, P]`` with any strides (class axis 1, positions flattened), mask
 # ``[B, P]`` float or None.
 
-SOFT_CE_REDUCTIONS = ("none", "mean", "sum")
+SOFT_CE_REDUCTIONS = Reduction.args()
 
 
 def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 4.0, dim: int = 1,
@@ -286,9 +292,6 @@ def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: flo
     raise ValueError(f"reduction: expected one of {SOFT_CE_REDUCTIONS}, got {reduction!r}")
 
 
-_REDUCTION_CODES = {0: "none", 1: "mean", 2: "sum"}
-
-
 def soft_ce_op(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, tau: float, scale: float,
                reduction: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of the ``dtkernels::soft_ce`` op on canonical ``[B, K, P]`` inputs.
@@ -297,7 +300,7 @@ def soft_ce_op(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
         student, teacher: ``[B, K, P]`` logits (any strides; dtypes may differ).
         mask: ``[B, P]`` float weights, or None.
         scale: 1 or ``tau**2``.
-        reduction: 0 = none, 1 = mean, 2 = sum.
+        reduction: a :class:`~dtkernels.modes.Reduction` value.
         compute_grad: for ``mean``/``sum``, also return ``d loss / d student`` for ``grad_output == 1``.
 
     Returns:
@@ -306,13 +309,14 @@ def soft_ce_op(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
     """
     dt = compute_dtype(student)
     with torch.no_grad():
-        loss = soft_ce(student, teacher, tau, 1, False, _REDUCTION_CODES[reduction], mask) * scale
-        if not compute_grad or reduction == 0:
+        reduction = Reduction(reduction)
+        loss = soft_ce(student, teacher, tau, 1, False, reduction.arg, mask) * scale
+        if not compute_grad or reduction == Reduction.NONE:
             return loss.to(dt), student.new_empty((0,))
         weights = torch.ones(student.shape[0], student.shape[2], dtype=dt, device=student.device)
         if mask is not None:
             weights = mask.to(dt)
-        if reduction == 1:
+        if reduction == Reduction.MEAN:
             denom = weights.sum()
             weights = weights / denom if float(denom) != 0 else torch.zeros_like(weights)
         grad = torch.empty_like(student)

@@ -46,10 +46,15 @@ def test_auto_dispatch_below_autograd_skips_autograd():
 def test_has_kernel_for_dispatch_key():
     name = "torch._C._dispatch_has_kernel_for_dispatch_key"
     assert _compat.has_kernel_for_dispatch_key("aten::add.Tensor", "CPU") is True, name
-    assert _compat.has_kernel_for_dispatch_key("dtkernels::feat_loss_eager", "CUDA") is False, name
+    # soft_ce_backward is only called from soft_ce's backward: it has no autograd formula of its own.
+    assert _compat.has_kernel_for_dispatch_key("dtkernels::soft_ce_backward", "Autograd") is False, name
+    assert _compat.has_kernel_for_dispatch_key("dtkernels::feat_loss", "Autograd") is True, name
     cpp = dtkernels.backends()["cpp"]["available"]
     assert _compat.has_kernel_for_dispatch_key("dtkernels::feat_loss", "CPU") is cpp, name
+    assert _compat.has_kernel_for_dispatch_key("dtkernels::q_sample", "CPU") is cpp, name
+    assert _compat.has_kernel_for_dispatch_key("dtkernels::scale_grads", "CPU") is cpp, name
     assert _compat.has_kernel_for_dispatch_key("dtkernels::feat_loss_eager", "Autograd") is cpp, name
+    assert _compat.has_kernel_for_dispatch_key("dtkernels::feat_loss_eager", "CUDA") is False, name
 
 
 def test_current_dispatch_mode_sees_an_active_mode():

@@ -18,10 +18,11 @@ from helpers import LAYOUTS, assert_close_rule, make_levels, max_err, poison_all
 
 import dtkernels
 from dtkernels import reference
+from dtkernels.modes import AtMode, Whitening
 
 CPP_SKIPPED_ON_PURPOSE = os.environ.get("DTKERNELS_BUILD_CPP") == "0"
-WHITEN = {"channel": 1, "sample": 2, None: 0}
-AT = {"paper": 0, "mean_sq": 1}
+WHITEN = {w.arg: w for w in Whitening}  # public name -> the op's mode
+AT = {m.arg: m for m in AtMode}
 
 R50_SMALL = [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
 ODD = [(1, 1, 1, 1), (2, 3, 7, 9), (1, 77, 7, 9), (3, 257, 3, 5)]
@@ -110,7 +111,7 @@ def test_forward_without_gradient(backend, whiten, dtype, layout):
     shapes = [(2, 77, 7, 9), (1, 1, 1, 1), (3, 40, 13, 11), (1, 129, 33, 35)]
     student = make_levels(shapes, dtype, layout, scale=0.7, shift=0.2)
     teacher = make_levels(shapes, dtype, layout, scale=2.0, shift=-0.6)
-    code_args = ([0.25] * 4, 1.0, 10.0, 2.0, 0, WHITEN[whiten], 1e-5)
+    code_args = ([0.25] * 4, 1.0, 10.0, 2.0, AtMode.PAPER, WHITEN[whiten], 1e-5)
     ref64 = reference.feat_loss_op([s.double() for s in student], [t.double() for t in teacher], *code_args, False)
     ref_lp = reference.feat_loss_op(student, teacher, *code_args, False)
     out = dtkernels.fused_feat_loss(student, teacher, whiten=whiten, return_parts=True)
@@ -434,14 +435,33 @@ def test_compile_fullgraph_matches_eager():
 
 def test_eager_calls_skip_the_generic_autograd_wrapper_and_traced_calls_keep_the_op():
     """Eager automatic-backend CPU calls run dtkernels::feat_loss_eager, whose autograd is a C++ autograd::Function
-    (no Python in forward or backward); traced calls must still put the registered op (with its register_autograd
-    formula) in the graph."""
+    (its backward is scale_grads_cpu, the CPU kernel of dtkernels::scale_grads that the registered backward calls);
+    forced backends run the kernel in the one eager autograd.Function, which calls the op's own registered
+    setup_context and backward (no second copy of the formula); traced calls must still put the registered op (with
+    its register_autograd formula) in the graph."""
+    from dtkernels.ops import feat_loss as feat_loss_op
+
     student = [s.requires_grad_() for s in make_levels(R50_SMALL[:2])]
     teacher = make_levels(R50_SMALL[:2], shift=0.5)
     loss = dtkernels.fused_feat_loss(student, teacher)
     assert "FeatLossEager" in loss.grad_fn.name()
-    with dtkernels.use_backend("cpp"):  # a forced backend: the Python autograd.Function around the kernel
-        assert type(dtkernels.fused_feat_loss(student, teacher).grad_fn).__name__ == "_FeatLossFunctionBackward"
+    loss.backward()
+    want = [s.grad for s in student]
+    for s in student:
+        s.grad = None
+    calls = []
+    real_backward = feat_loss_op.OP.backward
+    feat_loss_op.OP.backward = lambda *a: calls.append(1) or real_backward(*a)
+    try:
+        with dtkernels.use_backend("cpp"):
+            loss = dtkernels.fused_feat_loss(student, teacher)
+            assert type(loss.grad_fn).__name__ == "_EagerFunctionBackward"
+            loss.backward()
+    finally:
+        feat_loss_op.OP.backward = real_backward
+    assert len(calls) == 1  # the forced backend went through the op's one backward
+    for s, w in zip(student, want):
+        assert torch.equal(s.grad, w)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode()

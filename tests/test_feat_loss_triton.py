@@ -14,21 +14,21 @@ from helpers import assert_close_rule, make_levels, max_err, poison_allocator
 
 import dtkernels
 from dtkernels import reference
-from dtkernels.triton.feat_loss import feat_loss
-from dtkernels.triton.utils import SHIPPED_CONFIGS, scale_
+from dtkernels.modes import AtMode, Whitening
+from dtkernels.triton.feat_loss import SHIPPED_CONFIGS, feat_loss, scale_
 
 pytestmark = [pytest.mark.interpret,
               pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")]
 
 # C = 1, 3, 77, 257; H x W = 1x1, 7x9, 11x13 (several position tiles); batch 1 and 2.
 SHAPES = [(2, 3, 7, 9), (1, 257, 2, 3), (2, 1, 1, 1), (1, 77, 11, 13)]
-WHITEN = (0, 1, 2)
-AT_MODES = (0, 1)
+WHITEN = tuple(Whitening)
+AT_MODES = tuple(AtMode)
 PS = (1.0, 2.0, 3.0)
 
 
-def _run(student, teacher, coefs=None, *, mse_weight=0.7, at_weight=3.0, p=2.0, at_mode=0, whiten=1, eps=1e-5,
-         grad=True):
+def _run(student, teacher, coefs=None, *, mse_weight=0.7, at_weight=3.0, p=2.0, at_mode=AtMode.PAPER,
+         whiten=Whitening.CHANNEL, eps=1e-5, grad=True):
     coefs = coefs or [1.0 / len(student)] * len(student)
     args = (coefs, mse_weight, at_weight, p, at_mode, whiten, eps, grad)
     poison_allocator(student)
@@ -109,7 +109,7 @@ def test_zero_attention_maps():
     teacher[0][0].zero_()
     student[0][1].zero_()
     for at_mode, p in itertools.product(AT_MODES, PS):
-        got, _, ref = _run(student, teacher, p=p, at_mode=at_mode, whiten=2)
+        got, _, ref = _run(student, teacher, p=p, at_mode=at_mode, whiten=Whitening.SAMPLE)
         for g, r in zip([*got[:3], *got[3]], [*ref[:3], *ref[3]]):
             assert not g.isnan().any()
             assert max_err(g, r) <= 1e-10 * max(float(r.abs().max()), 1.0)
@@ -169,7 +169,7 @@ def test_nan_inf_propagate(value, where, at_mode):
     student = make_levels([(2, 3, 3, 4)], torch.float32)
     teacher = make_levels([(2, 3, 3, 4)], torch.float32)
     (student if where == "student" else teacher)[0][1, 2, 1, 1] = value
-    got, ref, _ = _run(student, teacher, whiten=1, at_mode=at_mode)
+    got, ref, _ = _run(student, teacher, whiten=Whitening.CHANNEL, at_mode=at_mode)
     for g, r in zip([*got[:3], *got[3]], [*ref[:3], *ref[3]]):
         assert torch.equal(g.isnan(), r.isnan())
         assert torch.equal(g.isinf(), r.isinf())

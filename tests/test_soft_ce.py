@@ -10,6 +10,7 @@ from helpers import ATOL, assert_close_rule, max_err, poison_allocator
 
 import dtkernels
 from dtkernels import reference
+from dtkernels.modes import Reduction
 
 CPP_SKIPPED_ON_PURPOSE = os.environ.get("DTKERNELS_BUILD_CPP") == "0"
 
@@ -190,7 +191,7 @@ def test_module(backend):
     assert max_err(crit(s, t), dtkernels.soft_ce(s, t, tau=2.0, reduction="sum")) == 0.0
 
 
-@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("reduction", list(Reduction))
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_opcheck(reduction, with_mask):
     s = torch.randn(2, 7, 12, requires_grad=True)

@@ -13,6 +13,7 @@ from helpers import assert_close_rule, max_err, poison_allocator
 
 import dtkernels
 from dtkernels import reference
+from dtkernels.modes import Reduction
 from dtkernels.triton import soft_ce as sc
 
 # NaN inputs, and the unselected branch of a where() at all-masked positions, make numpy warn inside the interpreter.
@@ -90,7 +91,7 @@ def op_case(s, t, mask, reduction, *, tau=4.0, scale=1.0, rtol=1e-10):
     ref_loss, ref_grad = reference.soft_ce_op(s, t, mask, tau, scale, reduction, True)
     assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
     assert max_err(loss, ref_loss) <= rtol * max(float(ref_loss.abs().max()), 1.0)
-    if reduction == 0:
+    if reduction == Reduction.NONE:
         assert grad.shape == (0,)
         gl = torch.randn(s.shape[0], s.shape[2], dtype=s.dtype)
         grad = sc.soft_ce_backward(s, t, mask, gl, tau, scale)
@@ -118,10 +119,10 @@ def test_float64_classes_reductions_masks(k, layout):
     assert layout_name == ("nchw" if layout == "contiguous" or k == 1 else "channels_last")
     assert k > 32 or s.shape[2] > block_p
     mask = torch.rand(shape[0], s.shape[2], dtype=torch.float64) * (torch.rand(shape[0], s.shape[2]) > 0.3)
-    for reduction in (0, 1, 2):
-        if k <= 32 or reduction != 1:
+    for reduction in Reduction:
+        if k <= 32 or reduction != Reduction.MEAN:
             op_case(s, t, mask, reduction, tau=2.0, scale=4.0)
-        if k <= 32 or reduction == 1:
+        if k <= 32 or reduction == Reduction.MEAN:
             op_case(s, t, None, reduction)
 
 
@@ -129,15 +130,15 @@ def test_float64_rows_and_strided_views():
     """[N, K] rows (class stride 1), a column-sliced [N, 2K][:, ::2] (no unit stride) and a teacher in another
     layout than the student."""
     rows = logits((37, 19), torch.float64, dim=1)
-    op_case(canonical(rows), canonical(logits((37, 19), torch.float64)), None, 1)
+    op_case(canonical(rows), canonical(logits((37, 19), torch.float64)), None, Reduction.MEAN)
     sliced = logits((37, 19), torch.float64, "sliced")
     assert sliced.stride() == (39, 2)
     s = canonical(sliced)
-    op_case(s, canonical(logits((37, 19), torch.float64)), torch.rand(1, 37, dtype=torch.float64), 0)
+    op_case(s, canonical(logits((37, 19), torch.float64)), torch.rand(1, 37, dtype=torch.float64), Reduction.NONE)
     nchw = canonical(logits((2, 7, 5, 6), torch.float64))
     cl = canonical(logits((2, 7, 5, 6), torch.float64, "channels_last"))
-    op_case(nchw, cl, None, 2)
-    op_case(cl, nchw, None, 1)
+    op_case(nchw, cl, None, Reduction.SUM)
+    op_case(cl, nchw, None, Reduction.MEAN)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,8 +235,8 @@ def test_extreme_logits(layout):
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     # Teacher = student: large logits, small losses (the reference computes them as sum pt * (lse - s)).
     s64 = canonical(s.double())
-    loss, _ = sc.soft_ce(canonical(s), canonical(s), None, 4.0, 1.0, 0, False)
-    ref, _ = reference.soft_ce_op(s64, s64, None, 4.0, 1.0, 0, False)
+    loss, _ = sc.soft_ce(canonical(s), canonical(s), None, 4.0, 1.0, Reduction.NONE, False)
+    ref, _ = reference.soft_ce_op(s64, s64, None, 4.0, 1.0, Reduction.NONE, False)
     assert max_err(loss, ref) <= 1e-5 * max(float(ref.abs().max()), 1.0)
 
 
@@ -258,18 +259,18 @@ def test_gradcheck_float64():
 
 def test_no_grad_returns_empty_gradient():
     s, t = canonical(logits((2, 7, 3, 3))), canonical(logits((2, 7, 3, 3)))
-    for reduction in (0, 1, 2):
+    for reduction in Reduction:
         loss, grad = sc.soft_ce(s, t, None, 4.0, 1.0, reduction, False)
         assert grad.shape == (0,)
-        assert loss.shape == ((2, 9) if reduction == 0 else ())
+        assert loss.shape == ((2, 9) if reduction == Reduction.NONE else ())
 
 
 def test_deterministic():
     s = canonical(logits((2, 40, 23, 25)))
     t = canonical(logits((2, 40, 23, 25)))
     m = torch.rand(2, s.shape[2])
-    a = sc.soft_ce(s, t, m, 4.0, 1.0, 1, True)
-    b = sc.soft_ce(s, t, m, 4.0, 1.0, 1, True)
+    a = sc.soft_ce(s, t, m, 4.0, 1.0, Reduction.MEAN, True)
+    b = sc.soft_ce(s, t, m, 4.0, 1.0, Reduction.MEAN, True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 

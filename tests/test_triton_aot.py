@@ -26,6 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["feat_loss", "soft_ce", "q_sample"]
 
 
+def test_modules_match_aot():
+    """The list above is every Triton module with shipped configurations (dtkernels.triton.aot.MODULES)."""
+    from dtkernels.triton.aot import MODULES as AOT_MODULES
+
+    assert sorted(MODULES) == sorted(AOT_MODULES)
+
+
 @pytest.fixture(scope="module", params=MODULES)
 def module(request):
     return request.param
@@ -55,10 +62,7 @@ def _shipped(module):
     # SHIPPED_CONFIGS is plain data; importing it under the interpreter is fine.
     from dtkernels.triton.aot import _config_label
 
-    if module == "feat_loss":  # feat_loss keeps its list (with scale_'s) in utils
-        from dtkernels.triton.utils import SHIPPED_CONFIGS as configs
-    else:
-        configs = importlib.import_module(f"dtkernels.triton.{module}").SHIPPED_CONFIGS
+    configs = importlib.import_module(f"dtkernels.triton.{module}").SHIPPED_CONFIGS  # each op's list, by its kernels
     return [(c["kernel"], _config_label(c)) for c in configs]
 
 

@@ -1,19 +1,19 @@
 """Ahead-of-time GPU compile check of every shipped Triton kernel configuration (no GPU needed).
 
-``python -m dtkernels.triton.aot`` compiles each entry of :data:`dtkernels.triton.utils.SHIPPED_CONFIGS` for sm_80
-and sm_90 with ``triton.compile``, runs the ``ptxas`` bundled with Triton (``-v``) on the PTX, and prints a JSON list
-of ``{kernel, config, arch, registers, spill_stores, spill_loads, shared_mem, ...}``. For the tile kernels it also
-counts the vector global loads in the PTX (``ld.global.v4`` / ``.v2``), which shows whether the unit-stride axis
-(HW for NCHW, C for channels_last) is loaded 128 bits at a time.
+``python -m dtkernels.triton.aot --module feat_loss`` compiles each entry of that module's ``SHIPPED_CONFIGS`` for
+sm_80 and sm_90 with ``triton.compile``, runs the ``ptxas`` bundled with Triton (``-v``) on the PTX, and prints a
+JSON list of ``{kernel, config, arch, registers, spill_stores, spill_loads, shared_mem, ...}``. It also counts the
+vector global loads in the PTX (``ld.global.v4`` / ``.v2``), which shows whether the unit-stride axis (HW for NCHW,
+C for channels_last) is loaded 128 bits at a time.
 
-Signatures mirror what the JIT specializes at run time for a typical aligned DreamTeacher level (pointers 16-byte
-aligned, shapes and non-unit strides divisible by 16, the unit stride a constant 1); ``TRITON_INTERPRET`` must be
-unset (interpreted kernels cannot be compiled).
+This module is only the compile machinery. Each op's Triton module (``dtkernels.triton.<op>``, see
+:data:`MODULES`) lists its configurations in ``SHIPPED_CONFIGS`` and gives each one's argument types with
+``aot_source_args(cfg) -> (fn, signature, constexprs, attrs)`` (:func:`signature_from_kinds` builds them from a
+table of argument kinds). Signatures mirror what the JIT specializes at run time for aligned inputs;
+``TRITON_INTERPRET`` must be unset (interpreted kernels cannot be compiled).
 
 Options: ``--arch 80 90`` (default both), ``--jobs N`` (parallel compiles, default the CPU count), ``--kernel NAME``,
-``--module feat_loss`` (default: the feat_loss kernels and ``scale_``, whose configurations are
-``dtkernels.triton.utils.SHIPPED_CONFIGS``; any other ``dtkernels.triton.<module>`` that exports ``SHIPPED_CONFIGS``
-and ``aot_source_args(cfg) -> (fn, signature, constexprs, attrs)`` can be named instead, e.g. ``soft_ce``).
+``--module NAME`` (one of :data:`MODULES`; default ``feat_loss``).
 """
 
 from __future__ import annotations
@@ -28,58 +28,28 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["ARCHES", "signature_of", "compile_config", "main"]
+__all__ = ["ARCHES", "MODULES", "signature_from_kinds", "compile_config", "main"]
 
 ARCHES = (80, 90)
+#: The Triton modules with shipped configurations (one per op).
+MODULES = ("feat_loss", "soft_ce", "q_sample")
 
-#: Per kernel: the argument names in order with their kind. ``ptr:<role>`` pointer (role "in": input dtype, "cdt":
-#: compute dtype, "out": the config's out_dtype); ``stride:<layout axis>``: a stride of a [B, C, HW] view;
-#: ``i32``: an int argument (shape, count), ``i32d``: an int argument divisible by 16; ``fp64``: an annotated float.
-_ARGS = {
-    "_sample_stats_partial_kernel": [
-        ("T_ptr", "ptr:in"), ("stride_tb", "stride:b"), ("stride_tc", "stride:c"), ("stride_thw", "stride:hw"),
-        ("PMEAN_ptr", "ptr:cdt"), ("PM2_ptr", "ptr:cdt"), ("C", "i32d"), ("HW", "i32d"), ("n_tiles", "i32d")],
-    "_sample_stats_kernel": [
-        ("PMEAN_ptr", "ptr:in"), ("PM2_ptr", "ptr:in"), ("MEAN_ptr", "ptr:in"), ("RSTD_ptr", "ptr:in"),
-        ("C", "i32d"), ("HW", "i32d"), ("n_tiles", "i32d"), ("tile_hw", "i32d"), ("eps", "fp64")],
-    "_feat_loss_fwd_kernel": [
-        ("S_ptr", "ptr:in"), ("stride_sb", "stride:b"), ("stride_sc", "stride:c"), ("stride_shw", "stride:hw"),
-        ("T_ptr", "ptr:in"), ("stride_tb", "stride:b"), ("stride_tc", "stride:c"), ("stride_thw", "stride:hw"),
-        ("AS_ptr", "ptr:cdt"), ("AT_ptr", "ptr:cdt"), ("MSE_ptr", "ptr:cdt"), ("MEAN_ptr", "ptr:cdt"),
-        ("RSTD_ptr", "ptr:cdt"), ("C", "i32d"), ("HW", "i32d"), ("n_tiles", "i32d"), ("p", "fp64"), ("eps", "fp64")],
-    "_feat_loss_at_kernel": [
-        ("AS_ptr", "ptr:in"), ("AT_ptr", "ptr:in"), ("GA_ptr", "ptr:in"), ("ATB_ptr", "ptr:in"), ("HW", "i32d"),
-        ("at_norm", "fp64"), ("g_scale", "fp64"), ("at_eps", "fp64"), ("tiny", "fp64")],
-    "_feat_loss_finalize_kernel": [
-        ("MSE_ptr", "ptr:in"), ("ATB_ptr", "ptr:in"), ("MSE_OUT_ptr", "ptr:out"), ("AT_OUT_ptr", "ptr:out"),
-        ("CONTRIB_ptr", "ptr:out"), ("LOSS_ptr", "ptr:out"), ("n_mse", "i32d"), ("B", "i32"), ("level", "i32"),
-        ("n_levels", "i32"), ("inv_n", "fp64"), ("coef", "fp64"), ("mse_weight", "fp64"), ("at_weight", "fp64")],
-    "_feat_loss_grad_kernel": [
-        ("S_ptr", "ptr:in"), ("stride_sb", "stride:b"), ("stride_sc", "stride:c"), ("stride_shw", "stride:hw"),
-        ("T_ptr", "ptr:in"), ("stride_tb", "stride:b"), ("stride_tc", "stride:c"), ("stride_thw", "stride:hw"),
-        ("G_ptr", "ptr:in"), ("stride_gb", "stride:b"), ("stride_gc", "stride:c"), ("stride_ghw", "stride:hw"),
-        ("GA_ptr", "ptr:cdt"), ("MEAN_ptr", "ptr:cdt"), ("RSTD_ptr", "ptr:cdt"), ("C", "i32d"), ("HW", "i32d"),
-        ("p", "fp64"), ("mse_scale", "fp64")],
-    "_scale_kernel": [("G_ptr", "ptr:in"), ("GO_ptr", "ptr:out"), ("N", "i32d")],
-}
+def signature_from_kinds(fn, kinds: list[tuple[str, str]], roles: dict[str, str], unit_axis: str | None,
+                         cfg_constexprs: dict) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` for ``triton.compiler.ASTSource`` from a table of argument kinds.
 
-
-def _kernel_fn(name: str):
-    from . import feat_loss, utils
-
-    return getattr(feat_loss, name, None) or getattr(utils, name)
-
-
-def signature_of(cfg: dict) -> tuple[dict, dict, dict]:
-    """``(signature, constexprs, attrs)`` for ``triton.compiler.ASTSource`` of one shipped configuration."""
-    from .utils import COMPUTE_DTYPE
-
-    fn = _kernel_fn(cfg["kernel"])
-    dt = cfg["dtype"]
-    roles = {"in": dt, "cdt": COMPUTE_DTYPE[dt], "out": cfg.get("out_dtype") or dt}
-    unit_axis = {"nchw": "hw", "channels_last": "c"}.get(cfg.get("layout"))
+    Args:
+        fn: the ``@triton.jit`` kernel.
+        kinds: ``(argument name, kind)`` for every non-constexpr argument: ``ptr:<role>`` (a pointer to
+            ``roles[role]``, 16-byte aligned), ``stride:<axis>`` (an i32 divisible by 16, or the constant 1 when
+            ``axis == unit_axis``, as the JIT specializes a unit stride), ``i32``, ``i32d`` (an i32 divisible by
+            16) or a Triton type such as ``fp64``.
+        roles: Triton dtype names of the pointer roles.
+        unit_axis: the stride axis that is 1 in this configuration's layout, or None.
+        cfg_constexprs: the configuration's constexprs.
+    """
     signature, constexprs, attrs = {}, {}, {}
-    for name, kind in _ARGS[cfg["kernel"]]:
+    for name, kind in kinds:
         idx = fn.arg_names.index(name)
         if kind.startswith("ptr:"):
             signature[name] = "*" + roles[kind[4:]]
@@ -96,12 +66,12 @@ def signature_of(cfg: dict) -> tuple[dict, dict, dict]:
             attrs[(idx,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = kind
-    for name, value in cfg["constexprs"].items():
+    for name, value in cfg_constexprs.items():
         signature[name] = "constexpr"
         constexprs[name] = value
     missing = [a for a in fn.arg_names if a not in signature]
     if missing:
-        raise RuntimeError(f"aot: {cfg['kernel']}: arguments without a signature entry: {missing}")
+        raise RuntimeError(f"aot: {fn.__name__}: arguments without a signature entry: {missing}")
     return {a: signature[a] for a in fn.arg_names}, constexprs, attrs
 
 
@@ -120,23 +90,18 @@ _PTXAS_RE = {
 }
 
 
-def _shipped(module: str) -> list[dict]:
+def _module(module: str):
     import importlib
 
-    if module == "feat_loss":
-        from .utils import SHIPPED_CONFIGS
+    return importlib.import_module(f"dtkernels.triton.{module}")
 
-        return SHIPPED_CONFIGS
-    return importlib.import_module(f"dtkernels.triton.{module}").SHIPPED_CONFIGS
+
+def _shipped(module: str) -> list[dict]:
+    return _module(module).SHIPPED_CONFIGS
 
 
 def _source_args(cfg: dict, module: str) -> tuple:
-    import importlib
-
-    if module == "feat_loss":
-        signature, constexprs, attrs = signature_of(cfg)
-        return _kernel_fn(cfg["kernel"]), signature, constexprs, attrs
-    return importlib.import_module(f"dtkernels.triton.{module}").aot_source_args(cfg)
+    return _module(module).aot_source_args(cfg)
 
 
 def compile_config(cfg: dict, arch: int, module: str = "feat_loss") -> dict:
@@ -195,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHES))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--kernel", default=None)
-    parser.add_argument("--module", default="feat_loss")
+    parser.add_argument("--module", default="feat_loss", choices=MODULES)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)

@@ -24,24 +24,163 @@ bitwise reproducible.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ..modes import AtMode, Whitening
 from .utils import (
     AT_NORM_EPS,
     BLOCK_1D,
+    COMPUTE_DTYPE,
+    INPUT_DTYPES,
     NUM_WARPS,
-    at_block,
+    ConfigIndex,
     compute_dtype,
+    dtype_name,
     flat_strides,
-    shipped_config,
-    tile_constexprs,
 )
 
-__all__ = ["feat_loss"]
+__all__ = ["feat_loss", "scale_", "SHIPPED_CONFIGS", "shipped_config", "AOT_ARGS", "aot_source_args"]
+
+# --------------------------------------------------------------------------------------------------------------
+# Modes as kernel constants
+# --------------------------------------------------------------------------------------------------------------
+# The launcher passes int(mode) as the WHITEN / AT_MODE constexprs; the kernels compare them with these.
+WHITEN_NONE = tl.constexpr(int(Whitening.NONE))
+WHITEN_CHANNEL = tl.constexpr(int(Whitening.CHANNEL))
+WHITEN_SAMPLE = tl.constexpr(int(Whitening.SAMPLE))
+AT_PAPER = tl.constexpr(int(AtMode.PAPER))
+AT_MEAN_SQ = tl.constexpr(int(AtMode.MEAN_SQ))
+#: P_MODE, the kernels' specialization of ``|x|**p``: p == 1 (``|x|``), p == 2 (``x*x``), any other p >= 1
+#: (``exp2(p*log2|x|)``).
+P_GENERAL = tl.constexpr(0)
+P_ONE = tl.constexpr(1)
+P_TWO = tl.constexpr(2)
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiles and shipped configurations
+# --------------------------------------------------------------------------------------------------------------
+#: Tile of the streaming kernels: BLOCK_C channels x BLOCK_HW positions per loop step (2048 elements, 16 per
+#: thread with 4 warps). The unit-stride axis (HW for NCHW, C for channels_last) is 4-element vectorized.
+BLOCK_C = 32
+BLOCK_HW = 64
+#: float64 math needs twice the registers: its tiles have half the channels, or ptxas spills (see aot.py).
+BLOCK_C_FP64 = 16
+#: The gradient kernel's tile has 16 channels for every dtype (with 32, ptxas spills in a float16 variant on
+#: sm_90; the kernel is a plain stream, so the smaller tile does not cost occupancy that matters).
+BLOCK_C_GRAD = 16
+
+#: Layouts whose unit stride the JIT specializes (stride == 1 becomes a constant, which the loads vectorize on).
+LAYOUTS = ("nchw", "channels_last")
+#: Whiten variants of the forward tile kernel: (WHITEN, STORE_STATS). Per-position statistics are stored only for
+#: channel whitening with a gradient; sample whitening reads the per-sample statistics of its own reduction.
+FWD_WHITEN_VARIANTS = ((int(Whitening.NONE), False), (int(Whitening.CHANNEL), False),
+                       (int(Whitening.CHANNEL), True), (int(Whitening.SAMPLE), False))
+P_MODES = (P_ONE.value, P_TWO.value, P_GENERAL.value)
+
+
+def tile_constexprs(dtype: str | torch.dtype, grad: bool = False) -> dict[str, int]:
+    """``{"BLOCK_C": ..., "BLOCK_HW": ...}`` of the streaming kernels for an input dtype (torch or short name);
+    ``grad`` selects the gradient kernel's tile. Every tile has BLOCK_HW positions, so all phases share n_tiles."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    if grad:
+        return {"BLOCK_C": BLOCK_C_GRAD, "BLOCK_HW": BLOCK_HW}
+    return {"BLOCK_C": BLOCK_C_FP64 if name == "fp64" else BLOCK_C, "BLOCK_HW": BLOCK_HW}
+
+
+def at_block(cdt: str | torch.dtype) -> int:
+    """Block of the per-sample AT kernel for a compute dtype: BLOCK_1D, halved for float64 (which spills at the
+    full block on sm_90 with a gradient)."""
+    name = cdt if isinstance(cdt, str) else dtype_name(cdt)
+    return BLOCK_1D // 2 if name == "fp64" else BLOCK_1D
+
+
+def _build_shipped_configs() -> list[dict]:
+    """Every (kernel, dtypes, constexprs, layout) the launchers can choose (format: :class:`ConfigIndex`)."""
+    out = []
+    for dt, layout in itertools.product(INPUT_DTYPES, LAYOUTS):
+        out.append({"kernel": "_sample_stats_partial_kernel", "dtype": dt, "layout": layout,
+                    "constexprs": tile_constexprs(dt)})
+    for cdt in ("fp32", "fp64"):
+        out.append({"kernel": "_sample_stats_kernel", "dtype": cdt, "layout": None,
+                    "constexprs": {"BLOCK": BLOCK_1D}})
+    for dt, layout, (whiten, store), p_mode in itertools.product(INPUT_DTYPES, LAYOUTS, FWD_WHITEN_VARIANTS,
+                                                                  P_MODES):
+        out.append({"kernel": "_feat_loss_fwd_kernel", "dtype": dt, "layout": layout,
+                    "constexprs": {"WHITEN": whiten, "STORE_STATS": store, "P_MODE": p_mode,
+                                   **tile_constexprs(dt)}})
+    for cdt, at_mode, grad in itertools.product(("fp32", "fp64"), [int(m) for m in AtMode], (False, True)):
+        out.append({"kernel": "_feat_loss_at_kernel", "dtype": cdt, "layout": None,
+                    "constexprs": {"AT_MODE": at_mode, "COMPUTE_GRAD": grad, "BLOCK": at_block(cdt)}})
+    for cdt, out_dt, last in itertools.product(("fp32", "fp64"), ("fp32", "fp64"), (False, True)):
+        out.append({"kernel": "_feat_loss_finalize_kernel", "dtype": cdt, "out_dtype": out_dt, "layout": None,
+                    "constexprs": {"IS_LAST": last, "BLOCK": BLOCK_1D}})
+    for dt, layout, whiten, p_mode in itertools.product(INPUT_DTYPES, LAYOUTS, [int(w) for w in Whitening], P_MODES):
+        out.append({"kernel": "_feat_loss_grad_kernel", "dtype": dt, "layout": layout,
+                    "constexprs": {"WHITEN": whiten, "P_MODE": p_mode, **tile_constexprs(dt, grad=True)}})
+    for dt, go_dt in itertools.product(INPUT_DTYPES, ("fp32", "fp64")):
+        out.append({"kernel": "_scale_kernel", "dtype": dt, "out_dtype": go_dt, "layout": None,
+                    "constexprs": {"BLOCK": BLOCK_1D}})
+    return out
+
+
+#: The kernel configurations the launchers can choose (the ahead-of-time compile check covers exactly these).
+#: ``layout``: "nchw" (HW stride 1) or "channels_last" (C stride 1); other strided inputs run the same constexprs
+#: with no unit-stride specialization. ``_scale_kernel`` (the CUDA backward, :func:`scale_`) is listed here too.
+SHIPPED_CONFIGS: list[dict] = _build_shipped_configs()
+
+shipped_config = ConfigIndex(SHIPPED_CONFIGS, "dtkernels.triton.feat_loss")
+
+#: Argument kinds of each kernel for the ahead-of-time compile (:func:`dtkernels.triton.aot.signature_from_kinds`):
+#: ``ptr:<role>`` pointer (role "in": the config's dtype, "cdt": its compute dtype, "out": its out_dtype);
+#: ``stride:<axis>``: a stride of a [B, C, HW] view (the layout's unit axis becomes the constant 1); ``i32``: an
+#: int argument (shape, count), ``i32d``: an int argument divisible by 16; ``fp64``: an annotated float.
+AOT_ARGS = {
+    "_sample_stats_partial_kernel": [
+        ("T_ptr", "ptr:in"), ("stride_tb", "stride:b"), ("stride_tc", "stride:c"), ("stride_thw", "stride:hw"),
+        ("PMEAN_ptr", "ptr:cdt"), ("PM2_ptr", "ptr:cdt"), ("C", "i32d"), ("HW", "i32d"), ("n_tiles", "i32d")],
+    "_sample_stats_kernel": [
+        ("PMEAN_ptr", "ptr:in"), ("PM2_ptr", "ptr:in"), ("MEAN_ptr", "ptr:in"), ("RSTD_ptr", "ptr:in"),
+        ("C", "i32d"), ("HW", "i32d"), ("n_tiles", "i32d"), ("tile_hw", "i32d"), ("eps", "fp64")],
+    "_feat_loss_fwd_kernel": [
+        ("S_ptr", "ptr:in"), ("stride_sb", "stride:b"), ("stride_sc", "stride:c"), ("stride_shw", "stride:hw"),
+        ("T_ptr", "ptr:in"), ("stride_tb", "stride:b"), ("stride_tc", "stride:c"), ("stride_thw", "stride:hw"),
+        ("AS_ptr", "ptr:cdt"), ("AT_ptr", "ptr:cdt"), ("MSE_ptr", "ptr:cdt"), ("MEAN_ptr", "ptr:cdt"),
+        ("RSTD_ptr", "ptr:cdt"), ("C", "i32d"), ("HW", "i32d"), ("n_tiles", "i32d"), ("p", "fp64"), ("eps", "fp64")],
+    "_feat_loss_at_kernel": [
+        ("AS_ptr", "ptr:in"), ("AT_ptr", "ptr:in"), ("GA_ptr", "ptr:in"), ("ATB_ptr", "ptr:in"), ("HW", "i32d"),
+        ("at_norm", "fp64"), ("g_scale", "fp64"), ("at_eps", "fp64"), ("tiny", "fp64")],
+    "_feat_loss_finalize_kernel": [
+        ("MSE_ptr", "ptr:in"), ("ATB_ptr", "ptr:in"), ("MSE_OUT_ptr", "ptr:out"), ("AT_OUT_ptr", "ptr:out"),
+        ("CONTRIB_ptr", "ptr:out"), ("LOSS_ptr", "ptr:out"), ("n_mse", "i32d"), ("B", "i32"), ("level", "i32"),
+        ("n_levels", "i32"), ("inv_n", "fp64"), ("coef", "fp64"), ("mse_weight", "fp64"), ("at_weight", "fp64")],
+    "_feat_loss_grad_kernel": [
+        ("S_ptr", "ptr:in"), ("stride_sb", "stride:b"), ("stride_sc", "stride:c"), ("stride_shw", "stride:hw"),
+        ("T_ptr", "ptr:in"), ("stride_tb", "stride:b"), ("stride_tc", "stride:c"), ("stride_thw", "stride:hw"),
+        ("G_ptr", "ptr:in"), ("stride_gb", "stride:b"), ("stride_gc", "stride:c"), ("stride_ghw", "stride:hw"),
+        ("GA_ptr", "ptr:cdt"), ("MEAN_ptr", "ptr:cdt"), ("RSTD_ptr", "ptr:cdt"), ("C", "i32d"), ("HW", "i32d"),
+        ("p", "fp64"), ("mse_scale", "fp64")],
+    "_scale_kernel": [("G_ptr", "ptr:in"), ("GO_ptr", "ptr:out"), ("N", "i32d")],
+}
+
+
+def aot_source_args(cfg: dict) -> tuple:
+    """``(fn, signature, constexprs, attrs)`` for ``triton.compiler.ASTSource`` of one shipped configuration.
+
+    Signatures mirror what the JIT specializes at run time for a typical aligned DreamTeacher level (pointers
+    16-byte aligned, shapes and non-unit strides divisible by 16, the unit stride a constant 1)."""
+    from .aot import signature_from_kinds
+
+    fn = globals()[cfg["kernel"]]
+    roles = {"in": cfg["dtype"], "cdt": COMPUTE_DTYPE[cfg["dtype"]], "out": cfg.get("out_dtype") or cfg["dtype"]}
+    unit_axis = {"nchw": "hw", "channels_last": "c"}.get(cfg.get("layout"))
+    signature, constexprs, attrs = signature_from_kinds(fn, AOT_ARGS[cfg["kernel"]], roles, unit_axis,
+                                                        cfg["constexprs"])
+    return fn, signature, constexprs, attrs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,9 +216,9 @@ def _div_rn(x, y):
 @triton.jit
 def _abs_pow(x, p, P_MODE: tl.constexpr):
     """``|x|**p``: P_MODE 1 is p == 1, 2 is p == 2, 0 any other p >= 1 (0 at x == 0, NaN and Inf propagate)."""
-    if P_MODE == 1:
+    if P_MODE == P_ONE:
         r = tl.abs(x)
-    elif P_MODE == 2:
+    elif P_MODE == P_TWO:
         r = x * x
     else:
         r = tl.exp2(p * tl.log2(tl.abs(x)))
@@ -90,9 +229,9 @@ def _abs_pow(x, p, P_MODE: tl.constexpr):
 def _abs_pow_grad(x, p, P_MODE: tl.constexpr):
     """``d|x|**p / dx = p * |x|**(p-1) * sign(x)``; ``sign(x)`` for p == 1 (zero at zero)."""
     sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))  # x itself at 0 (and NaN)
-    if P_MODE == 1:
+    if P_MODE == P_ONE:
         r = sign.to(x.dtype)
-    elif P_MODE == 2:
+    elif P_MODE == P_TWO:
         r = 2.0 * x
     else:
         r = p * tl.exp2((p - 1.0) * tl.log2(tl.abs(x))) * sign
@@ -190,7 +329,7 @@ def _feat_loss_fwd_kernel(
     AS_ptr,  # [B, HW] attention map sum_c |s|^p (compute dtype)
     AT_ptr,  # [B, HW] attention map sum_c |t|^p of the raw teacher
     MSE_ptr,  # [B, n_tiles] partial sums of (s - W(t))**2
-    MEAN_ptr,  # whiten=1: [B, HW] per-position mean (written if STORE_STATS); whiten=2: [B] (read)
+    MEAN_ptr,  # channel whitening: [B, HW] per-position mean (written if STORE_STATS); sample: [B] (read)
     RSTD_ptr,  # same shape as MEAN_ptr: 1/sqrt(var + eps)
     C, HW, n_tiles,
     p: tl.float64, eps: tl.float64,
@@ -207,7 +346,7 @@ def _feat_loss_fwd_kernel(
     s_base = S_ptr + b * stride_sb + hw[None, :] * stride_shw
     t_base = T_ptr + b * stride_tb + hw[None, :] * stride_thw
 
-    if WHITEN == 1:
+    if WHITEN == WHITEN_CHANNEL:
         # LayerNorm over C at each position: Welford per lane (lane row r sees channels r, r + BLOCK_C, ...), then
         # Chan's merge of the BLOCK_C lanes. One read of t; the biased variance is never formed as E[t^2]-E[t]^2.
         w_mean = tl.zeros([BLOCK_C, BLOCK_HW], dtype=cdt)
@@ -231,7 +370,7 @@ def _feat_loss_fwd_kernel(
             tl.store(RSTD_ptr + b * HW + hw, rstd, mask=hw_mask)
         mean2 = mean[None, :]
         rstd2 = rstd[None, :]
-    elif WHITEN == 2:
+    elif WHITEN == WHITEN_SAMPLE:
         mean2 = tl.load(MEAN_ptr + b)
         rstd2 = tl.load(RSTD_ptr + b)
 
@@ -245,7 +384,7 @@ def _feat_loss_fwd_kernel(
         c64 = c[:, None].to(tl.int64)
         s = tl.load(s_base + c64 * stride_sc, mask=mask, other=0.0).to(cdt)
         t = tl.load(t_base + c64 * stride_tc, mask=mask, other=0.0).to(cdt)
-        if WHITEN == 0:
+        if WHITEN == WHITEN_NONE:
             w = t
         else:
             w = (t - mean2) * rstd2
@@ -307,16 +446,16 @@ def _feat_loss_at_kernel(
         acc_dd += d * d
         if COMPUTE_GRAD:
             acc_dq += d * q_s
-            if AT_MODE == 0:
+            if AT_MODE == AT_PAPER:
                 acc_nan += tl.where(q_s != q_s, q_s, 0.0)
     dd = tl.sum(acc_dd, axis=0)
-    if AT_MODE == 0:
+    if AT_MODE == AT_PAPER:
         dn = _sqrt(dd)
         tl.store(ATB_ptr + b, dn * _scalar(at_norm, cdt))
     else:
         tl.store(ATB_ptr + b, dd * _scalar(at_norm, cdt))
     if COMPUTE_GRAD:
-        if AT_MODE == 0:
+        if AT_MODE == AT_PAPER:
             # g_q = g_scale * d / ||d|| (zero where ||d|| == 0, and where it is NaN, as the reference's where()).
             tiny_c = _scalar(tiny, cdt)
             dn_c = tl.where(dn < tiny_c, tiny_c, dn)
@@ -334,7 +473,7 @@ def _feat_loss_at_kernel(
             q_s = _div_rn(tl.load(AS_ptr + base + j, mask=mask, other=0.0), den_s)
             q_t = _div_rn(tl.load(AT_ptr + base + j, mask=mask, other=0.0), den_t)
             g_q = k * (q_s - q_t)  # q_s, q_t as in the loop above, so d is exactly 0 where it was there
-            if AT_MODE == 0:
+            if AT_MODE == AT_PAPER:
                 g_q = tl.where(has_d, g_q, 0.0)
             g_a = tl.where(big, (g_q - q_s * inner) / den_s, g_q / eps_c)
             tl.store(GA_ptr + base + j, g_a.to(cdt), mask=mask)
@@ -387,7 +526,7 @@ def _feat_loss_grad_kernel(
     G_ptr,  # [B, C, HW] d loss / d s (student dtype)
     stride_gb, stride_gc, stride_ghw,
     GA_ptr,  # [B, HW] d loss / d a_s (compute dtype)
-    MEAN_ptr,  # whiten=1: [B, HW]; whiten=2: [B]
+    MEAN_ptr,  # channel whitening: [B, HW]; sample whitening: [B]
     RSTD_ptr,  # same shape as MEAN_ptr
     C, HW,
     p: tl.float64,
@@ -407,10 +546,10 @@ def _feat_loss_grad_kernel(
     t_base = T_ptr + b * stride_tb + hw[None, :] * stride_thw
     g_base = G_ptr + b * stride_gb + hw[None, :] * stride_ghw
     g_a = tl.load(GA_ptr + b * HW + hw, mask=hw_mask, other=0.0)[None, :]
-    if WHITEN == 1:
+    if WHITEN == WHITEN_CHANNEL:
         mean2 = tl.load(MEAN_ptr + b * HW + hw, mask=hw_mask, other=0.0)[None, :]
         rstd2 = tl.load(RSTD_ptr + b * HW + hw, mask=hw_mask, other=0.0)[None, :]
-    elif WHITEN == 2:
+    elif WHITEN == WHITEN_SAMPLE:
         mean2 = tl.load(MEAN_ptr + b)
         rstd2 = tl.load(RSTD_ptr + b)
     for c0 in range(0, C, BLOCK_C):
@@ -419,7 +558,7 @@ def _feat_loss_grad_kernel(
         c64 = c[:, None].to(tl.int64)
         s = tl.load(s_base + c64 * stride_sc, mask=mask, other=0.0).to(cdt)
         t = tl.load(t_base + c64 * stride_tc, mask=mask, other=0.0).to(cdt)
-        if WHITEN == 0:
+        if WHITEN == WHITEN_NONE:
             w = t
         else:
             w = (t - mean2) * rstd2
@@ -428,10 +567,75 @@ def _feat_loss_grad_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# grad * grad_output on the device, skipped when grad_output is exactly 1
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _scale_kernel(
+    G_ptr,  # [N] a dense gradient, in memory order
+    GO_ptr,  # [] grad_output (float32 or float64)
+    N,
+    BLOCK: tl.constexpr,
+):
+    go = tl.load(GO_ptr)
+    # Exactly 1 (what loss.backward() passes): return before touching the gradient, without a host sync.
+    if go != 1.0:
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        g = tl.load(G_ptr + offs, mask=mask, other=0.0)
+        # Same rounding as the eager ``g * grad_out.to(g.dtype)`` for float32/float64; half types multiply in
+        # float32 and round once.
+        if G_ptr.dtype.element_ty == tl.float64:
+            prod = g * go.to(tl.float64)
+        else:
+            prod = g.to(tl.float32) * go.to(G_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(G_ptr + offs, prod.to(G_ptr.dtype.element_ty), mask=mask)
+
+
+def _is_dense(x: torch.Tensor) -> bool:
+    """True when the elements of ``x`` fill ``numel`` consecutive storage slots (any dimension order)."""
+    dims = sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def scale_(grads: Sequence[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """Multiply each gradient in place by the 0-dim ``grad_out``, read on the device; no write when it is exactly 1.
+
+    Args:
+        grads: per-level gradients (any floating dtype, dense in any dimension order, e.g. from ``empty_like``).
+        grad_out: 0-dim float32/float64 tensor on the same device.
+
+    Returns:
+        ``grads`` (the same tensors, scaled in place).
+    """
+    grads = list(grads)
+    if grad_out.dtype not in (torch.float32, torch.float64):
+        grad_out = grad_out.to(torch.float32)
+    grad_out = grad_out.reshape(())
+    for g in grads:
+        n = g.numel()
+        if n == 0:
+            continue
+        if not _is_dense(g):  # not produced by the op; keep the semantics with an eager multiply
+            g.mul_(grad_out.to(g.dtype))
+            continue
+        cfg = shipped_config("_scale_kernel", g.dtype, grad_out.dtype, BLOCK=BLOCK_1D)
+        # A dense tensor's storage from its lowest-address element is the flat [N] array the kernel walks.
+        flat = g.as_strided((n,), (1,))
+        _scale_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](flat, grad_out, n, num_warps=NUM_WARPS, **cfg)
+    return grads
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Host launcher
 # --------------------------------------------------------------------------------------------------------------
 def _p_mode(p: float) -> int:
-    return 1 if p == 1.0 else 2 if p == 2.0 else 0
+    return P_ONE.value if p == 1.0 else P_TWO.value if p == 2.0 else P_GENERAL.value
 
 
 def _as_flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -454,8 +658,8 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
         teacher: L tensors of the same shapes and dtypes.
         level_coef: ``w_l / sum(w)`` per level.
         mse_weight, at_weight, at_p, eps: loss parameters (checked by the caller).
-        at_mode: 0 = "paper", 1 = "mean_sq".
-        whiten: 0 = none, 1 = "channel", 2 = "sample".
+        at_mode: an :class:`~dtkernels.modes.AtMode` value.
+        whiten: a :class:`~dtkernels.modes.Whitening` value.
         compute_grad: also write ``d loss / d student`` for ``grad_output == 1``.
 
     Returns:
@@ -470,8 +674,8 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
     at_out = torch.empty((n_levels,), dtype=out_dtype, device=device)
     contrib = torch.empty((n_levels,), dtype=out_dtype, device=device)
     p_mode = _p_mode(float(at_p))
-    at_mode = int(at_mode)
-    whiten = int(whiten)
+    at_mode = AtMode(at_mode)
+    whiten = Whitening(whiten)
     grads: list[torch.Tensor] = []
     for level, (s_in, t_in, coef) in enumerate(zip(student, teacher, level_coef)):
         s, s_strides = _as_flat(s_in)
@@ -486,16 +690,16 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
         a_s = torch.empty((bsz, hw), dtype=cdt, device=device)
         a_t = torch.empty((bsz, hw), dtype=cdt, device=device)
         mse_part = torch.empty((bsz, n_tiles), dtype=cdt, device=device)
-        if whiten == 1:
+        if whiten == Whitening.CHANNEL:
             stat_shape = (bsz, hw) if compute_grad else (1,)
-        elif whiten == 2:
+        elif whiten == Whitening.SAMPLE:
             stat_shape = (bsz,)
         else:
             stat_shape = (1,)
         mean = torch.empty(stat_shape, dtype=cdt, device=device)
         rstd = torch.empty(stat_shape, dtype=cdt, device=device)
 
-        if whiten == 2:
+        if whiten == Whitening.SAMPLE:
             cfg = shipped_config("_sample_stats_partial_kernel", t.dtype, **tiles)
             p_mean = torch.empty((bsz, n_tiles), dtype=cdt, device=device)
             p_m2 = torch.empty((bsz, n_tiles), dtype=cdt, device=device)
@@ -506,12 +710,12 @@ def feat_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
                                          float(eps), num_warps=NUM_WARPS, **cfg)
 
         cfg = shipped_config("_feat_loss_fwd_kernel", s.dtype, WHITEN=whiten,
-                             STORE_STATS=bool(whiten == 1 and compute_grad), P_MODE=p_mode, **tiles)
+                             STORE_STATS=bool(whiten == Whitening.CHANNEL and compute_grad), P_MODE=p_mode, **tiles)
         _feat_loss_fwd_kernel[grid](s, *s_strides, t, *t_strides, a_s, a_t, mse_part, mean, rstd, chans, hw,
                                     n_tiles, float(at_p), float(eps), num_warps=NUM_WARPS, **cfg)
 
         coef = float(coef)
-        if at_mode == 0:
+        if at_mode == AtMode.PAPER:
             at_norm, g_scale = 1.0 / bsz, coef * float(at_weight) / bsz
         else:
             at_norm, g_scale = 1.0 / (bsz * hw), 2.0 * coef * float(at_weight) / (bsz * hw)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..modes import Reduction
 from .utils import BLOCK_1D, INPUT_DTYPES, NUM_WARPS, ConfigIndex, compute_dtype, dtype_name
 
 __all__ = ["soft_ce", "soft_ce_backward", "SHIPPED_CONFIGS", "shipped_config", "tile_for", "aot_source_args"]
@@ -69,8 +70,14 @@ def _tile(layout: str, k: int, dtype: str) -> tuple[int, int]:
     return (block_k, block_p // 2) if halve else (block_k, block_p)
 
 
+# The launcher passes int(reduction) as the REDUCTION constexpr; the kernels compare it with these.
+RED_NONE = tl.constexpr(int(Reduction.NONE))
+RED_MEAN = tl.constexpr(int(Reduction.MEAN))
+RED_SUM = tl.constexpr(int(Reduction.SUM))
+
 #: Forward variants (REDUCTION, HAS_MASK, COMPUTE_GRAD); reduction "none" never writes a gradient.
-FWD_VARIANTS = tuple((r, m, g) for r in (0, 1, 2) for m in (False, True) for g in (False, True) if not (r == 0 and g))
+FWD_VARIANTS = tuple((int(r), m, g) for r in Reduction for m in (False, True) for g in (False, True)
+                     if not (r == Reduction.NONE and g))
 
 
 #: Teacher dtypes compiled for each student dtype. Any other pairing is converted to the student's compute dtype
@@ -105,7 +112,8 @@ def _build_shipped_configs() -> list[dict]:
             for has_mask in (False, True):
                 out.append({"kernel": "_soft_ce_bwd_kernel", "dtype": s_dt, "out_dtype": t_dt, "layout": layout,
                             "constexprs": {"HAS_MASK": has_mask, **tiles}})
-    for cdt, reduction, has_mask in itertools.product(("fp32", "fp64"), (1, 2), (False, True)):
+    for cdt, reduction, has_mask in itertools.product(("fp32", "fp64"), (int(Reduction.MEAN), int(Reduction.SUM)),
+                                                      (False, True)):
         out.append({"kernel": "_soft_ce_finalize_kernel", "dtype": cdt, "layout": None,
                     "constexprs": {"REDUCTION": reduction, "HAS_MASK": has_mask, "BLOCK": BLOCK_1D}})
     return out
@@ -231,10 +239,10 @@ def _soft_ce_fwd_kernel(
     stride_tb, stride_tk, stride_tp,
     M_ptr,  # [B, P] mask weights (compute dtype); unused unless HAS_MASK
     stride_mb, stride_mp,
-    OUT_ptr,  # REDUCTION 0: [B, P] per-position loss; else [B, n_tiles] per-program partial sums (compute dtype)
+    OUT_ptr,  # reduction none: [B, P] per-position loss; else [B, n_tiles] per-program partial sums (compute dtype)
     G_ptr,  # [B, K, P] d loss / d student for grad_output == 1 (student dtype); unused unless COMPUTE_GRAD
     stride_gb, stride_gk, stride_gp,
-    DENOM_ptr,  # [] sum of the mask (compute dtype); read for REDUCTION 1 with HAS_MASK and COMPUTE_GRAD
+    DENOM_ptr,  # [] sum of the mask (compute dtype); read for reduction mean with HAS_MASK and COMPUTE_GRAD
     K, P, n_tiles,
     c_arg: tl.float64,  # log2(e) / tau
     inv_tau: tl.float64,
@@ -262,7 +270,7 @@ def _soft_ce_fwd_kernel(
     if HAS_MASK:
         loss = loss * m
     loss = tl.where(valid, loss, 0.0)
-    if REDUCTION == 0:
+    if REDUCTION == RED_NONE:
         tl.store(OUT_ptr + b * P + p, loss, mask=p_ok)
     else:
         tl.store(OUT_ptr + b * n_tiles + tile, tl.sum(loss, axis=0))
@@ -270,7 +278,7 @@ def _soft_ce_fwd_kernel(
             w = tl.zeros([BLOCK_P], cdt) + _scalar(grad_scale, cdt)
             if HAS_MASK:
                 w = w * m
-                if REDUCTION == 1:
+                if REDUCTION == RED_MEAN:
                     denom = tl.load(DENOM_ptr).to(cdt)
                     w = tl.where(denom != 0, w / denom, 0.0)  # no valid position: zero gradient
             g_ptrs = G_ptr + b * stride_gb + p[None, :] * stride_gp
@@ -281,7 +289,7 @@ def _soft_ce_fwd_kernel(
 @triton.jit
 def _soft_ce_finalize_kernel(
     PART_ptr,  # [n_part] per-program partial sums (compute dtype)
-    DENOM_ptr,  # [] sum of the mask; read for REDUCTION 1 with HAS_MASK
+    DENOM_ptr,  # [] sum of the mask; read for reduction mean with HAS_MASK
     LOSS_ptr,  # [] the loss (compute dtype)
     n_part,
     n_pos: tl.float64,  # B*P, the divisor of mean without a mask
@@ -293,7 +301,7 @@ def _soft_ce_finalize_kernel(
         i = i0 + tl.arange(0, BLOCK)
         acc += tl.load(PART_ptr + i, mask=i < n_part, other=0.0)
     total = tl.sum(acc, axis=0)
-    if REDUCTION == 1:
+    if REDUCTION == RED_MEAN:
         if HAS_MASK:
             denom = tl.load(DENOM_ptr).to(cdt)
             # 0 (not 0/0) when no position is valid; total * 0 keeps a NaN/Inf total visible, as the reference.
@@ -366,7 +374,7 @@ def soft_ce(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | N
         teacher: ``[B, K, P]`` logits, any floating dtype, any strides.
         mask: ``[B, P]`` float weights, or None.
         tau: temperature (> 0); scale: 1 or ``tau**2``.
-        reduction: 0 = none, 1 = mean, 2 = sum.
+        reduction: a :class:`~dtkernels.modes.Reduction` value.
         compute_grad: for mean/sum, also write ``d loss / d student`` for ``grad_output == 1``.
 
     Returns:
@@ -377,23 +385,23 @@ def soft_ce(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | N
     bsz, k, p = student.shape
     device = student.device
     cdt = compute_dtype(student.dtype)
-    reduction = int(reduction)
-    compute_grad = bool(compute_grad) and reduction != 0
+    reduction = Reduction(reduction)
+    compute_grad = bool(compute_grad) and reduction != Reduction.NONE
     tau = float(tau)
     scale = float(scale)
     _, block_k, block_p = tile_for(student)
     n_tiles = triton.cdiv(p, block_p)
     grid = (n_tiles, bsz)
 
-    out = torch.empty((bsz, p) if reduction == 0 else (bsz, n_tiles), dtype=cdt, device=device)
+    out = torch.empty((bsz, p) if reduction == Reduction.NONE else (bsz, n_tiles), dtype=cdt, device=device)
     m = _mask_in(mask, cdt)
     has_mask = m is not None
     m_arg, m_strides = (m, m.stride()) if has_mask else (out, (0, 1))
-    denom = m.sum() if (has_mask and reduction == 1) else out  # device-side, deterministic; no host sync
+    denom = m.sum() if (has_mask and reduction == Reduction.MEAN) else out  # device-side, deterministic; no host sync
     grad = torch.empty_like(student) if compute_grad else student.new_empty((0,))
     g_arg, g_strides = (grad, grad.stride()) if compute_grad else (student, student.stride())
     grad_scale = scale / tau
-    if reduction == 1 and not has_mask:
+    if reduction == Reduction.MEAN and not has_mask:
         grad_scale /= bsz * p
 
     cfg = shipped_config("_soft_ce_fwd_kernel", student.dtype, teacher.dtype, REDUCTION=reduction,
@@ -401,7 +409,7 @@ def soft_ce(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | N
     _soft_ce_fwd_kernel[grid](student, *student.stride(), teacher, *teacher.stride(), m_arg, *m_strides, out,
                               g_arg, *g_strides, denom, k, p, n_tiles, _LOG2E / tau, 1.0 / tau, scale, grad_scale,
                               num_warps=NUM_WARPS, **cfg)
-    if reduction == 0:
+    if reduction == Reduction.NONE:
         return out, grad
     loss = torch.empty((), dtype=cdt, device=device)
     cfg = shipped_config("_soft_ce_finalize_kernel", cdt, REDUCTION=reduction, HAS_MASK=has_mask, BLOCK=BLOCK_1D)
