@@ -179,9 +179,6 @@ def attention_map(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return reference.attention_map(x, p)
 
 
-_REDUCTIONS = Reduction.args()
-
-
 def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float = 4.0, dim: int = 1,
             scale_by_tau_sq: bool = False, reduction: str = "mean", mask: torch.Tensor | None = None) -> torch.Tensor:
     """Temperature-scaled soft cross-entropy ``H(softmax(t/tau), softmax(s/tau))`` per position, for dense logits.
