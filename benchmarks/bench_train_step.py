@@ -46,7 +46,7 @@ from dreamteacher.regressor import FeatureRegressor
 from dreamteacher.student import StudentBackbone
 from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import DEMO_UNET
-from dreamteacher.train import DistillationModel, select_taps
+from dreamteacher.model import DistillationModel, select_taps
 
 _DEMO = DemoSettings()
 IMAGE, BATCH, WIDTH, T = _DEMO.image_size, _DEMO.pretrain_batch, _DEMO.width, 150

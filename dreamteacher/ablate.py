@@ -52,8 +52,9 @@ def run_ablation(out: str | Path, settings: DemoSettings, overrides: Sequence[st
     from .config import load_config
     from .data import SHAPE_CLASSES
     from .evaluate import builtin_splits, builtin_validation_split, evaluate_backbones, summarize
+    from .export import export_backbone
     from .interpreter import train_interpreter
-    from .train import export_backbone, pretrain
+    from .train import pretrain
 
     s = settings
     out = Path(out)

@@ -150,8 +150,8 @@ def run_cache_features(args: argparse.Namespace) -> int:
     from .config import options_named
     from .data import check_image_folder, load_image_folder
     from .feature_cache import CacheMismatchError, CorruptShardError, write_feature_cache
+    from .runtime import check_device
     from .teacher import DiffusionTeacher, check_image_size, check_teacher_dir
-    from .train import check_device
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")
@@ -256,7 +256,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
                         f"{n - 1} times){' and at least 8 (procedural shapes)' if args.data == 'procedural' else ''}"
                         f", got {args.image_size}")
     if args.device != "auto":
-        from .train import check_device
+        from .runtime import check_device
 
         check_device(args.device, "--device")
     _check_out_dir(args.out, "--out")
@@ -312,7 +312,7 @@ def add_pretrain(subparsers) -> argparse.ArgumentParser:
 
 def _pretrain_config(args: argparse.Namespace):
     from .config import config_from_dict, load_config
-    from .train import find_resume_checkpoint, load_checkpoint
+    from .runtime import find_resume_checkpoint, load_checkpoint
 
     resume = args.resume
     if resume == "auto":  # the run directory comes from --config / the overrides; pretrain() starts fresh on "auto"
@@ -372,8 +372,8 @@ def add_export(subparsers) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from .export import export_backbone
     from .student import loading_recipe
-    from .train import export_backbone
 
     if not Path(args.checkpoint).is_file():
         print(f"error: checkpoint: {args.checkpoint}: no such file (expected OUT_DIR/checkpoints/last.pt of "
@@ -760,6 +760,9 @@ def add_demo(subparsers) -> argparse.ArgumentParser:
                    help="probe learning-rate grid (chosen on the validation split)")
     p.add_argument("--protocol", nargs="+", choices=["finetune", "probe"], default=None,
                    help="evaluation protocols")
+    p.add_argument("--speed-minutes", type=_non_negative_float, default=None,
+                   help="> 0: also pretrain the lean and the naive loop (run.naive) for this many minutes each and "
+                        "evaluate both (long preset: 8; quick: 0, off)")
     p.add_argument("--num-workers", type=_non_negative_int, default=None, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(_accepts_overrides=True)
@@ -783,7 +786,8 @@ def run_demo(args: argparse.Namespace) -> int:
               "pretrain_steps": args.steps, "pretrain_minutes": args.pretrain_minutes,
               "pretrain_batch": args.batch_size, "budgets": sorted(args.labels) if args.labels else None,
               "seeds": args.seeds, "eval_steps": args.eval_steps, "eval_lrs": args.eval_lr,
-              "probe_lrs": args.probe_lr, "protocols": args.protocol, "num_workers": args.num_workers}
+              "probe_lrs": args.probe_lr, "protocols": args.protocol, "num_workers": args.num_workers,
+              "speed_minutes": args.speed_minutes}
     settings = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in chosen.items() if v is not None},
                                    retrain_teacher=args.retrain_teacher, progress=not args.no_progress)
     try:
@@ -860,10 +864,10 @@ def add_ablate(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--teacher-steps", type=_positive_int, default=None, help="steps of a retrained teacher")
     p.add_argument("--interpreter-steps", type=_positive_int, default=None, help="interpreter steps (mixed)")
     p.add_argument("--steps", type=_positive_int, default=None, help="steps of each pretraining run")
-    p.add_argument("--pretrain-minutes", type=float, default=None,
+    p.add_argument("--pretrain-minutes", type=_non_negative_float, default=None,
                    help="wall-clock cap of each pretraining run (0: none)")
     p.add_argument("--labels", type=_positive_int, nargs="+", default=None, metavar="N", help="label budgets")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help="evaluation seeds")
+    p.add_argument("--seeds", type=_int, nargs="+", default=None, metavar="S", help="evaluation seeds")
     p.add_argument("--eval-steps", type=_positive_int, default=None, help="training steps per evaluation run")
     p.add_argument("--protocol", nargs="+", choices=["finetune", "probe"], default=None,
                    help="evaluation protocols")

@@ -45,11 +45,26 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+#: What marks a folder written by ``dreamteacher cache-features`` (:mod:`dreamteacher.feature_cache`): its manifest
+#: file and the manifest's format name. Here, so that data and the cache need not import each other.
+FEATURE_CACHE_FORMAT = "dreamteacher-feature-cache"
+FEATURE_CACHE_MANIFEST = "manifest.json"
+
+
+def is_feature_cache(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``write_feature_cache`` (it has a manifest of this format)."""
+    import json
+
+    try:
+        return json.loads((Path(path) / FEATURE_CACHE_MANIFEST).read_text()).get("format") == FEATURE_CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):  # no manifest, unreadable, not JSON, not a JSON object
+        return False
+
+
 def check_image_folder(root: str | os.PathLike, option: str) -> Path:
     """``root`` as a Path, or :class:`~dreamteacher.config.UserPathError` naming ``option`` when it is not a folder of
     images: missing, not a directory, or a feature cache (which holds features, not images)."""
     from .config import UserPathError
-    from .feature_cache import is_feature_cache
 
     path = Path(root)
     if not path.is_dir():

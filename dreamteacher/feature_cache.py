@@ -29,16 +29,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import UserError
-from .data import to_unit_range
+from .data import FEATURE_CACHE_FORMAT, FEATURE_CACHE_MANIFEST, is_feature_cache, to_unit_range  # noqa: F401
 
 logger = logging.getLogger("dreamteacher")
 
 __all__ = ["write_feature_cache", "FeatureCacheDataset", "CacheMismatchError", "CorruptShardError",
            "check_shards", "dataset_identity"]
 
-FORMAT = "dreamteacher-feature-cache"
+FORMAT = FEATURE_CACHE_FORMAT
 VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = FEATURE_CACHE_MANIFEST
 #: The manifest sections that must match for a cache to be reused.
 IDENTITY_KEYS = ("format", "version", "teacher", "config", "dataset")
 
@@ -49,14 +49,6 @@ class CacheMismatchError(UserError):
 
 class CorruptShardError(RuntimeError):
     """A shard is missing, truncated or does not match its recorded sha256."""
-
-
-def is_feature_cache(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a directory written by :func:`write_feature_cache` (it has a manifest of this format)."""
-    try:
-        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):  # no manifest, unreadable, not JSON, not a JSON object
-        return False
 
 
 def shard_name(index: int) -> str:

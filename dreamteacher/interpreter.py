@@ -205,7 +205,9 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
     """
     from .data import TEST_SEED, ProceduralShapes
     from .evaluate import confusion_matrix, foreground_miou, iou_from_confusion
-    from .train import build_teacher, save_checkpoint, setup_distributed, warmup_cosine
+    from .model import build_teacher
+    from .optim import warmup_cosine
+    from .runtime import save_checkpoint, setup_distributed
 
     device = setup_distributed(cfg.run.device).device
     torch.manual_seed(cfg.run.seed + label_seed)

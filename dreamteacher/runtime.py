@@ -1,14 +1,170 @@
-"""What a run needs besides its model: the Ctrl-C stop flag."""
+"""What a run needs besides its model: distributed setup from torchrun's environment, atomic weights-only
+checkpoints with every RNG state, finding the checkpoint to resume from, and the Ctrl-C stop flag."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import random
 import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import UserError
+from .serialization import (
+    CorruptFileError,
+    encode_rng_states,
+    numpy_rng_state,
+    python_rng_state,
+    save_plain,
+)
+from .serialization import load_checkpoint as _load_checkpoint
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["StopFlag"]
+__all__ = ["DistEnv", "setup_distributed", "save_checkpoint", "load_checkpoint", "find_resume_checkpoint", "StopFlag"]
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def check_device(device: str, option: str) -> torch.device:
+    """``torch.device(device)``, or :class:`UserError` naming ``option`` for a name torch does not know or a CUDA
+    device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{option}: {device!r} is not a torch device ({e}); expected auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index is not None and dev.index >= torch.cuda.device_count())):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise UserError(f"{option}: {device!r} asked for, but this machine has {have}; use auto or cpu")
+    return dev
+
+
+def setup_distributed(device: str = "auto") -> DistEnv:
+    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and start the process group: NCCL on GPU, gloo on
+    CPU. Without torchrun this is a single process on ``device``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = check_device(device, "run.device")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(rank, local_rank, world, dev)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Write ``state`` (plain data only: tensors, numbers, strings, lists, dicts) to ``path`` so that
+    ``torch.load(weights_only=True)`` reads it: fsynced under a temporary name in the same directory, then renamed, so
+    a crash or SIGKILL mid-write never leaves a partial file under ``path`` (:func:`serialization.save_plain`)."""
+    return save_plain(path, state)
+
+
+def _rng_states() -> dict:
+    """Every RNG the loop draws from, as plain data (:func:`serialization.encode_rng_states`)."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        states["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return encode_rng_states(states)
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(python_rng_state(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy as np
+
+        np.random.set_state(numpy_rng_state(states["numpy"]))
+
+
+def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict:
+    """A pretrain checkpoint, read weights-only (never runs code from the file); :class:`LoadError` otherwise."""
+    return _load_checkpoint(path, mmap=mmap)
+
+
+def find_resume_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """What ``--resume auto`` continues from: the loadable checkpoint with the most steps in
+    ``out_dir/checkpoints`` (the newest file on ties), or None when there is none (a fresh start).
+
+    Truncated or damaged files are skipped with a warning (a run killed mid-write leaves only its temporary file,
+    which is not a candidate, but a copied or damaged file may be there); a file that holds pickled objects is an
+    error (:class:`UnsafeFileError`), never skipped silently.
+    """
+    folder = Path(out_dir) / "checkpoints"
+    best, best_key = None, None
+    for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            step = int(load_checkpoint(path, mmap=True).get("step", -1))
+        except CorruptFileError as e:
+            logger.warning("--resume auto: skipping %s", e)
+            continue
+        key = (step, path.stat().st_mtime_ns, path.name == "last.pt")
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+    return best
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop the records after ``step`` from a log that a killed run appended to, so that the resumed run's records
+    follow on without duplicates."""
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the kill
+            break
+        keep.append(line)
+    if len(keep) != len(lines):
+        log.write_text("".join(keep))
+
+
+def _write_param_checksum(model: nn.Module, out: Path, rank: int) -> None:
+    """sha256 of every parameter of this rank's replica (tests compare the ranks' files). Buffers are left out: BN
+    running statistics see each rank's own last batch (DDP broadcasts rank 0's before each forward; rank 0 saves)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    (out / f"params_rank{rank}.sha256").write_text(h.hexdigest() + "\n")
 
 
 class StopFlag:

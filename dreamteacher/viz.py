@@ -491,7 +491,7 @@ def load_pretrain_checkpoint(checkpoint: str | os.PathLike) -> dict:
 
 def build_distillation(cfg: Any, device: torch.device | str = "cpu", *, num_classes: int | None = None,
                        pretrained: bool | None = None) -> tuple[torch.nn.Module, torch.nn.Module, list[int]]:
-    """The frozen teacher and the trainable :class:`~dreamteacher.train.DistillationModel` (student + regressor,
+    """The frozen teacher and the trainable :class:`~dreamteacher.model.DistillationModel` (student + regressor,
     plus the logit head of mixed distillation when ``num_classes`` is given) of a pretraining config, built the way
     ``pretrain()`` builds them.
 
@@ -500,9 +500,9 @@ def build_distillation(cfg: Any, device: torch.device | str = "cpu", *, num_clas
     Returns:
         ``(model, teacher, order)``: ``teacher(x)[order[l]]`` is the target of student level ``l``.
     """
+    from .model import DistillationModel, build_teacher
     from .regressor import FeatureRegressor
     from .student import StudentBackbone
-    from .train import DistillationModel, build_teacher
 
     device = torch.device(device)
     student = StudentBackbone(cfg.model.student, pretrained=cfg.model.pretrained if pretrained is None else pretrained,

@@ -24,7 +24,7 @@ def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys
                          "--teacher-steps", "2", "--interpreter-steps", "2", "--steps", "2", "--batch-size", "4",
                          "--labels", "2", "4",
                          "--seeds", "0", "1", "--eval-steps", "1", "--eval-lr", "1e-3", "3e-3", "--num-workers", "0",
-                         "--no-progress", "--model.width=16"])
+                         "--speed-minutes", "0.02", "--no-progress", "--model.width=16"])
     finally:
         torch.set_num_threads(n)
     assert code == 0
@@ -33,10 +33,13 @@ def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys
                    "| probe | DreamTeacher (mixed) |", "2 labels fg", "4 labels", "The teacher's own features"):
         assert needle in printed, needle
     results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
-    # 2 protocols x 3 backbones x 2 budgets x 2 seeds, plus the second value of each fine-tuning grid on seed 0
-    # (the probe's grid has two values too).
-    assert len(results["runs"]) == 2 * 3 * 2 * 2
-    assert len(results["selection"]) == 2 * 3 * 2
+    # 2 protocols x 5 backbones (scratch, feature, mixed, lean and naive loop) x 2 budgets x 2 seeds; the grids'
+    # other values on seed 0 are not kept.
+    assert len(results["runs"]) == 2 * 5 * 2 * 2
+    assert len(results["selection"]) == 2 * 5 * 2
+    speed = results["config"]["speed"]
+    assert set(speed) == {"lean", "naive"} and all(v["steps"] >= 1 for v in speed.values())
+    assert "Same wall-clock budget" in printed and "| naive |" in printed
     for sel in results["selection"]:
         best = max(sel["val_miou"].values())
         assert sel["val_miou"][str(sel["lr"])] == best  # chosen on the validation split

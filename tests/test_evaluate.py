@@ -151,3 +151,53 @@ def test_evaluate_cli_runs_and_rejects_bad_arguments(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert cli.main(["evaluate", "--backbone", "scratch", "--train-images", str(tmp_path), "--out", str(out)]) == 2
     assert "--train-masks" in capsys.readouterr().err
+
+
+def test_validation_split_is_disjoint_from_label_budgets_and_the_test_split():
+    """Choices are made on the validation split: it shares no image with any label budget (any seed, up to the
+    whole usable pool) nor with the test split."""
+    from dreamteacher.data import LABELLED_POOL_SIZE, VALIDATION_SIZE, labelled_indices, validation_indices
+    from dreamteacher.evaluate import builtin_splits, builtin_validation_split
+
+    val = set(validation_indices())
+    assert len(val) == VALIDATION_SIZE and max(val) == LABELLED_POOL_SIZE - 1
+    for seed in range(5):
+        assert not val & set(labelled_indices(LABELLED_POOL_SIZE - VALIDATION_SIZE, seed))
+    train, test = builtin_splits(16, n_test=64)
+    val_set = builtin_validation_split(16)
+    assert len(train) == LABELLED_POOL_SIZE - VALIDATION_SIZE and len(val_set) == VALIDATION_SIZE
+    # the budgets index into `train`, whose images are the pool's first images: none is a validation image
+    assert train.indices[-1] < min(val)
+    test_images = {bytes(test[i][0].numpy().tobytes()) for i in range(len(test))}
+    val_images = {bytes(val_set[i][0].numpy().tobytes()) for i in range(64)}
+    train_images = {bytes(train[i][0].numpy().tobytes()) for i in labelled_indices(32, 0, len(train))}
+    assert not test_images & val_images and not test_images & train_images and not val_images & train_images
+
+
+def test_probe_trains_only_the_head_and_matches_finetune_draws():
+    """The frozen-backbone probe leaves every backbone weight and BN statistic as it was, and trains the head."""
+    from dreamteacher.evaluate import SegmentationModel, finetune
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.randint(0, 3, (4, 32, 32))
+    model = SegmentationModel("resnet18", 3, width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = finetune(model, x, y, steps=3, batch_size=2, lr=1e-2, protocol="probe")
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith("backbone."):
+            assert torch.equal(after[k], v), k
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if not k.startswith("backbone."))
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again for whoever uses the model next
+    with pytest.raises(ValueError, match="protocol"):
+        finetune(model, x, y, steps=1, protocol="linear")
+
+
+def test_foreground_miou_leaves_out_the_background_and_empty_classes():
+    from dreamteacher.evaluate import foreground_miou
+
+    assert foreground_miou([0.9, 0.2, math.nan, 0.4]) == pytest.approx(0.3)
+    assert foreground_miou([0.9, 0.2, 0.4], background_index=None) == pytest.approx(0.5)
+    assert math.isnan(foreground_miou([0.9, math.nan]))

@@ -29,7 +29,8 @@ import torch
 from dreamteacher import serialization as S
 from dreamteacher.config import load_config
 from dreamteacher.teacher import DiffusionTeacher
-from dreamteacher.train import load_checkpoint, pretrain
+from dreamteacher.runtime import load_checkpoint
+from dreamteacher.train import pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model",
                                         "ignore:Detected pickle protocol", "ignore:dtkernels.q_sample:RuntimeWarning")

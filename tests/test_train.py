@@ -27,7 +27,9 @@ from dreamteacher.config import ConfigError, PretrainConfig, config_from_dict, l
 from dreamteacher.data import SHAPE_CLASSES, ImageFolderDataset, ProceduralShapes, SkipUnreadable, render_shapes
 from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import TINY_UNET, train_teacher
-from dreamteacher.train import export_backbone, pretrain, select_taps
+from dreamteacher.export import export_backbone
+from dreamteacher.model import select_taps
+from dreamteacher.train import pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
 REPO = Path(__file__).resolve().parent.parent

@@ -1,0 +1,83 @@
+"""``dreamteacher export``: the student of a pretraining checkpoint as a plain timm state_dict, checked before it is
+written (see :func:`export_backbone`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .config import UserError, config_from_dict
+from .runtime import load_checkpoint
+from .serialization import (
+    save_plain,
+)
+from .student import StudentBackbone
+
+logger = logging.getLogger("dreamteacher")
+
+__all__ = ["EXPORT_SUFFIXES", "export_backbone"]
+
+
+#: File name suffixes :func:`export_backbone` writes: safetensors (the default) or torch.save of plain tensors.
+EXPORT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                    check_features: bool = True, details: dict | None = None) -> Path:
+    """Write the student of a pretraining checkpoint keyed by timm's own names, checked before anything is written.
+
+    The file loads strictly into ``timm.create_model(name, pretrained=False, num_classes=0)`` pruned after the
+    student's last level (:func:`~dreamteacher.student.exported_model`, recipe in
+    :func:`~dreamteacher.student.loading_recipe`), whose ``forward_intermediates`` then equals the student's maps
+    bitwise, and with ``strict=False`` into the model with its default head, all tensors loaded (head and layers after
+    the last level left at timm's initialisation: they were never trained). An export that would load short of that
+    is refused (:meth:`~dreamteacher.student.StudentBackbone.check_export`).
+
+    Args:
+        checkpoint: a ``dreamteacher pretrain`` checkpoint.
+        out: ``.safetensors`` (metadata: timm model name, out_indices, reductions, timm version) or ``.pth`` /
+            ``.pt`` (``torch.save`` of plain tensors). Default: ``backbone.safetensors`` in the run directory
+            (next to ``checkpoints/``).
+        check_features: also compare the loaded timm model's features with the student's (one forward each).
+        details: if given, updated with the check's report (tensor counts, the head-ful model's missing keys) and
+            ``timm_model``, ``out_indices``, ``reductions``.
+
+    Raises:
+        ValueError: ``out`` with another suffix, a student that cannot be exported, or a failed load check.
+    """
+    ckpt = Path(checkpoint)
+    if out is None:
+        out = (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent) / "backbone.safetensors"
+    out = Path(out)
+    if out.suffix not in EXPORT_SUFFIXES:
+        raise UserError(f"out: expected a file name ending in {' or '.join(EXPORT_SUFFIXES)}, got {str(out)!r}")
+    state = load_checkpoint(ckpt)
+    cfg = config_from_dict(state["config"])
+    student = StudentBackbone(cfg.model.student, reductions=tuple(cfg.model.reductions))
+    prefix = "student."
+    student.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    sd = student.export_state_dict()
+    report = student.check_export(sd, check_features=check_features)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            try:
+                save_file(sd, str(tmp), metadata=student.export_metadata())
+                os.replace(tmp, out)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        else:
+            save_plain(out, sd)
+    except OSError as e:  # a read-only or missing place, a file where a folder should be, a full disk
+        raise UserError(f"out: cannot write {out} ({e.strerror or e}); give a writable file path") from e
+    logger.info("exported %s (%s, %d tensors, out_indices %s) from %s", out, student.name, len(sd),
+                list(student.out_indices), ckpt)
+    if details is not None:
+        details.update(report, timm_model=student.name, out_indices=list(student.out_indices),
+                       reductions=list(student.reductions))
+    return out
