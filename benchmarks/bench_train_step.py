@@ -41,12 +41,12 @@ import torch.nn.functional as F
 
 import dtkernels
 from dreamteacher.demo import DemoSettings
+from dreamteacher.model import DistillationModel, select_taps
 from dreamteacher.perf import single_pixel_convs_as_linear
 from dreamteacher.regressor import FeatureRegressor
 from dreamteacher.student import StudentBackbone
 from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import DEMO_UNET
-from dreamteacher.model import DistillationModel, select_taps
 
 _DEMO = DemoSettings()
 IMAGE, BATCH, WIDTH, T = _DEMO.image_size, _DEMO.pretrain_batch, _DEMO.width, 150

@@ -20,8 +20,8 @@ from test_teacher import LATENT_UNET, PIXEL_UNET, VAE, images
 
 import dreamteacher.teacher as teacher_mod
 from dreamteacher.config import ConfigError, PretrainConfig, load_config
-from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.model import build_teacher
+from dreamteacher.teacher import DiffusionTeacher
 
 pytestmark = pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning")
 

@@ -13,8 +13,8 @@ from dreamteacher import cli
 from dreamteacher import student as student_module
 from dreamteacher.config import PretrainConfig, config_to_dict
 from dreamteacher.evaluate import load_backbone
-from dreamteacher.student import StudentBackbone
 from dreamteacher.export import export_backbone
+from dreamteacher.student import StudentBackbone
 
 #: One small model per family: a features_only FeatureListNet without renaming (resnet18, regnetx_002, resnest14d),
 #: with renaming (convnext, stem.0 -> stem_0), and timm's own features classes (EfficientNetFeatures,

@@ -28,8 +28,8 @@ import torch
 
 from dreamteacher import serialization as S
 from dreamteacher.config import load_config
-from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.runtime import load_checkpoint
+from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.train import pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model",

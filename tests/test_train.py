@@ -25,10 +25,10 @@ import torch
 from dreamteacher import cli
 from dreamteacher.config import ConfigError, PretrainConfig, config_from_dict, load_config
 from dreamteacher.data import SHAPE_CLASSES, ImageFolderDataset, ProceduralShapes, SkipUnreadable, render_shapes
-from dreamteacher.teacher import DiffusionTeacher
-from dreamteacher.teacher_training import TINY_UNET, train_teacher
 from dreamteacher.export import export_backbone
 from dreamteacher.model import select_taps
+from dreamteacher.teacher import DiffusionTeacher
+from dreamteacher.teacher_training import TINY_UNET, train_teacher
 from dreamteacher.train import pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
