@@ -418,9 +418,9 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
     n_runs = len(protocols) * len(backbones) * len(budgets) * (len(seeds) + len(grid) - 1)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .runtime import progress_bar
 
-        bar = tqdm(total=n_runs, desc="evaluate", unit="run", dynamic_ncols=True)
+        bar = progress_bar(n_runs, "evaluate", "run")
 
     def one_run(protocol: str, name: str, n_labels: int, seed: int, run_lr: float) -> tuple[dict, nn.Module]:
         start = time.perf_counter()

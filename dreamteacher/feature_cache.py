@@ -262,9 +262,9 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
 
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                         persistent_workers=False, pin_memory=False)
-    from tqdm.auto import tqdm
+    from .runtime import progress_bar
 
-    bar = tqdm(total=total, unit="img", desc="cache-features", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total, "cache-features", "img", disable=not progress)
     images_acc: list[torch.Tensor] = []
     feats_acc: list[list[torch.Tensor]] = [[] for _ in levels]
     idx_acc: list[torch.Tensor] = []

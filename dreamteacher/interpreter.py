@@ -226,9 +226,9 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
     out.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .runtime import progress_bar
 
-        bar = tqdm(total=steps, desc="train-interpreter", unit="step", dynamic_ncols=True)
+        bar = progress_bar(steps, "train-interpreter", "step")
     losses: list[float] = []
     start = time.perf_counter()
     model.train()

@@ -188,3 +188,58 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+class _PlainProgress:
+    """The part of tqdm's interface the commands use, printing one plain line every ``interval`` seconds (and at
+    the end) instead of carriage-return redraws, for logs and CI where stderr is not a terminal."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, initial: int = 0, interval: float = 30.0,
+                 file=None) -> None:
+        import sys
+        import time
+
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.interval, self.file = interval, file if file is not None else sys.stderr
+        self._clock = time.perf_counter
+        self._start = self._last = self._clock()
+        self._start_n = initial
+        self._postfix = ""
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        items = {**(ordered_dict or {}), **kwargs}
+        self._postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._clock() - self._last >= self.interval:
+            self._print()
+
+    def _print(self) -> None:
+        now = self._clock()
+        rate = (self.n - self._start_n) / max(now - self._start, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        extra = f" ({self._postfix})" if self._postfix else ""
+        print(f"{self.desc}: {self.n}{of} {self.unit}s, {rate:.2f} {self.unit}/s, {now - self._start:.0f} s{extra}",
+              file=self.file, flush=True)
+        self._last = now
+
+    def close(self) -> None:
+        if self.n != self._start_n or self.total == 0:
+            self._print()
+
+
+def progress_bar(total: int | None, desc: str, unit: str, *, initial: int = 0, disable: bool = False):
+    """A tqdm bar when stderr is a terminal; otherwise a plain line every 30 s (no carriage returns in logs).
+    ``disable``: a bar that prints nothing. The returned object has ``update``, ``set_postfix`` and ``close``."""
+    import sys
+
+    if not disable and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    if disable:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, disable=True)
+    return _PlainProgress(total, desc, unit, initial=initial)

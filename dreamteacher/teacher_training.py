@@ -203,9 +203,9 @@ def train_teacher(out_dir: str | os.PathLike, *, dataset=None, image_size: int =
     monitor = divergence if divergence is not None else DivergenceMonitor()
     pbar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .runtime import progress_bar
 
-        pbar = tqdm(total=steps, desc="train-teacher", unit="step", dynamic_ncols=True)
+        pbar = progress_bar(steps, "train-teacher", "step")
     history: list[float] = []
     window = torch.zeros((), device=dev)
     start = last = time.perf_counter()

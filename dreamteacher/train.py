@@ -215,9 +215,9 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     images_per_step = cfg.run.batch_size * accum * env.world_size
     pbar = None
     if env.is_main and cfg.run.progress:
-        from tqdm.auto import tqdm
+        from .runtime import progress_bar
 
-        pbar = tqdm(total=cfg.run.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+        pbar = progress_bar(cfg.run.steps, "pretrain", "step", initial=step)
     summary = {"out_dir": str(out), "checkpoint": str(ckpt_path), "interrupted": False, "loss": None}
     data = batches()
     model.train()
