@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .demo import DemoSettings, _teacher_phase
+from .demo import DemoSettings, _teacher_phase, evaluate_protocols, pretrain_config
 
 logger = logging.getLogger("dreamteacher")
 
@@ -50,8 +50,7 @@ def run_ablation(out: str | Path, settings: DemoSettings, overrides: Sequence[st
                  say: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Pretrain one backbone per variant, evaluate them all beside scratch, write the table."""
     from .config import load_config
-    from .data import SHAPE_CLASSES
-    from .evaluate import builtin_splits, builtin_validation_split, evaluate_backbones, summarize
+    from .evaluate import summarize
     from .export import export_backbone
     from .interpreter import train_interpreter
     from .train import pretrain
@@ -63,14 +62,8 @@ def run_ablation(out: str | Path, settings: DemoSettings, overrides: Sequence[st
     base_t = load_config(None, list(overrides)).teacher.t
     variants = variants if variants is not None else default_variants(base_t)
 
-    def config(run_dir: Path, *extra: str):
-        return load_config(None, [
-            f"--teacher.path={teacher_dir}", "--model.student=resnet18", f"--model.width={s.width}",
-            f"--data.image_size={s.image_size}", f"--run.steps={s.pretrain_steps}",
-            f"--run.batch_size={s.pretrain_batch}", f"--data.num_workers={s.num_workers}",
-            f"--run.out_dir={run_dir}", "--run.log_every=10", f"--run.ckpt_every={max(s.pretrain_steps // 2, 1)}",
-            "--schedule.warmup_steps=40", "--optim.lr=2e-3", f"--run.max_minutes={s.pretrain_minutes}",
-            f"--run.progress={s.progress}", *overrides, *extra])
+    def config(run_dir: Path, *extra: str):  # the variant's own settings win over the user's overrides
+        return pretrain_config(s, teacher_dir, run_dir, [*overrides, *extra])
 
     interp = None
     if any("<mixed>" in v for v in variants.values()):
@@ -89,21 +82,12 @@ def run_ablation(out: str | Path, settings: DemoSettings, overrides: Sequence[st
         pretrain_runs[name] = {"overrides": extra, "steps": summary["step"], "loss": summary["loss"],
                                "interrupted": summary["interrupted"], "out_dir": summary["out_dir"]}
     say(f"evaluate: {len(backbones)} backbones x budgets {s.budgets} x seeds {s.seeds} x {'/'.join(s.protocols)}")
-    train_set, test_set = builtin_splits(s.image_size, s.n_test)
-    val_set = builtin_validation_split(s.image_size)
-    runs, selection = [], []
-    for protocol in s.protocols:
-        grid = s.eval_lrs if protocol == "finetune" else s.probe_lrs
-        part = evaluate_backbones(backbones, train_set, test_set, budgets=s.budgets, seeds=s.seeds,
-                                  class_names=list(SHAPE_CLASSES), steps=s.eval_steps, batch_size=s.eval_batch,
-                                  lr=grid if len(grid) > 1 else grid[0], protocols=[protocol], val_set=val_set,
-                                  progress=s.progress)
-        runs += part["runs"]
-        selection += part["selection"]
+    evaluated = evaluate_protocols(backbones, s)
+    runs, selection = evaluated["runs"], evaluated["selection"]
     results = {"config": {"settings": dataclasses.asdict(s), "overrides": list(overrides),
                           "teacher": {"path": str(teacher_dir), **{k: teacher_meta.get(k) for k in (
                               "steps", "command", "fixed_batch_loss", "sha256")}},
-                          "variants": pretrain_runs, "n_test": s.n_test, "n_val": len(val_set),
+                          "variants": pretrain_runs, "n_test": s.n_test, "n_val": evaluated["n_val"],
                           "seconds": time.perf_counter() - start},
                "runs": runs, "selection": selection, "summary": summarize(runs)}
     out.mkdir(parents=True, exist_ok=True)

@@ -104,13 +104,49 @@ def _teacher_phase(out: Path, s: DemoSettings, say: Callable[[str], None]) -> tu
     return teacher_dir, meta
 
 
+def pretrain_config(s: DemoSettings, teacher_dir: Path, run_dir: Path, overrides: Sequence[str]):
+    """The pretraining config of the demo's (and the ablation's) runs at settings ``s``; ``overrides`` come last and
+    win (``--section.key=value``)."""
+    from .config import load_config
+
+    return load_config(None, [
+        f"--teacher.path={teacher_dir}", "--model.student=resnet18", f"--model.width={s.width}",
+        f"--data.image_size={s.image_size}", f"--run.steps={s.pretrain_steps}",
+        f"--run.batch_size={s.pretrain_batch}", f"--data.num_workers={s.num_workers}",
+        f"--run.out_dir={run_dir}", "--run.log_every=10", f"--run.ckpt_every={max(s.pretrain_steps // 2, 1)}",
+        "--schedule.warmup_steps=40", "--optim.lr=2e-3", f"--run.max_minutes={s.pretrain_minutes}",
+        f"--run.progress={s.progress}", *overrides])
+
+
+def evaluate_protocols(backbones: dict[str, str | None], s: DemoSettings, **kwargs: Any) -> dict[str, Any]:
+    """Every backbone on the built-in splits at settings ``s``, once per protocol, each with its own learning-rate
+    grid chosen on the validation split. ``kwargs`` go to :func:`~dreamteacher.evaluate.evaluate_backbones`.
+
+    Returns:
+        ``{"config": <the first protocol's config>, "runs", "selection", "n_val"}``.
+    """
+    from .data import SHAPE_CLASSES
+    from .evaluate import builtin_splits, builtin_validation_split, evaluate_backbones
+
+    train_set, test_set = builtin_splits(s.image_size, s.n_test)
+    val_set = builtin_validation_split(s.image_size)
+    parts = []
+    for protocol in s.protocols:
+        grid = s.eval_lrs if protocol == "finetune" else s.probe_lrs
+        parts.append(evaluate_backbones(
+            backbones, train_set, test_set, budgets=s.budgets, seeds=s.seeds, class_names=list(SHAPE_CLASSES),
+            steps=s.eval_steps, batch_size=s.eval_batch, lr=grid if len(grid) > 1 else grid[0],
+            protocols=[protocol], val_set=val_set, progress=s.progress, **kwargs))
+    return {"config": dict(parts[0]["config"]), "runs": [r for p in parts for r in p["runs"]],
+            "selection": [x for p in parts for x in p["selection"]], "n_val": len(val_set)}
+
+
 def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] = (),
              say: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Run every phase; ``say`` reports progress (the CLI prints). Returns the paths of every output, the
     evaluation results and the seconds each phase took."""
-    from .config import load_config
     from .data import labelled_indices
-    from .evaluate import builtin_splits, builtin_validation_split, evaluate_backbones, markdown_table, write_results
+    from .evaluate import markdown_table, write_results
     from .export import export_backbone
     from .interpreter import train_interpreter
     from .train import pretrain
@@ -131,13 +167,7 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     phase("teacher", t0)
 
     def config(run_dir: Path, *extra: str):
-        return load_config(None, [
-            f"--teacher.path={teacher_dir}", "--model.student=resnet18", f"--model.width={s.width}",
-            f"--data.image_size={s.image_size}", f"--run.steps={s.pretrain_steps}",
-            f"--run.batch_size={s.pretrain_batch}", f"--data.num_workers={s.num_workers}",
-            f"--run.out_dir={run_dir}", "--run.log_every=10", f"--run.ckpt_every={max(s.pretrain_steps // 2, 1)}",
-            "--schedule.warmup_steps=40", "--optim.lr=2e-3", f"--run.max_minutes={s.pretrain_minutes}",
-            f"--run.progress={s.progress}", *extra, *overrides])
+        return pretrain_config(s, teacher_dir, run_dir, [*extra, *overrides])
 
     # 2. interpreter (labels: the smallest budget's images of seed 0)
     t0 = time.perf_counter()
@@ -194,26 +224,14 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     say(f"[5/6] evaluate: {len(backbones)} backbones x label budgets {s.budgets} x seeds {s.seeds} x "
         f"{'/'.join(s.protocols)}, {s.eval_steps} steps each (learning rates chosen on the validation split), "
         f"mIoU on {s.n_test} held-out images")
-    train_set, test_set = builtin_splits(s.image_size, s.n_test)
-    val_set = builtin_validation_split(s.image_size)
-    from .data import SHAPE_CLASSES
-
-    parts = []
-    for protocol in s.protocols:
-        grid = s.eval_lrs if protocol == "finetune" else s.probe_lrs
-        parts.append(evaluate_backbones(
-            backbones, train_set, test_set, budgets=s.budgets, seeds=s.seeds, class_names=list(SHAPE_CLASSES),
-            steps=s.eval_steps, batch_size=s.eval_batch, lr=grid if len(grid) > 1 else grid[0],
-            protocols=[protocol], val_set=val_set, progress=s.progress,
-            save_models=out / "evaluate" / "models", save_seeds=[s.seeds[0]]))
+    evaluated = evaluate_protocols(backbones, s, save_models=out / "evaluate" / "models", save_seeds=[s.seeds[0]])
     from .evaluate import summarize
 
-    results = {"config": dict(parts[0]["config"]), "runs": [r for p in parts for r in p["runs"]],
-               "selection": [x for p in parts for x in p["selection"]]}
+    results = {"config": evaluated["config"], "runs": evaluated["runs"], "selection": evaluated["selection"]}
     results["summary"] = summarize(results["runs"])
     results["config"]["protocols"] = list(s.protocols)
     results["config"]["lr"] = {p: (s.eval_lrs if p == "finetune" else s.probe_lrs) for p in s.protocols}
-    results["config"]["n_val"] = len(val_set)
+    results["config"]["n_val"] = evaluated["n_val"]
     results["config"]["phase_seconds"] = dict(times)
     results["config"]["settings"] = dataclasses.asdict(s)
     results["config"]["interpreter"] = {"labels": n_interp, "label_seed": 0, "images": labelled_indices(n_interp, 0),
@@ -229,7 +247,7 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     say("[6/6] pictures")
     import torch
 
-    from .data import TEST_SEED, ProceduralShapes
+    from .data import SHAPE_CLASSES, TEST_SEED, ProceduralShapes
 
     ds = ProceduralShapes(4, s.image_size, seed=TEST_SEED)
     images = torch.stack([ds[i][0] for i in range(4)])

@@ -277,11 +277,17 @@ def foreground_miou(iou: Sequence[float], background_index: int | None = 0) -> f
 
 
 # ------------------------------------------------------------------------------------------------ fine-tune / test
+def _flip_draws(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of ``n`` images to flip horizontally and vertically (the probe replays the same draws on features)."""
+    flip_w = torch.rand(n, generator=gen) < 0.5
+    flip_h = torch.rand(n, generator=gen) < 0.5
+    return flip_w, flip_h
+
+
 def _augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal and vertical flips, per image (label-preserving for any scene without a preferred
     orientation; the built-in shapes are also rotated at random)."""
-    flip_w = torch.rand(images.shape[0], generator=gen) < 0.5
-    flip_h = torch.rand(images.shape[0], generator=gen) < 0.5
+    flip_w, flip_h = _flip_draws(images.shape[0], gen)
     images, masks = images.clone(), masks.clone()
     images[flip_w], masks[flip_w] = images[flip_w].flip(-1), masks[flip_w].flip(-1)
     images[flip_h], masks[flip_h] = images[flip_h].flip(-2), masks[flip_h].flip(-2)
@@ -334,8 +340,7 @@ def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor
             with autocast:
                 logits = model(x.to(device, non_blocking=True))
         else:  # the same draws as _augment, applied to the cached features of each flip
-            flip_w = torch.rand(batch_size, generator=gen) < 0.5
-            flip_h = torch.rand(batch_size, generator=gen) < 0.5
+            flip_w, flip_h = _flip_draws(batch_size, gen)
             y = masks[idx].clone()
             y[flip_w] = y[flip_w].flip(-1)
             y[flip_h] = y[flip_h].flip(-2)
