@@ -18,3 +18,13 @@ def _seed(request):
     """Fresh but reproducible random inputs: each test gets its own seed derived from its node id."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytest.mark.usefixtures("one_thread")``): tiny models run faster on
+    one thread, far faster when other jobs share the machine's two cores, and repeated runs are bitwise equal."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

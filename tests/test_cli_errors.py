@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_teacher import LATENT_UNET, VAE
 
@@ -28,18 +27,13 @@ from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import TINY_UNET, train_teacher
 from dreamteacher.train import pretrain
 
-pytestmark = pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 HUB_ID = "runwayml/stable-diffusion-v1-5"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the machine's two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(teacher_dir: Path, out: Path, **extra) -> list[str]:

@@ -23,7 +23,10 @@ from dreamteacher.config import ConfigError, PretrainConfig, load_config
 from dreamteacher.model import build_teacher
 from dreamteacher.teacher import DiffusionTeacher
 
-pytestmark = pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 CROSS_DIM = 32
 MAX_LENGTH = 8
@@ -32,14 +35,6 @@ UNET32 = dict(LATENT_UNET, cross_attention_dim=CROSS_DIM)
 VOCAB = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a": 2, "b": 3, "a</w>": 4, "b</w>": 5, "ab</w>": 6}
 FIXES = ("text_encoder/ and tokenizer/", "teacher.text_embedding=FILE", "teacher.conditioning=zeros")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the machine's two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_tokenizer(work: Path):

@@ -26,15 +26,11 @@ from dreamteacher.evaluate import (
 )
 from dreamteacher.student import StudentBackbone
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_miou_matches_a_hand_computed_confusion_matrix():

@@ -24,7 +24,10 @@ from dreamteacher.feature_cache import (
 )
 from dreamteacher.teacher import DiffusionTeacher
 
-pytestmark = pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
@@ -32,14 +35,6 @@ UNET = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(1
             up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
 N_IMAGES, SHARD, BATCH, RES = 10, 4, 3, 16
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the machine's two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,11 @@ from dreamteacher.interpreter import FeatureInterpreter, dice_loss, interpreter_
 from dreamteacher.teacher_training import TINY_UNET, train_teacher
 from dreamteacher.train import pretrain
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def dice_reference(logits: torch.Tensor, target: torch.Tensor, ignore_index, eps: float) -> float:

@@ -32,8 +32,11 @@ from dreamteacher.runtime import load_checkpoint
 from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.train import pretrain
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model",
-                                        "ignore:Detected pickle protocol", "ignore:dtkernels.q_sample:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model",
+                               "ignore:Detected pickle protocol", "ignore:dtkernels.q_sample:RuntimeWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 REPO = Path(__file__).resolve().parent.parent
 TINY_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
                  norm_num_groups=8, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
@@ -101,13 +104,6 @@ def run_all(commands: dict[str, list[str]], cwd: Path, parallel: int = 3, timeou
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import (
@@ -21,13 +20,6 @@ from dreamteacher.teacher_training import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
 
-
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_the_shipped_teacher_matches_its_record(one_thread):

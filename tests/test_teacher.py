@@ -13,7 +13,10 @@ from torch import nn
 import dtkernels
 from dreamteacher.teacher import DiffusionTeacher, FeatureTaps, GeneratorTeacher, resize_to_stride
 
-pytestmark = pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 PIXEL_UNET = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                   norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -25,14 +28,6 @@ LATENT_UNET = dict(_class_name="UNet2DConditionModel", sample_size=8, in_channel
 VAE = dict(in_channels=3, out_channels=3, block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the machine's two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def images(b=2, h=16, w=16):

@@ -23,15 +23,11 @@ from dreamteacher.teacher_training import (
     train_teacher,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_monitor_flags_non_finite_losses():

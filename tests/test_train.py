@@ -31,17 +31,12 @@ from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import TINY_UNET, train_teacher
 from dreamteacher.train import pretrain
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model"),
+    pytest.mark.usefixtures("one_thread"),
+]
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the same thread count makes repeated runs bitwise equal."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,11 @@ from dreamteacher.viz import (
     student_teacher_features,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
