@@ -73,9 +73,22 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    path: str = opt("", "local diffusers directory of the frozen teacher (as written by train-teacher); required")
+    kind: str = opt("diffusion", "diffusion: a diffusers UNet encodes the training images (teacher.path); "
+                                 "generator: a frozen GAN-style generator synthesizes the images from latents and "
+                                 "its own features are the targets (teacher.generator; data.source is not read)",
+                    choices=("diffusion", "generator"))
+    path: str = opt("", "local diffusers directory of the frozen teacher (as written by train-teacher); required for "
+                        "teacher.kind=diffusion")
+    generator: str = opt("", "teacher.kind=generator: MODULE:FACTORY (an importable Python function returning the "
+                             "generator nn.Module; importing runs that module's code, as any import does) or a "
+                             "TorchScript file (.pt; read by torch.jit.load, which runs TorchScript only, never "
+                             "Python). See dreamteacher.teacher.load_generator for what the module must provide")
+    latent_dim: int = opt(0, "teacher.kind=generator: size of the latent z; 0 reads the generator's latent_dim "
+                             "attribute", minimum=0)
     taps: list[str] | None = opt(None, "UNet module per student level, fine to coarse; null picks, for each student "
-                                       "stride s, the decoder block whose native stride is closest to s/2 (the paper)")
+                                       "stride s, the decoder block whose native stride is closest to s/2 (the "
+                                       "paper). teacher.kind=generator: the generator's module names (TorchScript: "
+                                       "the keys of its feature dict); null: its tap_names attribute")
     t: int = opt(150, "noise level of the one-step encoding", minimum=0)
     mode: str = opt("stochastic", "encoding: one-step noising (stochastic) or DDIM inversion (deterministic)",
                     choices=("stochastic", "deterministic"))
@@ -310,6 +323,22 @@ def _validate(cfg: PretrainConfig) -> PretrainConfig:
             raise ConfigError(f"{key}: expected positive integers, got {values}")
     if cfg.loss.level_weights is not None and any(w < 0 for w in cfg.loss.level_weights):
         raise ConfigError(f"loss.level_weights: expected non-negative weights, got {cfg.loss.level_weights}")
+    if cfg.teacher.kind == "generator":
+        if not cfg.teacher.generator:
+            raise ConfigError("teacher.generator: teacher.kind=generator needs the generator: "
+                              "--teacher.generator=MODULE:FACTORY or a TorchScript file")
+        if cfg.teacher.path:
+            raise ConfigError(f"teacher.path: teacher.kind=generator reads teacher.generator, not a diffusers "
+                              f"directory ({cfg.teacher.path!r}); drop teacher.path or use teacher.kind=diffusion")
+        if cfg.data.source != "procedural":
+            raise ConfigError(f"data.source: teacher.kind=generator trains on the images the generator synthesizes, "
+                              f"not on data.source ({cfg.data.source!r}); drop data.source")
+        if cfg.label.interpreter:
+            raise ConfigError("label.interpreter: label distillation reads a diffusion teacher's features; it needs "
+                              "teacher.kind=diffusion")
+    elif cfg.teacher.generator:
+        raise ConfigError(f"teacher.generator: set with teacher.kind=diffusion ({cfg.teacher.generator!r}); add "
+                          "--teacher.kind=generator or drop teacher.generator")
     if cfg.teacher.conditioning == "zeros" and cfg.teacher.text_embedding:
         raise ConfigError("teacher.conditioning: zeros excludes teacher.text_embedding "
                           f"({cfg.teacher.text_embedding!r}); set one of them")

@@ -209,6 +209,11 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
     from .optim import warmup_cosine
     from .runtime import save_checkpoint, setup_distributed
 
+    if cfg.teacher.kind != "diffusion":
+        from .config import ConfigError
+
+        raise ConfigError("teacher.kind: the interpreter reads labelled images through a diffusion teacher; use "
+                          "teacher.kind=diffusion with teacher.path")
     device = setup_distributed(cfg.run.device).device
     torch.manual_seed(cfg.run.seed + label_seed)
     teacher, order = build_teacher(cfg, device, cfg.model.reductions)

@@ -17,11 +17,12 @@ from torch import nn
 from .config import ConfigError, PretrainConfig, UserError, options_named
 from .regressor import FeatureRegressor
 from .student import StudentBackbone
-from .teacher import DiffusionTeacher, check_image_size, check_teacher_dir
+from .teacher import DiffusionTeacher, GeneratorTeacher, check_image_size, check_teacher_dir
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["DistillationModel", "build_student", "select_taps", "build_teacher", "build_dataset"]
+__all__ = ["DistillationModel", "build_student", "select_taps", "build_teacher", "build_generator_teacher",
+           "build_dataset"]
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,8 +100,11 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
     """The frozen teacher with one tap per student level, each resized to that level's stride in the hook.
 
     Returns the teacher and ``order``: ``teacher(x)[order[lvl]]`` is the target of student level ``l`` (the teacher
-    returns its features in call order).
+    returns its features in call order). With ``teacher.kind=generator`` the teacher is a :class:`GeneratorTeacher`
+    (:func:`build_generator_teacher`), called as ``images, features = teacher(batch_size, generator=g)``.
     """
+    if cfg.teacher.kind == "generator":
+        return build_generator_teacher(cfg, device, student_strides)
     if not cfg.teacher.path:
         raise ConfigError("teacher.path: expected the directory of a diffusers teacher (--teacher.path=DIR; see "
                           "`dreamteacher train-teacher`)")
@@ -134,6 +138,75 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
     teacher = teacher.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
     if _channels_last(cfg, device) and device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
+    order = [ordered.index(lvl) for lvl in range(len(names))]
+    return teacher, order
+
+
+def build_generator_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int]
+                            ) -> tuple[GeneratorTeacher, list[int]]:
+    """``teacher.kind=generator``: the frozen generator of ``teacher.generator``
+    (:func:`~dreamteacher.teacher.load_generator`) with one tap per student level (``teacher.taps``, else the
+    generator's ``tap_names``), each resized to its level's stride relative to the generated image, which must be
+    ``data.image_size`` square. Returns the teacher and ``order`` as :func:`build_teacher` does."""
+    from .teacher import load_generator
+
+    with options_named({"generator": "teacher.generator", "taps": "teacher.taps", "names": "teacher.taps",
+                        "strides": "teacher.taps"}):
+        module, default_taps, module_latent = load_generator(cfg.teacher.generator, "teacher.generator",
+                                                             taps=cfg.teacher.taps)
+        names = cfg.teacher.taps if cfg.teacher.taps is not None else default_taps
+        if names is None:
+            raise ConfigError(f"teacher.taps: the generator {cfg.teacher.generator} has no tap_names attribute; name "
+                              f"one of its modules per student level (fine to coarse, {len(student_strides)} of "
+                              "them) with --teacher.taps=A,B,...")
+        if len(names) != len(student_strides):
+            raise ConfigError(f"teacher.taps: expected {len(student_strides)} module names (one per student level, "
+                              f"fine to coarse), got {len(names)}: {list(names)}")
+        latent_dim = cfg.teacher.latent_dim or module_latent
+        if latent_dim is None:
+            raise ConfigError(f"teacher.latent_dim: the generator {cfg.teacher.generator} has no latent_dim "
+                              "attribute; give the size of its z with --teacher.latent_dim=N")
+        if module_latent is not None and cfg.teacher.latent_dim and cfg.teacher.latent_dim != module_latent:
+            raise ConfigError(f"teacher.latent_dim: {cfg.teacher.latent_dim} asked for, but the generator's "
+                              f"latent_dim is {module_latent}; drop teacher.latent_dim")
+        dtype = cfg.teacher.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        module = module.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
+        # The features come in call order; find it with a dry run (a generator runs coarse to fine).
+        order_probe = GeneratorTeacher(module, list(names), latent_dim=latent_dim)
+        seen: list[str] = []
+        handles = [module.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.append(n))
+                   for n in dict.fromkeys(names)]
+        try:
+            image_size = order_probe.image_size
+        except UserError:
+            raise
+        except RuntimeError as e:
+            if not str(e).startswith("FeatureTaps:"):
+                raise ConfigError(f"teacher.generator: {cfg.teacher.generator} failed on a latent of size "
+                                  f"{latent_dim} ({str(e).splitlines()[0][:200]}); check teacher.latent_dim") from e
+            raise ConfigError(f"teacher.taps: each tapped module must run once in the generator's forward "
+                              f"({str(e).partition(': ')[2][:300]})") from e
+        except Exception as e:  # the generator's own code failed on z [1, latent_dim]
+            raise ConfigError(f"teacher.generator: {cfg.teacher.generator} failed on a latent of size {latent_dim} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); check "
+                              "teacher.latent_dim") from e
+        finally:
+            for h in handles:
+                h.remove()
+            order_probe.taps.remove()
+        if image_size != (cfg.data.image_size, cfg.data.image_size):
+            raise ConfigError(f"data.image_size: the generator makes {image_size[0]}x{image_size[1]} images; set "
+                              f"--data.image_size={image_size[0]}" if image_size[0] == image_size[1] else
+                              f"data.image_size: the generator makes {image_size[0]}x{image_size[1]} images; "
+                              "pretraining needs square ones")
+        call_rank = {n: i for i, n in enumerate(dict.fromkeys(seen))}
+        ordered = sorted(range(len(names)), key=lambda lvl: call_rank[names[lvl]])
+        teacher = GeneratorTeacher(module, [names[lvl] for lvl in ordered], latent_dim=latent_dim,
+                                   strides=[student_strides[lvl] for lvl in ordered],
+                                   feature_dtype=_DTYPES[dtype])
+        teacher.feature_info  # noqa: B018 -- the dry run, inside the options_named block
     order = [ordered.index(lvl) for lvl in range(len(names))]
     return teacher, order
 

@@ -159,17 +159,19 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # -- data: this rank's shard, restarted exactly where the checkpoint stopped
-    dataset = build_dataset(cfg)
-    from .data import build_loader
+    # -- data: this rank's shard, restarted exactly where the checkpoint stopped (a generator teacher makes its own)
+    synthesize = cfg.teacher.kind == "generator"
+    if not synthesize:
+        dataset = build_dataset(cfg)
+        from .data import build_loader
 
-    loader = build_loader(dataset, cfg.run.batch_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
-                          prefetch_factor=cfg.data.prefetch_factor)
-    if len(loader.sampler) < 1 or loader.sampler.num_samples < cfg.run.batch_size:
-        raise UserError(f"run.batch_size: data.source has {len(dataset)} images, fewer than one batch of "
-                        f"{cfg.run.batch_size} per process; lower run.batch_size or give more images")
-    batches_per_epoch = loader.sampler.num_samples // cfg.run.batch_size
-    epoch, consumed = epoch + consumed // batches_per_epoch, consumed % batches_per_epoch
+        loader = build_loader(dataset, cfg.run.batch_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
+                              prefetch_factor=cfg.data.prefetch_factor)
+        if len(loader.sampler) < 1 or loader.sampler.num_samples < cfg.run.batch_size:
+            raise UserError(f"run.batch_size: data.source has {len(dataset)} images, fewer than one batch of "
+                            f"{cfg.run.batch_size} per process; lower run.batch_size or give more images")
+        batches_per_epoch = loader.sampler.num_samples // cfg.run.batch_size
+        epoch, consumed = epoch + consumed // batches_per_epoch, consumed % batches_per_epoch
 
     def batches():
         nonlocal epoch, consumed
@@ -219,7 +221,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
 
         pbar = progress_bar(cfg.run.steps, "pretrain", "step", initial=step)
     summary = {"out_dir": str(out), "checkpoint": str(ckpt_path), "interrupted": False, "loss": None}
-    data = batches()
+    data = batches() if not synthesize else None
     model.train()
     start_time = last_time = time.perf_counter()
     last_step = step
@@ -242,11 +244,18 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                     summary["interrupted"] = True
                     break
                 for micro in range(accum):
-                    images = _images(next(data)).to(device, non_blocking=True).contiguous(memory_format=memory_format)
                     # Teacher path: one-step noising in dtkernels.q_sample keyed by (seed, step, micro, rank), taps
                     # resized to the student's strides, early exit, inference mode.
                     noise_key = ((cfg.run.seed * 1_000_003 + step * accum + micro) * env.world_size + env.rank)
-                    targets = teacher(images, seed=noise_key % 2**63)
+                    if synthesize:  # the GAN setting: latents keyed like the noise, images and features from them
+                        latents = torch.Generator().manual_seed(noise_key % 2**63)
+                        images, targets = teacher(cfg.run.batch_size, generator=latents)
+                        # A copy outside inference mode: the student's autograd saves its input.
+                        images = images.to(dtype=torch.float32).clone(memory_format=memory_format)
+                    else:
+                        images = _images(next(data)).to(device, non_blocking=True).contiguous(
+                            memory_format=memory_format)
+                        targets = teacher(images, seed=noise_key % 2**63)
                     sync = (train_model.no_sync() if env.distributed and micro < accum - 1
                             else contextlib.nullcontext())
                     with sync:

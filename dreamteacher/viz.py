@@ -548,6 +548,9 @@ def student_teacher_features(checkpoint: str | os.PathLike | Mapping[str, Any], 
     state = checkpoint if isinstance(checkpoint, Mapping) else load_pretrain_checkpoint(checkpoint)
     where = "checkpoint" if isinstance(checkpoint, Mapping) else f"checkpoint {checkpoint}"
     cfg = config_from_dict(state["config"])
+    if cfg.teacher.kind != "diffusion":
+        raise ValueError(f"checkpoint: the {where} was trained from a generator teacher (teacher.kind="
+                         f"{cfg.teacher.kind}); these pictures read real images through a diffusion teacher")
     if teacher_path is not None:
         if not Path(teacher_path).is_dir():
             raise FileNotFoundError(f"teacher_path: {teacher_path} is not a directory")
