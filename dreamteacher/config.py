@@ -146,6 +146,13 @@ class DataConfig:
     seed: int = opt(0, "procedural dataset: generator seed (image i is a function of seed and i)")
     num_workers: int = opt(2, "DataLoader worker processes (0: load in the main process)", minimum=0)
     prefetch_factor: int = opt(2, "batches each worker prepares ahead", minimum=1)
+    augment: bool = opt(False, "pretraining: random resized crop + horizontal flip of each image "
+                               "(dreamteacher.data.random_resized_crop_flip), drawn from the step's key (resumes "
+                               "replay it); the same augmented image feeds the student and the teacher")
+    crop_scale: list[float] = opt([0.2, 1.0], "data.augment: range of the crop's area, as a fraction of the image")
+    crop_ratio: list[float] = opt([0.75, 1.3333333333333333], "data.augment: range of the crop's aspect ratio "
+                                                             "(width / height, drawn log-uniformly)")
+    flip_prob: float = opt(0.5, "data.augment: probability of a horizontal flip", minimum=0.0)
 
 
 @dataclass
@@ -323,7 +330,19 @@ def _validate(cfg: PretrainConfig) -> PretrainConfig:
             raise ConfigError(f"{key}: expected positive integers, got {values}")
     if cfg.loss.level_weights is not None and any(w < 0 for w in cfg.loss.level_weights):
         raise ConfigError(f"loss.level_weights: expected non-negative weights, got {cfg.loss.level_weights}")
+    lo, hi = (cfg.data.crop_scale + [0.0, 0.0])[:2]
+    if len(cfg.data.crop_scale) != 2 or not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"data.crop_scale: expected two area fractions 0 < min <= max <= 1, got "
+                          f"{cfg.data.crop_scale}")
+    lo, hi = (cfg.data.crop_ratio + [0.0, 0.0])[:2]
+    if len(cfg.data.crop_ratio) != 2 or not 0.0 < lo <= hi:
+        raise ConfigError(f"data.crop_ratio: expected two aspect ratios 0 < min <= max, got {cfg.data.crop_ratio}")
+    if cfg.data.flip_prob > 1.0:
+        raise ConfigError(f"data.flip_prob: expected a probability in [0, 1], got {cfg.data.flip_prob}")
     if cfg.teacher.kind == "generator":
+        if cfg.data.augment:
+            raise ConfigError("data.augment: teacher.kind=generator distils the generator's features of the very "
+                              "images it made (a crop would no longer match them); drop data.augment")
         if not cfg.teacher.generator:
             raise ConfigError("teacher.generator: teacher.kind=generator needs the generator: "
                               "--teacher.generator=MODULE:FACTORY or a TorchScript file")

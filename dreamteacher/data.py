@@ -344,6 +344,71 @@ def labelled_indices(n: int, seed: int, pool_size: int = LABELLED_POOL_SIZE - VA
     return perm[:n].tolist()
 
 
+# ------------------------------------------------------------------------------------------------ augmentation
+def crop_flip_params(batch: int, height: int, width: int, generator: torch.Generator, *,
+                     scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                     flip_prob: float = 0.5) -> list[tuple[int, int, int, int, bool]]:
+    """``(top, left, crop_height, crop_width, flip)`` per image, drawn from ``generator``.
+
+    As torchvision's ``RandomResizedCrop.get_params``: up to 10 draws of an area fraction in ``scale`` and a
+    log-uniform aspect ratio (width / height) in ``ratio`` for a crop that fits, else the largest centred crop with
+    the ratio clamped to ``ratio``; then a flip with probability ``flip_prob``."""
+    h, w = height, width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def uniform() -> float:
+        return float(torch.rand((), generator=generator, dtype=torch.float64))
+
+    params = []
+    for _ in range(batch):
+        for _ in range(10):
+            area = h * w * (scale[0] + (scale[1] - scale[0]) * uniform())
+            aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * uniform())
+            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(torch.randint(0, h - ch + 1, (), generator=generator))
+                left = int(torch.randint(0, w - cw + 1, (), generator=generator))
+                break
+        else:  # no fit in 10 draws: the largest centred crop of the clamped ratio
+            if w / h < ratio[0]:
+                cw, ch = w, round(w / ratio[0])
+            elif w / h > ratio[1]:
+                cw, ch = round(h * ratio[1]), h
+            else:
+                cw, ch = w, h
+            top, left = (h - ch) // 2, (w - cw) // 2
+        params.append((top, left, ch, cw, uniform() < flip_prob))
+    return params
+
+
+def crop_flip(images: torch.Tensor, params: list[tuple[int, int, int, int, bool]]) -> torch.Tensor:
+    """Crop each image of ``[B, C, H, W]`` to its ``(top, left, crop_height, crop_width, flip)``, resize the crop to
+    ``H x W`` (bilinear, ``align_corners=False``, no antialiasing: torchvision's ``resized_crop`` of a tensor with
+    ``antialias=False``) and flip it horizontally if asked; on the images' device."""
+    import torch.nn.functional as F
+
+    b, _, h, w = images.shape
+    if len(params) != b:
+        raise ValueError(f"params: expected {b} crops (one per image), got {len(params)}")
+    out = torch.empty_like(images)
+    for i, (top, left, ch, cw, flip) in enumerate(params):
+        crop = images[i:i + 1, :, top:top + ch, left:left + cw]
+        if (ch, cw) != (h, w):
+            crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+        out[i] = crop[0].flip(-1) if flip else crop[0]
+    return out
+
+
+def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator, *,
+                             scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                             flip_prob: float = 0.5) -> torch.Tensor:
+    """Random resized crop + horizontal flip of each image of a batch ``[B, C, H, W]``, at the batch's own size
+    (:func:`crop_flip_params`, then :func:`crop_flip`). Every draw comes from ``generator`` (a CPU generator), so a
+    seeded generator gives the same views on any device and a resumed run replays them exactly."""
+    b, _, h, w = images.shape
+    return crop_flip(images, crop_flip_params(b, h, w, generator, scale=scale, ratio=ratio, flip_prob=flip_prob))
+
+
 # ------------------------------------------------------------------------------------------------ loaders
 class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     """A :class:`DistributedSampler` that can start an epoch part-way (``start``: samples of this rank to skip), so a

@@ -30,6 +30,7 @@ from torch import nn
 import dtkernels
 
 from .config import ConfigError, PretrainConfig, UserError, config_to_dict
+from .data import random_resized_crop_flip
 from .losses import eager_feat_loss, eager_soft_ce
 from .model import (
     DistillationModel,
@@ -253,8 +254,13 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                         # A copy outside inference mode: the student's autograd saves its input.
                         images = images.to(dtype=torch.float32).clone(memory_format=memory_format)
                     else:
-                        images = _images(next(data)).to(device, non_blocking=True).contiguous(
-                            memory_format=memory_format)
+                        images = _images(next(data)).to(device, non_blocking=True)
+                        if cfg.data.augment:  # one view, drawn from the step's key, for the student and the teacher
+                            images = random_resized_crop_flip(
+                                images, torch.Generator().manual_seed(noise_key % 2**63),
+                                scale=tuple(cfg.data.crop_scale), ratio=tuple(cfg.data.crop_ratio),
+                                flip_prob=cfg.data.flip_prob)
+                        images = images.contiguous(memory_format=memory_format)
                         targets = teacher(images, seed=noise_key % 2**63)
                     sync = (train_model.no_sync() if env.distributed and micro < accum - 1
                             else contextlib.nullcontext())
