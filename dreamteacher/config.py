@@ -163,6 +163,11 @@ class RunConfig:
                             minimum=1)
     clip_grad: float = opt(1.0, "max global gradient norm (0 disables clipping)", minimum=0.0)
     compile: bool = opt(False, "torch.compile the trainable module (student + regressor)")
+    amp: str = opt("auto", "autocast of the trainable module's forward: bf16, fp16 (with a gradient scaler, saved in "
+                           "checkpoints) or off (float32); auto: bf16 on GPU and on CPUs that multiply bfloat16 "
+                           "natively (avx512_bf16 / amx_bf16, where it measured faster), else off "
+                           "(dreamteacher.runtime.CPU_AUTO_AMP)",
+                   choices=("auto", "bf16", "fp16", "off"))
     channels_last: bool | None = opt(None, "channels_last memory format for the models and images; null (auto): on "
                                            "GPU only (on a small CPU NCHW steps were faster at the demo's size; "
                                            "benchmarks/README.md)")

@@ -2,7 +2,7 @@
 
 config -> distributed setup from torchrun's environment -> frozen teacher (outside the trainable module) + trainable
 module (student + regressor, channels_last) -> optional ``torch.compile`` -> DDP -> loop (teacher features at the
-regressor's strides, ``dtkernels.fused_feat_loss``, bf16 autocast on GPU / fp32 on CPU, accumulation with gradient
+regressor's strides, ``dtkernels.fused_feat_loss``, autocast (``run.amp``), accumulation with gradient
 sync on the last micro-step only, clipping, fused AdamW on GPU or LAMB, warm-up + cosine) -> atomic checkpoints.
 
 Nothing in the package imports this module: what the loop shares with other commands lives in
@@ -48,6 +48,7 @@ from .runtime import (
     _set_rng_states,
     _truncate_log,
     _write_param_checksum,
+    amp_dtype,
     find_resume_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -203,6 +204,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
                 "world_size": env.world_size, "rng": _rng_states(), "config": config_to_dict(cfg),
+                "scaler": scaler.state_dict(),
                 "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
         if env.distributed:
             dist.barrier()
@@ -213,7 +215,17 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     # run.naive: the same losses written in eager PyTorch (dreamteacher.losses), for speed comparisons.
     feat_loss = eager_feat_loss if cfg.run.naive else dtkernels.fused_feat_loss
     soft_ce = eager_soft_ce if cfg.run.naive else dtkernels.soft_ce
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast_to = amp_dtype(cfg.run.amp, device)
+    autocast = (torch.autocast(device.type, dtype=autocast_to) if autocast_to is not None
+                else contextlib.nullcontext())
+    logger.debug("autocast: %s", autocast_to or "off (float32)")
+    if autocast_to is torch.float16 and device.type == "cpu":
+        logger.warning("run.amp=fp16 on CPU: torch's CPU autocast runs float16 without native matrix products, far "
+                       "slower than bf16 or off (README)")
+    # float16 gradients underflow without loss scaling; the scaler is a no-op otherwise.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_to is torch.float16)
+    if state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     accum = cfg.run.accumulation
     images_per_step = cfg.run.batch_size * accum * env.world_size
     pbar = None
@@ -279,11 +291,14 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                             ld = soft_ce(logits.float(), soft.float(), tau=cfg.label.tau)
                             ld_sum += ld.detach() / accum
                             loss = loss + cfg.label.weight * ld
-                        (loss / accum).backward()
+                        scaler.scale(loss / accum).backward()
                     loss_sum += loss.detach() / accum
+                if scaler.is_enabled():
+                    scaler.unscale_(optimizer)  # clip the true gradients
                 if cfg.run.clip_grad > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.run.clip_grad)
-                optimizer.step()
+                scaler.step(optimizer)  # skips the step when a float16 gradient overflowed
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
