@@ -368,6 +368,9 @@ def add_export(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE",
                    help="output file: .safetensors (tensors + metadata: timm model, out_indices, reductions) or "
                         ".pth/.pt (torch.save of plain tensors); default OUT_DIR/backbone.safetensors")
+    p.add_argument("--ema", action="store_true",
+                   help="export the moving average of the student's weights (pretrained with run.ema_decay > 0) "
+                        "instead of its last weights; default file OUT_DIR/backbone_ema.safetensors")
     return p
 
 
@@ -383,8 +386,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     info: dict = {}
     try:
-        with options_named({"out": "--out"}):
-            path = export_backbone(args.checkpoint, args.out, details=info)
+        with options_named({"out": "--out", "ema": "--ema"}):
+            path = export_backbone(args.checkpoint, args.out, details=info, ema=args.ema)
     except ValueError as e:
         print(f"error: {e} (nothing written)", file=sys.stderr)
         return 2

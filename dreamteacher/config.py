@@ -178,6 +178,9 @@ class RunConfig:
     keep_freed_memory: bool = opt(True, "CPU: make glibc malloc keep freed memory for reuse instead of returning it "
                                         "to the kernel, which otherwise page-faults it back in every step "
                                         "(dreamteacher.perf)")
+    ema_decay: float = opt(0.0, "decay of an exponential moving average of the student's weights, updated after "
+                                "every optimizer step (warm-up: min(decay, (1 + t) / (10 + t))), saved in checkpoints "
+                                "and written as backbone_ema.pth (`dreamteacher export --ema`); 0: off", minimum=0.0)
     log_every: int = opt(10, "steps between logged losses (the only steps that sync with .item())", minimum=1)
     ckpt_every: int = opt(500, "steps between checkpoints (one is always written at the end)", minimum=1)
     out_dir: str = opt("runs/pretrain", "output directory: config, logs, checkpoints, exported backbone")
@@ -342,6 +345,8 @@ def _validate(cfg: PretrainConfig) -> PretrainConfig:
     lo, hi = (cfg.data.crop_ratio + [0.0, 0.0])[:2]
     if len(cfg.data.crop_ratio) != 2 or not 0.0 < lo <= hi:
         raise ConfigError(f"data.crop_ratio: expected two aspect ratios 0 < min <= max, got {cfg.data.crop_ratio}")
+    if cfg.run.ema_decay >= 1.0:
+        raise ConfigError(f"run.ema_decay: expected a decay in [0, 1) (0: off), got {cfg.run.ema_decay}")
     if cfg.data.flip_prob > 1.0:
         raise ConfigError(f"data.flip_prob: expected a probability in [0, 1], got {cfg.data.flip_prob}")
     if cfg.teacher.kind == "generator":

@@ -24,7 +24,7 @@ EXPORT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
 def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                    check_features: bool = True, details: dict | None = None) -> Path:
+                    check_features: bool = True, details: dict | None = None, ema: bool = False) -> Path:
     """Write the student of a pretraining checkpoint keyed by timm's own names, checked before anything is written.
 
     The file loads strictly into ``timm.create_model(name, pretrained=False, num_classes=0)`` pruned after the
@@ -42,13 +42,16 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
         check_features: also compare the loaded timm model's features with the student's (one forward each).
         details: if given, updated with the check's report (tensor counts, the head-ful model's missing keys) and
             ``timm_model``, ``out_indices``, ``reductions``.
+        ema: export the moving average of the student's weights (``run.ema_decay``) instead of the weights
+            themselves; default file ``backbone_ema.safetensors``.
 
     Raises:
         ValueError: ``out`` with another suffix, a student that cannot be exported, or a failed load check.
     """
     ckpt = Path(checkpoint)
     if out is None:
-        out = (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent) / "backbone.safetensors"
+        out = ((ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
+               / ("backbone_ema.safetensors" if ema else "backbone.safetensors"))
     out = Path(out)
     if out.suffix not in EXPORT_SUFFIXES:
         raise UserError(f"out: expected a file name ending in {' or '.join(EXPORT_SUFFIXES)}, got {str(out)!r}")
@@ -56,7 +59,13 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
     cfg = config_from_dict(state["config"])
     student = StudentBackbone(cfg.model.student, reductions=tuple(cfg.model.reductions))
     prefix = "student."
-    student.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    weights = state["model"]
+    if ema:
+        weights = state.get("ema")
+        if not isinstance(weights, dict) or not weights:
+            raise UserError(f"ema: {ckpt} holds no moving average of the student (it was trained with "
+                            "run.ema_decay=0); export without --ema, or pretrain with --run.ema_decay=0.999")
+    student.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
     sd = student.export_state_dict()
     report = student.check_export(sd, check_features=check_features)
     try:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import PretrainConfig
 
-__all__ = ["Lamb", "build_optimizer", "warmup_cosine"]
+__all__ = ["Lamb", "ModuleEMA", "build_optimizer", "warmup_cosine"]
 
 
 class Lamb(torch.optim.Optimizer):
@@ -68,3 +68,45 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
         return (step + 1) / warmup
     progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ModuleEMA:
+    """An exponential moving average of the entries of ``module.state_dict()`` whose names start with ``prefix``
+    (the student's, ``student.``, in pretraining): floating tensors (weights and BatchNorm statistics) move as
+    ``ema <- d * ema + (1 - d) * value`` after each optimizer step, the others (BatchNorm's batch counters) are
+    copied. The decay warms up as ``d_t = min(decay, (1 + t) / (10 + t))`` for update ``t`` (the counting of
+    TensorFlow's ExponentialMovingAverage), so a short run's average is not dominated by the initial weights.
+
+    ``state_dict()`` is plain tensors keyed like the module's (``student.body.conv1.weight``); ``load_state_dict``
+    restores them exactly, so a resumed run continues the same average bitwise.
+    """
+
+    def __init__(self, module: nn.Module, decay: float, prefix: str = "student.") -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay: expected a number in (0, 1), got {decay!r}")
+        self.decay = float(decay)
+        live = {k: v for k, v in module.state_dict().items() if k.startswith(prefix)}
+        if not live:
+            raise ValueError(f"prefix: the module has no state named {prefix}*")
+        self._live = live  # the module's own tensors (state_dict shares their storage)
+        self.shadow = {k: v.detach().clone() for k, v in live.items()}
+        self._floats = [k for k, v in live.items() if v.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Move the average towards the module's current state; ``step`` is the optimizer steps done (from 1)."""
+        d = min(self.decay, (1.0 + (step - 1)) / (10.0 + (step - 1)))
+        torch._foreach_lerp_([self.shadow[k] for k in self._floats], [self._live[k] for k in self._floats], 1.0 - d)
+        for k, v in self._live.items():
+            if not v.is_floating_point():
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise ValueError(f"state: expected the EMA of {len(self.shadow)} tensors named like the module's, got "
+                             f"{len(state)} (other names)")
+        for k, v in state.items():
+            self.shadow[k].copy_(v)

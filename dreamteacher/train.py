@@ -155,6 +155,17 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         _set_rng_states(state["rng"])
         logger.info("resumed from %s at step %d", resume, step)
 
+    ema = None
+    if cfg.run.ema_decay > 0:
+        from .optim import ModuleEMA
+
+        ema = ModuleEMA(model, cfg.run.ema_decay)
+        if state is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        elif state is not None:
+            logger.warning("run.ema_decay: the checkpoint has no EMA of the student; it starts from the resumed "
+                           "weights at step %d", step)
+
     # -- optional compile, then DDP (the optimizer and checkpoints keep using the plain module)
     train_model: nn.Module = torch.compile(model) if cfg.run.compile else model
     if env.distributed:
@@ -204,7 +215,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
                 "world_size": env.world_size, "rng": _rng_states(), "config": config_to_dict(cfg),
-                "scaler": scaler.state_dict(),
+                "scaler": scaler.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
                 "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
         if env.distributed:
             dist.barrier()
@@ -302,6 +313,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if ema is not None:
+                    ema.update(step)
 
                 if step % cfg.run.log_every == 0 or step == cfg.run.steps:  # the only host syncs of the loop
                     if env.distributed:
@@ -344,6 +357,13 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         backbone = out / "backbone.pth"
         torch.save(student.backbone_state_dict(), backbone)
         summary["backbone"] = str(backbone)
+        if ema is not None:
+            import copy
+
+            averaged = copy.deepcopy(student)
+            averaged.load_state_dict({k.removeprefix("student."): v for k, v in ema.state_dict().items()})
+            torch.save(averaged.backbone_state_dict(), out / "backbone_ema.pth")
+            summary["backbone_ema"] = str(out / "backbone_ema.pth")
     if env.distributed:
         _write_param_checksum(model, out, env.rank)
         dist.barrier()
