@@ -183,6 +183,9 @@ class RunConfig:
                                 "and written as backbone_ema.pth (`dreamteacher export --ema`); 0: off", minimum=0.0)
     log_every: int = opt(10, "steps between logged losses (the only steps that sync with .item())", minimum=1)
     ckpt_every: int = opt(500, "steps between checkpoints (one is always written at the end)", minimum=1)
+    keep_checkpoints: int = opt(0, "besides checkpoints/last.pt, keep the newest N checkpoints as "
+                                   "checkpoints/stepNNNNNNNN.pt (hard links of last.pt when written; older ones are "
+                                   "deleted); 0: last.pt only", minimum=0)
     out_dir: str = opt("runs/pretrain", "output directory: config, logs, checkpoints, exported backbone")
     seed: int = opt(0, "seed of the model init, the data order and the teacher noise")
     device: str = opt("auto", "torch device (auto: cuda when available, else cpu; under torchrun: cuda:LOCAL_RANK)")

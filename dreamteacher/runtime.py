@@ -128,6 +128,40 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     return save_plain(path, state)
 
 
+def step_checkpoint_name(step: int) -> str:
+    """The file name of the step checkpoint of ``run.keep_checkpoints`` (``step00001000.pt``)."""
+    return f"step{step:08d}.pt"
+
+
+def keep_step_checkpoint(last: str | os.PathLike, step: int, keep: int) -> list[Path]:
+    """Keep the checkpoint just written to ``last`` as ``step{step:08d}.pt`` next to it (a hard link, a copy where
+    the file system has none), then delete the step checkpoints beyond the newest ``keep``, and those of later steps
+    than ``step``: a run resumed from an earlier checkpoint left them behind, and ``--resume auto`` would otherwise
+    continue that abandoned run instead of this one. Returns the deleted paths. Files of other names are never
+    touched. ``last`` must be replaced by renaming, never rewritten in place (:func:`save_checkpoint` renames), or
+    its hard links would change with it."""
+    import re
+    import shutil
+
+    last = Path(last)
+    kept = last.with_name(step_checkpoint_name(step))
+    tmp = kept.with_name(f".{kept.name}.tmp{os.getpid()}")  # the name remove_stale_temporaries clears
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, kept)  # atomic: a step file is always whole
+    steps = sorted((int(m.group(1)), f) for f in last.parent.iterdir()
+                   if (m := re.fullmatch(r"step(\d+)\.pt", f.name)) and f.is_file())
+    later = [f for n, f in steps if n > step]
+    earlier = [f for n, f in steps if n <= step]
+    removed = later + earlier[:max(len(earlier) - keep, 0)]
+    for f in removed:
+        f.unlink(missing_ok=True)
+    return removed
+
+
 def _rng_states() -> dict:
     """Every RNG the loop draws from, as plain data (:func:`serialization.encode_rng_states`)."""
     states = {"torch": torch.get_rng_state(), "python": random.getstate()}

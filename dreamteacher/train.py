@@ -50,6 +50,7 @@ from .runtime import (
     _write_param_checksum,
     amp_dtype,
     find_resume_checkpoint,
+    keep_step_checkpoint,
     load_checkpoint,
     save_checkpoint,
     setup_distributed,
@@ -217,6 +218,9 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                 "world_size": env.world_size, "rng": _rng_states(), "config": config_to_dict(cfg),
                 "scaler": scaler.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
                 "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
+            if cfg.run.keep_checkpoints > 0:
+                for old in keep_step_checkpoint(ckpt_path, step, cfg.run.keep_checkpoints):
+                    logger.debug("removed %s (run.keep_checkpoints=%d)", old, cfg.run.keep_checkpoints)
         if env.distributed:
             dist.barrier()
 
