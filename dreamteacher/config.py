@@ -181,6 +181,9 @@ class RunConfig:
     ema_decay: float = opt(0.0, "decay of an exponential moving average of the student's weights, updated after "
                                 "every optimizer step (warm-up: min(decay, (1 + t) / (10 + t))), saved in checkpoints "
                                 "and written as backbone_ema.pth (`dreamteacher export --ema`); 0: off", minimum=0.0)
+    tensorboard: bool = opt(False, "also write the logged scalars (loss, per-level mse and at, ld, lr, images/s) "
+                                   "as TensorBoard events in run.out_dir/tensorboard (rank 0; needs the tensorboard "
+                                   "package: pip install 'dtkernels[tensorboard]'); log.jsonl is written either way")
     log_every: int = opt(10, "steps between logged losses (the only steps that sync with .item())", minimum=1)
     ckpt_every: int = opt(500, "steps between checkpoints (one is always written at the end)", minimum=1)
     keep_checkpoints: int = opt(0, "besides checkpoints/last.pt, keep the newest N checkpoints as "

@@ -28,8 +28,8 @@ from .serialization import load_checkpoint as _load_checkpoint
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["DistEnv", "setup_distributed", "amp_dtype", "CPU_AUTO_AMP", "save_checkpoint", "load_checkpoint",
-           "find_resume_checkpoint", "StopFlag"]
+__all__ = ["DistEnv", "setup_distributed", "amp_dtype", "CPU_AUTO_AMP", "tensorboard_writer", "save_checkpoint",
+           "load_checkpoint", "find_resume_checkpoint", "keep_step_checkpoint", "StopFlag"]
 
 
 @dataclass
@@ -119,6 +119,22 @@ def amp_dtype(amp: str, device: torch.device, option: str = "run.amp") -> torch.
     except (RuntimeError, AssertionError) as e:
         raise UserError(f"{option}: torch cannot autocast to {amp} on {device.type} ({e}); use off") from e
     return dtype
+
+
+def tensorboard_writer(log_dir: str | os.PathLike | None, purge_step: int | None = None, *,
+                       option: str = "run.tensorboard"):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir`` (``purge_step``: a resumed run's step, so that
+    TensorBoard hides the events a killed run logged after it), or, with ``log_dir=None``, only the check that it
+    can be made. :class:`UserError` naming ``option`` when the ``tensorboard`` package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise UserError(f"{option}: TensorBoard logging needs the tensorboard package, which is not installed "
+                        f"({e}); pip install 'dtkernels[tensorboard]' (or tensorboard), or drop {option} (the "
+                        "JSON-lines log.jsonl is always written)") from e
+    if log_dir is None:
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:

@@ -54,6 +54,7 @@ from .runtime import (
     load_checkpoint,
     save_checkpoint,
     setup_distributed,
+    tensorboard_writer,
 )
 from .serialization import (
     CHECKPOINT_KIND,
@@ -110,6 +111,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         from .data import check_image_folder
 
         check_image_folder(cfg.data.source, "data.source")
+    if cfg.run.tensorboard and env.is_main:
+        tensorboard_writer(None)  # refuse now, not after the models are built, when the package is missing
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
 
@@ -209,6 +212,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
             _truncate_log(out / "log.jsonl", step)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     log_file = open(out / "log.jsonl", "a") if env.is_main else None  # noqa: SIM115 -- closed in finally
+    tb = (tensorboard_writer(out / "tensorboard", purge_step=step + 1 if resuming else None)
+          if env.is_main and cfg.run.tensorboard else None)
 
     def checkpoint() -> None:
         if env.is_main:
@@ -342,6 +347,13 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                     if log_file is not None:
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
+                    if tb is not None:
+                        for name in ("loss", "ld", "lr", "images_per_s"):
+                            if name in record:
+                                tb.add_scalar(name, record[name], step)
+                        for name in ("mse", "at"):
+                            for lvl, value in enumerate(record[name]):
+                                tb.add_scalar(f"{name}/level{lvl}", value, step)
                     if pbar is not None:
                         pbar.set_postfix(loss=f"{record['loss']:.4f}", **({"ld": f"{record['ld']:.4f}"}
                                                                           if "ld" in record else {}),
@@ -356,6 +368,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
             pbar.close()
         if log_file is not None:
             log_file.close()
+        if tb is not None:
+            tb.close()
     summary["step"] = step
     if env.is_main:
         backbone = out / "backbone.pth"
