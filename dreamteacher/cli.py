@@ -351,6 +351,8 @@ def _print_pretrain_summary(summary: dict) -> None:
                                                       if summary["interrupted"] else ""))
     print(f"  log:        {summary['out_dir']}/log.jsonl")
     print(f"  backbone:   {summary.get('backbone')}")
+    if summary.get("backbone_ema"):
+        print(f"  EMA:        {summary['backbone_ema']}  (the moving average of the student; `export --ema`)")
 
 
 # ------------------------------------------------------------------------------------------------ export

@@ -1113,7 +1113,16 @@ def load_generator(spec: str, option: str = "generator", *, taps: Sequence[str] 
         if not callable(factory):
             raise UserError(f"{option}: {spec} is a {type(factory).__name__}, expected a function returning an "
                             "nn.Module")
-        module = factory()
+        import inspect
+
+        try:
+            inspect.signature(factory).bind()
+        except TypeError as e:
+            raise UserError(f"{option}: {spec} cannot be called without arguments ({e}); point at a factory that "
+                            "takes none (wrap yours: def build(): return make_generator(...))") from e
+        except ValueError:  # no signature to inspect (a builtin): let the call tell
+            pass
+        module = factory()  # the user's own code: its errors keep their traceback
         if not isinstance(module, nn.Module):
             raise UserError(f"{option}: {spec}() returned a {type(module).__name__}, expected an nn.Module")
         if isinstance(module, torch.jit.ScriptModule):

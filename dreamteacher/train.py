@@ -169,6 +169,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         elif state is not None:
             logger.warning("run.ema_decay: the checkpoint has no EMA of the student; it starts from the resumed "
                            "weights at step %d", step)
+    elif state is not None and state.get("ema"):
+        logger.info("run.ema_decay=0: the checkpoint's EMA of the student is not continued")
 
     # -- optional compile, then DDP (the optimizer and checkpoints keep using the plain module)
     train_model: nn.Module = torch.compile(model) if cfg.run.compile else model

@@ -157,6 +157,8 @@ def test_generator_runs_resume_bitwise(tmp_path, monkeypatch):
                                                         r"'nope'"),
     ({"teacher.generator": "tests.toy_generator:not_a_module"}, r"teacher.generator: .*returned a int, expected an "
                                                                 r"nn.Module"),
+    ({"teacher.generator": "tests.toy_generator:needs_arguments"}, r"teacher.generator: .* cannot be called without "
+                                                                   r"arguments"),
     ({"teacher.generator": "missing/gen.pt"}, r"teacher.generator: 'missing/gen.pt' is not a file"),
     ({"teacher.taps": "block3,block2,block1,nope"}, r"teacher.taps: ToyGenerator has no module 'nope'"),
     ({"teacher.taps": "block3,block2,block1"}, r"teacher.taps: expected 4 module names"),

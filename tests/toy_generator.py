@@ -65,6 +65,10 @@ def not_a_module() -> int:
     return 3
 
 
+def needs_arguments(width: int) -> ToyGenerator:
+    return ToyGenerator(width=width)
+
+
 def build_scripted(seed: int = 0) -> torch.jit.ScriptModule:
     import warnings
 
