@@ -11,6 +11,9 @@ Group ``train-step``, providers side by side in one run, same models and weights
   convolutions on 1x1 maps as matrix products on CPU (``dreamteacher.perf.single_pixel_convs_as_linear``),
   ``dtkernels.fused_feat_loss``, fused AdamW, ``zero_grad(set_to_none=True)``.
 
+* ``lean_bf16``: the lean step with the student + regressor forward under bf16 autocast, what ``run.amp=auto``
+  runs on a CPU with native bfloat16 (``lean`` is ``run.amp=off``).
+
 * ``naive_kept_malloc``: the naive step in a process where glibc malloc keeps freed memory (what ``lean`` gets
   from :func:`dreamteacher.perf.keep_freed_memory`, like every ``dreamteacher`` command), to show how much of the
   difference is the allocator and how much the step itself.
@@ -27,12 +30,14 @@ provider and round, never two alive at once) and both breakdowns.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -138,7 +143,9 @@ def record_phases(times: dict[str, float], stamps) -> None:
 
 # ------------------------------------------------------------------------------------------------ lean
 class LeanStep:
-    def __init__(self, unet, alphas, taps, tap_strides, model):
+    def __init__(self, unet, alphas, taps, tap_strides, model, amp: torch.dtype | None = None):
+        self.autocast = (torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=amp) if amp is not None
+                         else contextlib.nullcontext())
         self.teacher = DiffusionTeacher(unet, taps=taps, strides=tap_strides, t=T, early_exit=True)
         order = sorted(range(len(taps)), key=lambda i: tap_strides[i])  # fine to coarse, like the student
         self.order = order
@@ -160,9 +167,10 @@ class LeanStep:
         self.key += 1
         targets = self.teacher(images, seed=self.key)
         t1 = clock()
-        preds = self.model(images)
+        with self.autocast:
+            preds = self.model(images)
         t2 = clock()
-        loss = dtkernels.fused_feat_loss(preds, [targets[i] for i in self.order])
+        loss = dtkernels.fused_feat_loss(preds, [targets[i].to(p.dtype) for i, p in zip(self.order, preds)])
         t3 = clock()
         loss.backward()
         t4 = clock()
@@ -176,7 +184,8 @@ class LeanStep:
 
 
 #: provider -> (step class, keep freed memory in its process)
-PROVIDERS = {"naive": (NaiveStep, False), "naive_kept_malloc": (NaiveStep, True), "lean": (LeanStep, True)}
+PROVIDERS = {"naive": (NaiveStep, False), "naive_kept_malloc": (NaiveStep, True), "lean": (LeanStep, True),
+             "lean_bf16": (partial(LeanStep, amp=torch.bfloat16), True)}
 
 
 def make_step(provider: str):
