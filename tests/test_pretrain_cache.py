@@ -18,10 +18,12 @@ import torch
 
 from dreamteacher import cli
 from dreamteacher.config import UserError, load_config
+from dreamteacher.data import ImageFolderDataset, to_unit_range
 from dreamteacher.feature_cache import (
     CacheMismatchError,
     FeatureCacheDataset,
     teacher_files_digest,
+    write_feature_cache,
 )
 from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import TINY_UNET
@@ -195,3 +197,81 @@ def test_an_incomplete_cache_is_refused(cache, tmp_path):
     (partial / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"data\.cache: .*incomplete cache.*cache-features"):
         pretrain(load_config(None, overrides(partial, tmp_path / "run")))
+
+
+# ---------------------------------------------------------------------------------------------------- views
+class RandomFlip:
+    """A toy augmentation in the shape ``write_feature_cache`` plugs in per view: uint8 image + generator."""
+
+    config = {"name": "hflip", "p": 0.5}
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return image.flip(-1) if torch.rand((), generator=generator) < 0.5 else image
+
+
+class WrongShape(RandomFlip):
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return image[:, :8]
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_dir):
+    return DiffusionTeacher.from_pretrained(teacher_dir, taps=TAPS, strides=TAP_STRIDES)
+
+
+def test_views_store_one_noise_draw_each(teacher, folder, tmp_path):
+    from dreamteacher.feature_cache import _batch_seed
+
+    dataset = ImageFolderDataset(folder, RES, uint8=True)
+    manifest = write_feature_cache(teacher, dataset, tmp_path, shard_size=SHARD, batch_size=4, views=3,
+                                   progress=False)
+    assert manifest["num_images"] == N_IMAGES and manifest["num_samples"] == 3 * N_IMAGES
+    assert manifest["config"]["views"] == 3 and manifest["num_shards"] == 8  # ceil(36 / 5)
+    cache = FeatureCacheDataset(tmp_path, verify_hash=True)
+    assert len(cache) == 3 * N_IMAGES and cache.views == 3
+    assert [cache.sample_key(s) for s in range(7)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+    (im0, f0), (im1, f1) = cache[3], cache[4]  # views 0 and 1 of image 1: same pixels, other noise
+    assert torch.equal(im0, to_unit_range(dataset[1])) and torch.equal(im0, im1)
+    assert all((a.float() - b.float()).abs().max() > 1e-3 for a, b in zip(f0, f1))
+    # sample 6 is row 2 of batch 0 of shard 1 (samples 5-8: image 1 view 2, image 2 views 0-2)
+    batch = torch.stack([to_unit_range(dataset[i]) for i in (1, 2, 2, 2)])
+    expected = teacher(batch, seed=_batch_seed(0, 1, 0))
+    for f, e in zip(cache[6][1], expected):
+        torch.testing.assert_close(f.float(), e[1], rtol=2e-3, atol=2e-3)
+    with pytest.raises(CacheMismatchError, match=r"config\.views: cache 3, now 2"):
+        write_feature_cache(teacher, dataset, tmp_path, shard_size=SHARD, batch_size=4, views=2, progress=False)
+
+
+def test_views_take_a_pluggable_augmentation_draw_each(teacher, folder, tmp_path):
+    from dreamteacher.feature_cache import _view_seed
+
+    dataset = ImageFolderDataset(folder, RES, uint8=True)
+    flip = RandomFlip()
+    manifest = write_feature_cache(teacher, dataset, tmp_path, shard_size=SHARD, batch_size=4, views=2,
+                                   augment=flip, seed=7, progress=False)
+    assert manifest["config"]["augment"] == RandomFlip.config
+    cache = FeatureCacheDataset(tmp_path)
+    flipped = 0
+    for s in range(len(cache)):
+        item, view = cache.sample_key(s)
+        expected = flip(dataset[item], torch.Generator().manual_seed(_view_seed(7, item, view)))
+        assert torch.equal(cache[s][0], to_unit_range(expected))
+        flipped += not torch.equal(expected, dataset[item])
+    assert 0 < flipped < len(cache)  # both outcomes drawn: the draw is per view, not per cache
+    with pytest.raises(CacheMismatchError, match=r"config\.augment\.p: cache 0\.5, now 0\.9"):
+        other = RandomFlip()
+        other.config = {"name": "hflip", "p": 0.9}
+        write_feature_cache(teacher, dataset, tmp_path, shard_size=SHARD, batch_size=4, views=2, augment=other,
+                            seed=7, progress=False)
+    with pytest.raises(ValueError, match="augment: expected a callable with a `config` attribute"):
+        write_feature_cache(teacher, dataset, tmp_path / "x", views=2, augment=lambda im, g: im, progress=False)
+    with pytest.raises(RuntimeError, match=r"augment: expected a uint8 tensor of shape \(3, 32, 32\)"):
+        write_feature_cache(teacher, dataset, tmp_path / "y", views=2, augment=WrongShape(), progress=False)
+
+
+def test_cli_views_and_pretrain_over_every_view(teacher_dir, folder, tmp_path, capsys):
+    cache = make_cache(teacher_dir, folder, tmp_path / "cache", "--views", "2")
+    assert "12 images x 2 views in 5 shards" in capsys.readouterr().out
+    # 24 samples / batch 4: an epoch is 6 steps, so step 7 starts epoch 1
+    pretrain(load_config(None, overrides(cache, tmp_path / "run", **{"run.steps": 7})))
+    assert [r["epoch"] for r in read_log(tmp_path / "run")] == [0] * 6 + [1]
