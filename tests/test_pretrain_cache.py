@@ -9,7 +9,11 @@ images, shards of 5 samples, resnet18 students with a 16-channel regressor, batc
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +22,10 @@ import torch
 
 from dreamteacher import cli
 from dreamteacher.config import UserError, load_config
-from dreamteacher.data import ImageFolderDataset, to_unit_range
+from dreamteacher.data import ImageFolderDataset, build_loader, to_unit_range
 from dreamteacher.feature_cache import (
     CacheMismatchError,
+    CorruptShardError,
     FeatureCacheDataset,
     teacher_files_digest,
     write_feature_cache,
@@ -275,3 +280,127 @@ def test_cli_views_and_pretrain_over_every_view(teacher_dir, folder, tmp_path, c
     # 24 samples / batch 4: an epoch is 6 steps, so step 7 starts epoch 1
     pretrain(load_config(None, overrides(cache, tmp_path / "run", **{"run.steps": 7})))
     assert [r["epoch"] for r in read_log(tmp_path / "run")] == [0] * 6 + [1]
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+def test_resume_in_the_middle_of_a_cached_epoch_is_bitwise_exact(cache, tmp_path, monkeypatch, no_teacher):
+    import dreamteacher.train as train_mod
+
+    saved = []
+    original = train_mod.save_checkpoint
+
+    def keep_every_checkpoint(path, state):
+        out = original(path, state)
+        copy = Path(path).with_name(f"step{state['step']}.pt")
+        shutil.copy(out, copy)
+        saved.append(copy)
+        return out
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", keep_every_checkpoint)
+    full = tmp_path / "full"
+    pretrain(load_config(None, overrides(cache, full, **{"run.steps": 5, "run.ckpt_every": 2})))
+    assert [p.name for p in saved][:2] == ["step2.pt", "step4.pt"]
+    state = torch.load(saved[0], weights_only=False)
+    assert (state["epoch"], state["consumed"]) == (0, 2)  # 12 samples / batch 4: step 2 is mid-epoch
+    resumed = tmp_path / "resumed"
+    # The resumed run reads through a DataLoader worker process: the position, not the loader, decides the data.
+    pretrain(load_config(None, overrides(cache, resumed, **{"run.steps": 5, "run.ckpt_every": 2,
+                                                             "data.num_workers": 1})), resume=saved[0])
+    a, b = read_log(full), read_log(resumed)
+    assert [r["step"] for r in b] == [3, 4, 5] and [r["epoch"] for r in b] == [0, 1, 1]
+    assert [r["loss"] for r in a[2:]] == [r["loss"] for r in b]  # bitwise: no tolerance
+    assert [r["mse"] for r in a[2:]] == [r["mse"] for r in b] and [r["at"] for r in a[2:]] == [r["at"] for r in b]
+    sa = torch.load(full / "checkpoints" / "last.pt", weights_only=False)["model"]
+    sb = torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------------------------------------------- corruption
+def damaged_copy(cache: Path, out: Path, *, truncate: bool = False) -> Path:
+    shutil.copytree(cache, out)
+    shard = out / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    if truncate:
+        del data[-64:]
+    else:
+        data[-5] ^= 0xFF  # same size: only the sha256 finds it
+    shard.write_bytes(bytes(data))
+    return out
+
+
+def test_a_corrupt_shard_is_named_and_skipped_never_trained_on(cache, tmp_path, monkeypatch, caplog, no_teacher):
+    from dreamteacher.feature_cache import CacheTargets
+
+    damaged = damaged_copy(cache, tmp_path / "damaged")
+    stored = FeatureCacheDataset(cache)
+    shard1 = {stored[i][0].numpy().tobytes() for i in range(5, 10)}  # samples of shard 1
+    seen: list[bytes] = []
+    call = CacheTargets.__call__
+
+    def record(self, batch, *, seed):
+        seen.extend(im.numpy().tobytes() for im in batch[0])
+        return call(self, batch, seed=seed)
+
+    monkeypatch.setattr(CacheTargets, "__call__", record)
+    with caplog.at_level(logging.WARNING, logger="dreamteacher"):
+        pretrain(load_config(None, overrides(damaged, tmp_path / "run", **{"run.steps": 4})))
+    assert "skipping damaged shard 1 (shard_00001.safetensors: sha256 differs" in caplog.text
+    # 7 sound samples: one batch of 4 per epoch, drawn from them, never from shard 1
+    assert len(seen) == 16 and not shard1 & set(seen) and len(set(seen)) <= 7
+
+
+def test_a_corrupt_shard_is_refused_with_cache_on_corrupt_error(cache, tmp_path, no_teacher):
+    damaged = damaged_copy(cache, tmp_path / "damaged")
+    with pytest.raises(UserError, match=r"data\.cache: .*1 damaged shard\(s\): shard_00001\.safetensors: sha256 "
+                                        r"differs.*--repair"):
+        pretrain(load_config(None, overrides(damaged, tmp_path / "run", **{"data.cache_on_corrupt": "error"})))
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_size_checks_stay_on_without_hashes(cache, tmp_path, caplog):
+    truncated = damaged_copy(cache, tmp_path / "truncated", truncate=True)
+    with caplog.at_level(logging.WARNING, logger="dreamteacher"):
+        data = FeatureCacheDataset(truncated, verify_hash=False, on_corrupt="skip")
+    assert len(data) == N_IMAGES - SHARD and [i for i, _ in data.skipped] == [1]
+    assert "shard_00001.safetensors" in caplog.text and "truncated" in caplog.text
+    # Without hashes a same-size corruption goes unseen: data.cache_verify=false says so in its help.
+    flipped = damaged_copy(cache, tmp_path / "flipped")
+    assert len(FeatureCacheDataset(flipped, verify_hash=False, on_corrupt="skip")) == N_IMAGES
+    assert len(FeatureCacheDataset(flipped, verify_hash=True, on_corrupt="skip")) == N_IMAGES - SHARD
+    every = tmp_path / "every"
+    shutil.copytree(cache, every)
+    for shard in every.glob("shard_*"):
+        shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(CorruptShardError, match="no sound shard left"):
+        FeatureCacheDataset(every, on_corrupt="skip")
+
+
+# ---------------------------------------------------------------------------------------------------- DDP
+@pytest.mark.parametrize("start", [0, 2])
+def test_ddp_ranks_get_disjoint_cached_samples(cache, start):
+    data = FeatureCacheDataset(cache)
+    keys = []
+    for rank in (0, 1):
+        loader = build_loader(data, 2, seed=3, rank=rank, world_size=2, pin_memory=False)
+        loader.sampler.set_epoch(1)
+        loader.sampler.set_start(start)  # a resumed epoch: still disjoint
+        indices = list(loader.sampler)
+        assert len(indices) == N_IMAGES // 2 - start
+        keys.append({data.sample_key(i) for i in indices})
+        images = torch.cat([b[0] for b in loader])
+        assert len(images) == len(indices)
+    assert not keys[0] & keys[1]
+    if start == 0:
+        assert keys[0] | keys[1] == {(i, 0) for i in range(N_IMAGES)}  # together, the whole epoch
+
+
+def test_two_process_ddp_from_the_cache(cache, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dreamteacher", "pretrain", *overrides(cache, out, **{"run.steps": 2, "run.batch_size": 2})]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sums = [(out / f"params_rank{r}.sha256").read_text() for r in (0, 1)]
+    assert sums[0] == sums[1]
+    assert [r["step"] for r in read_log(out)] == [1, 2]
