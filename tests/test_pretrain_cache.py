@@ -404,3 +404,19 @@ def test_two_process_ddp_from_the_cache(cache, tmp_path):
     sums = [(out / f"params_rank{r}.sha256").read_text() for r in (0, 1)]
     assert sums[0] == sums[1]
     assert [r["step"] for r in read_log(out)] == [1, 2]
+
+
+def test_label_distillation_sees_the_same_teacher_record_from_the_cache(cache, teacher_dir, tmp_path):
+    """An interpreter trained on the online teacher's features is accepted by a run from the cache of that teacher
+    (and the same taps), since the interpreter check reads the cache's record of its teacher."""
+    from dreamteacher.interpreter import _teacher_record
+    from dreamteacher.model import build_source
+
+    taps = {"teacher.taps": "up_blocks.2,up_blocks.1,up_blocks.0,mid_block"}  # fine to coarse, as cached
+    cpu = torch.device("cpu")
+    online = build_source(load_config(None, overrides("", tmp_path, **taps, **{"teacher.path": teacher_dir})),
+                          cpu, [4, 8, 16, 32])
+    cfg = load_config(None, overrides(cache, tmp_path, **taps, **{"teacher.path": teacher_dir}))
+    cached = build_source(cfg, cpu, [4, 8, 16, 32])
+    assert _teacher_record(cfg, cached.teacher, cached.order) == _teacher_record(cfg, online.teacher, online.order)
+    assert cached.teacher_channels == online.teacher_channels
