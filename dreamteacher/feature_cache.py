@@ -439,6 +439,12 @@ def _write_shard(root: Path, index: int, images: list[torch.Tensor], samples: li
             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+#: Shards a reader keeps open (one mmap and file descriptor each). A shuffled epoch reads rows from every shard in
+#: turn, and reopening one (safetensors header parse + mmap) costs several times a row's read; 64 cover a cache of
+#: 64 shards and bound the descriptors of larger ones (the oldest is closed first).
+_MAX_OPEN_SHARDS = 64
+
+
 class FeatureCacheDataset(Dataset):
     """Serves ``(image, features)`` per stored sample (``views`` per dataset item) of a cache written by
     :func:`write_feature_cache`.
@@ -511,7 +517,7 @@ class FeatureCacheDataset(Dataset):
 
         handle = self._handles.get(shard)
         if handle is None:
-            if len(self._handles) >= 4:  # a few open shards are enough for sequential or shard-local access
+            if len(self._handles) >= _MAX_OPEN_SHARDS:
                 self._handles.pop(next(iter(self._handles)))
             handle = open_safetensors(self.root / self.shards[shard]["file"], what=f"feature cache shard {shard}")
             self._handles[shard] = handle
