@@ -399,8 +399,17 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
                                        f"{tuple(lv['shape'])}")
             images_acc.append(stored)
             idx_acc.append(torch.as_tensor(batch_idx, dtype=torch.int64))
-            for acc, f in zip(feats_acc, feats):
-                acc.append(f.to("cpu", torch.float16))
+            for acc, f, lv in zip(feats_acc, feats, levels):
+                stored_f = f.to("cpu", torch.float16)
+                # float16 tops out at 65504: a larger activation (a bfloat16 or float32 teacher's) would be stored as
+                # inf and distilled as such, so it is refused here rather than found in a loss.
+                if not torch.isfinite(stored_f).all():
+                    bad = "non-finite values" if not torch.isfinite(f).all() else \
+                        f"values beyond float16's range (max |x| = {f.abs().max().item():.4g})"
+                    raise RuntimeError(f"teacher: {lv['module']} gave {bad} in the batch of dataset items "
+                                       f"{batch_idx[0] // views}..{batch_idx[-1] // views}; the cache stores "
+                                       "float16 features")
+                acc.append(stored_f)
             bar.update(len(batch_idx))
             if last:
                 entry = _write_shard(root, k, images_acc, idx_acc, feats_acc, levels, views)

@@ -420,3 +420,26 @@ def test_label_distillation_sees_the_same_teacher_record_from_the_cache(cache, t
     cached = build_source(cfg, cpu, [4, 8, 16, 32])
     assert _teacher_record(cfg, cached.teacher, cached.order) == _teacher_record(cfg, online.teacher, online.order)
     assert cached.teacher_channels == online.teacher_channels
+
+
+def test_features_beyond_float16_are_refused_not_stored_as_inf(teacher, folder, tmp_path):
+    class Loud:
+        """The tiny teacher, with one level scaled past float16's range (65504)."""
+
+        feature_info = teacher.feature_info
+
+        def identity(self):
+            return teacher.identity()
+
+        def extraction_config(self):
+            return teacher.extraction_config()
+
+        def __call__(self, images, *, seed):
+            feats = teacher(images, seed=seed)
+            return [f * 1e6 if i == 2 else f for i, f in enumerate(feats)]
+
+    dataset = ImageFolderDataset(folder, RES, uint8=True)
+    with pytest.raises(RuntimeError, match=r"teacher: up_blocks\.1 gave values beyond float16's range .* dataset "
+                                           r"items 0\.\.3"):
+        write_feature_cache(Loud(), dataset, tmp_path, shard_size=SHARD, batch_size=4, progress=False)
+    assert not list(tmp_path.glob("shard_*"))
