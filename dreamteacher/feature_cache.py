@@ -47,7 +47,7 @@ logger = logging.getLogger("dreamteacher")
 
 __all__ = ["write_feature_cache", "FeatureCacheDataset", "CacheMismatchError", "CorruptShardError",
            "check_shards", "dataset_identity", "teacher_files_digest", "read_cache_manifest", "check_cache_matches",
-           "CacheTargets", "CachedTeacherRecord"]
+           "CacheTargets", "CachedTeacherRecord", "cache_identity", "check_resume_cache"]
 
 FORMAT = FEATURE_CACHE_FORMAT
 #: 2: ``views`` (samples per item, a "views" tensor per shard), ``augment``, the teacher's file digest.
@@ -138,6 +138,24 @@ def _differences(old: dict, new: dict) -> list[str]:
     b = _flatten({k: new.get(k) for k in IDENTITY_KEYS})
     return [f"{k}: cache {_short(a.get(k))}, now {_short(b.get(k))}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
+
+
+def cache_identity(manifest: dict) -> dict:
+    """The manifest sections that say what a cache holds (:data:`IDENTITY_KEYS`), for a checkpoint to record."""
+    return json.loads(json.dumps({k: manifest.get(k) for k in IDENTITY_KEYS}))
+
+
+def check_resume_cache(recorded: dict | None, manifest: dict, checkpoint: Any) -> None:
+    """Refuse to resume a run trained from one cache with another (other teacher, extraction, views or images),
+    naming the differences; ``recorded`` is the checkpoint's :func:`cache_identity` (None: it did not use a cache)."""
+    if recorded is None:
+        return
+    diffs = _differences(recorded, manifest)
+    if diffs:
+        raise CacheMismatchError(f"data.cache: the checkpoint {checkpoint} was trained from a cache with other "
+                                 f"contents; resuming from this one would change the targets mid-run. Differences: "
+                                 f"{'; '.join(diffs)}. Resume with the cache it was trained from, or start a fresh "
+                                 "run in another run.out_dir.")
 
 
 def dataset_identity(dataset: Dataset) -> dict:

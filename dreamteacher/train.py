@@ -160,6 +160,13 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
 
     # -- data: this rank's shard, restarted exactly where the checkpoint stopped
     dataset = source.dataset
+    cache_id = None
+    if cfg.data.cache:
+        from .feature_cache import cache_identity, check_resume_cache
+
+        cache_id = cache_identity(dataset.manifest)
+        if state is not None:
+            check_resume_cache(state.get("cache"), dataset.manifest, resume)
     if state is not None and state.get("num_samples", len(dataset)) != len(dataset):
         logger.warning("the data has %d samples, the checkpoint's run had %d (a cache shard skipped or repaired "
                        "since?): the data order changes", len(dataset), state["num_samples"])
@@ -201,7 +208,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
-                "world_size": env.world_size, "num_samples": len(dataset), "rng": _rng_states(),
+                "world_size": env.world_size, "num_samples": len(dataset), "cache": cache_id, "rng": _rng_states(),
                 "config": config_to_dict(cfg),
                 "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
         if env.distributed:

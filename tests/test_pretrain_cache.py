@@ -443,3 +443,15 @@ def test_features_beyond_float16_are_refused_not_stored_as_inf(teacher, folder, 
                                            r"items 0\.\.3"):
         write_feature_cache(Loud(), dataset, tmp_path, shard_size=SHARD, batch_size=4, progress=False)
     assert not list(tmp_path.glob("shard_*"))
+
+
+def test_resume_from_another_cache_is_refused(cache, teacher_dir, folder, tmp_path):
+    first = tmp_path / "first"
+    pretrain(load_config(None, overrides(cache, first, **{"run.steps": 2})))
+    ckpt = first / "checkpoints" / "last.pt"
+    assert torch.load(ckpt, weights_only=True)["cache"]["config"]["views"] == 1  # plain data, loadable weights-only
+    pretrain(load_config(None, overrides(cache, first, **{"run.steps": 3})), resume=ckpt)  # the same cache: fine
+    other = make_cache(teacher_dir, folder, tmp_path / "other", "--views", "2")
+    with pytest.raises(CacheMismatchError, match=r"data\.cache: the checkpoint .* other contents.*config\.views: "
+                                                 r"cache 1, now 2"):
+        pretrain(load_config(None, overrides(other, tmp_path / "second", **{"run.steps": 3})), resume=ckpt)
