@@ -132,6 +132,10 @@ def add_cache_features(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per teacher forward")
     p.add_argument("--shard-size", type=_positive_int, default=256, help="images per shard file")
     p.add_argument("--seed", type=_int, default=0, help="base seed of the per-batch noise draws")
+    p.add_argument("--views", type=_positive_int, default=1, metavar="K",
+                   help="stored samples per image, each with its own noise draw (K times the teacher time and the "
+                        "disk); pretraining from the cache (--data.cache=DIR) sees every view of every image per "
+                        "epoch. The online teacher draws fresh noise at every step; a cache repeats its K draws")
     p.add_argument("--num-workers", type=_non_negative_int, default=0,
                    help="DataLoader worker processes decoding images")
     p.add_argument("--device", default="auto", help="torch device (auto: cuda when available, else cpu)")
@@ -178,7 +182,8 @@ def run_cache_features(args: argparse.Namespace) -> int:
           f"{f', {len(dataset.skipped)} unreadable skipped' if dataset.skipped else ''}")
     try:
         manifest = write_feature_cache(teacher, dataset, args.out, shard_size=args.shard_size,
-                                       batch_size=args.batch_size, seed=args.seed, num_workers=args.num_workers,
+                                       batch_size=args.batch_size, seed=args.seed, views=args.views,
+                                       num_workers=args.num_workers,
                                        repair=args.repair, verify_hash=not args.no_verify,
                                        progress=not args.no_progress)
     except CacheMismatchError as e:
@@ -188,7 +193,8 @@ def run_cache_features(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 4
     size = sum(s["bytes"] for s in manifest["shards"])
-    print(f"cache {args.out}: {manifest['num_images']} images in {manifest['num_shards']} shards, "
+    views = f" x {args.views} views" if args.views > 1 else ""
+    print(f"cache {args.out}: {manifest['num_images']} images{views} in {manifest['num_shards']} shards, "
           f"{size / 2**20:.1f} MiB, teacher {manifest['teacher']['fingerprint'][:12]}")
     return 0
 

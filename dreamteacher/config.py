@@ -133,6 +133,16 @@ class DataConfig:
     seed: int = opt(0, "procedural dataset: generator seed (image i is a function of seed and i)")
     num_workers: int = opt(2, "DataLoader worker processes (0: load in the main process)", minimum=0)
     prefetch_factor: int = opt(2, "batches each worker prepares ahead", minimum=1)
+    cache: str = opt("", "feature cache directory from `dreamteacher cache-features`: the student's images and the "
+                         "teacher's targets come from its shards and no teacher is built. teacher.*, model.reductions "
+                         "and data.image_size must agree with what the cache was made with (checked; every "
+                         "difference is named); teacher.path and teacher.taps may stay empty/null (the cache's); an "
+                         "epoch is every stored view of every image. Empty: the online teacher over data.source")
+    cache_verify: bool = opt(True, "data.cache: check every shard's sha256 before training (reads the whole cache "
+                                   "once); false checks sizes only, so a flipped byte would go unnoticed")
+    cache_on_corrupt: str = opt("skip", "data.cache: a damaged shard (missing, truncated, sha256 mismatch) is left "
+                                        "out with a warning naming it (skip) or refuses the run (error); it is never "
+                                        "trained on", choices=("skip", "error"))
 
 
 @dataclass

@@ -71,7 +71,8 @@ def check_image_folder(root: str | os.PathLike, option: str) -> Path:
         raise UserPathError(f"{option}: {root} is not a directory (expected a folder of images)")
     if is_feature_cache(path):
         raise UserPathError(f"{option}: {root} is a feature cache written by `dreamteacher cache-features`, not a "
-                            "folder of images; give the folder of images (e.g. the one the cache was made from)")
+                            "folder of images; give the folder of images (e.g. the one the cache was made from), "
+                            "or, to pretrain from the cache, pass it as data.cache (--data.cache=DIR)")
     return path
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from .teacher import DiffusionTeacher, check_image_size, check_teacher_dir
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["DistillationModel", "build_student", "select_taps", "build_teacher", "build_dataset"]
+__all__ = ["DistillationModel", "build_student", "select_taps", "build_teacher", "build_dataset", "OnlineTargets",
+           "DistillationSource", "build_source", "teacher_dtype"]
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,9 +108,7 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
                           "`dreamteacher train-teacher`)")
     # Before _candidate_taps reads its config.json.
     check_teacher_dir(cfg.teacher.path, "teacher.path", "--teacher.path=DIR (teacher: path: DIR in a YAML config)")
-    dtype = cfg.teacher.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = teacher_dtype(cfg, device)
     common = dict(t=cfg.teacher.t, mode=cfg.teacher.mode, n_noise=cfg.teacher.n_noise,
                   ddim_steps=cfg.teacher.ddim_steps, early_exit=cfg.teacher.early_exit and not cfg.run.naive)
     names = cfg.teacher.taps
@@ -136,6 +136,13 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
         teacher = teacher.to(memory_format=torch.channels_last)
     order = [ordered.index(lvl) for lvl in range(len(names))]
     return teacher, order
+
+
+def teacher_dtype(cfg: PretrainConfig, device: torch.device) -> str:
+    """``teacher.dtype`` with auto resolved: bfloat16 on GPU, float32 on CPU."""
+    if cfg.teacher.dtype != "auto":
+        return cfg.teacher.dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 def _channels_last(cfg: PretrainConfig, device: torch.device) -> bool:
@@ -184,3 +191,74 @@ def build_dataset(cfg: PretrainConfig):
 
 def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+# ------------------------------------------------------------------------------------------------ data + targets
+class OnlineTargets:
+    """Pretraining's targets computed for every batch by the frozen teacher: one-step noising keyed by ``seed``,
+    taps resized to the student's strides, early exit, inference mode.
+
+    ``targets(batch, seed=...) -> (images [B, 3, R, R] on the device, one [B, C_l, h_l, w_l] per teacher tap in call
+    order)``; the feature cache's :class:`~dreamteacher.feature_cache.CacheTargets` answers the same call.
+    """
+
+    def __init__(self, teacher: DiffusionTeacher, device: torch.device, memory_format: torch.memory_format) -> None:
+        self.teacher, self.device, self.memory_format = teacher, device, memory_format
+
+    def __call__(self, batch: Any, *, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        images = _images(batch).to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return images, self.teacher(images, seed=seed)
+
+
+@dataclass
+class DistillationSource:
+    """Where pretraining's batches come from: ``dataset`` (what the loader samples), ``targets`` (batch -> images
+    and teacher features: :class:`OnlineTargets` or the cache's ``CacheTargets``), ``teacher`` (the frozen teacher,
+    or the cache's record of it: ``feature_info``, ``identity()``, ``t``, ``mode``) and ``order``
+    (``targets(...)[1][order[lvl]]`` is the target of student level ``lvl``)."""
+
+    dataset: Any
+    targets: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]
+    teacher: Any
+    order: list[int]
+
+    @property
+    def teacher_channels(self) -> list[int]:
+        """Channels of each student level's target."""
+        info = self.teacher.feature_info
+        return [info[j]["num_chs"] for j in self.order]
+
+
+def build_source(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int],
+                 memory_format: torch.memory_format = torch.contiguous_format) -> DistillationSource:
+    """The online teacher over ``data.source``, or, with ``data.cache``, the feature cache (no teacher is built):
+    its manifest is checked against the config first (:func:`~dreamteacher.feature_cache.check_cache_matches`),
+    then its shards (sizes, and sha256 with ``data.cache_verify``; damaged ones per ``data.cache_on_corrupt``)."""
+    if not cfg.data.cache:
+        teacher, order = build_teacher(cfg, device, student_strides)
+        return DistillationSource(build_dataset(cfg), OnlineTargets(teacher, device, memory_format), teacher, order)
+    from .feature_cache import (
+        CacheTargets,
+        CorruptShardError,
+        FeatureCacheDataset,
+        check_cache_matches,
+        read_cache_manifest,
+    )
+
+    manifest = read_cache_manifest(cfg.data.cache, "data.cache")
+    if not manifest["complete"]:
+        raise UserError(f"data.cache: {cfg.data.cache} is an incomplete cache ({len(manifest['shards'])} of "
+                        f"{manifest['num_shards']} shards); rerun `dreamteacher cache-features` to finish it")
+    order = check_cache_matches(manifest, cfg, teacher_dtype=teacher_dtype(cfg, device),
+                                student_strides=list(student_strides))
+    try:
+        dataset = FeatureCacheDataset(cfg.data.cache, verify_hash=cfg.data.cache_verify,
+                                      on_corrupt=cfg.data.cache_on_corrupt)
+    except CorruptShardError as e:  # damaged shards with data.cache_on_corrupt=error (or none sound): the user's
+        raise UserError(f"data.cache: {e}" + (" Or pass --data.cache_on_corrupt=skip to train on the sound shards."
+                                              if cfg.data.cache_on_corrupt == "error" else "")) from e
+    logger.info("data.cache %s: %d samples (%d view(s) of %d images), no teacher built", cfg.data.cache,
+                len(dataset), dataset.views, manifest["num_images"])
+    targets = CacheTargets(dataset, device, memory_format, _DTYPES[teacher_dtype(cfg, device)])
+    return DistillationSource(dataset, targets, targets.teacher, order)
+

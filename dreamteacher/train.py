@@ -1,9 +1,10 @@
 """The lean DreamTeacher pretraining loop, readable top to bottom.
 
-config -> distributed setup from torchrun's environment -> frozen teacher (outside the trainable module) + trainable
-module (student + regressor, channels_last) -> optional ``torch.compile`` -> DDP -> loop (teacher features at the
-regressor's strides, ``dtkernels.fused_feat_loss``, bf16 autocast on GPU / fp32 on CPU, accumulation with gradient
-sync on the last micro-step only, clipping, fused AdamW on GPU or LAMB, warm-up + cosine) -> atomic checkpoints.
+config -> distributed setup from torchrun's environment -> frozen teacher (outside the trainable module; or, with
+``data.cache``, a feature cache and no teacher) + trainable module (student + regressor, channels_last) -> optional
+``torch.compile`` -> DDP -> loop (teacher features at the regressor's strides, computed or read from the cache,
+``dtkernels.fused_feat_loss``, bf16 autocast on GPU / fp32 on CPU, accumulation with gradient sync on the last
+micro-step only, clipping, fused AdamW on GPU or LAMB, warm-up + cosine) -> atomic checkpoints.
 
 Nothing in the package imports this module: what the loop shares with other commands lives in
 :mod:`dreamteacher.model` (the distillation model, teacher, student, dataset), :mod:`dreamteacher.runtime`
@@ -31,14 +32,7 @@ import dtkernels
 
 from .config import ConfigError, PretrainConfig, UserError, config_to_dict
 from .losses import eager_feat_loss, eager_soft_ce
-from .model import (
-    DistillationModel,
-    _channels_last,
-    _images,
-    build_dataset,
-    build_student,
-    build_teacher,
-)
+from .model import DistillationModel, _channels_last, build_source, build_student
 from .optim import build_optimizer, warmup_cosine
 from .regressor import FeatureRegressor
 from .runtime import (
@@ -107,15 +101,21 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         from .data import check_image_folder
 
         check_image_folder(cfg.data.source, "data.source")
+    if cfg.data.cache:
+        from .feature_cache import read_cache_manifest
+
+        read_cache_manifest(cfg.data.cache, "data.cache")
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
 
-    # -- models: the frozen teacher outside, the trainable module (student + regressor) inside
+    # -- models: the frozen teacher outside (or, with data.cache, none: the targets are on disk), the trainable
+    # module (student + regressor) inside
     student = build_student(cfg)
     strides = [info["reduction"] for info in student.feature_info]
-    teacher, order = build_teacher(cfg, device, strides)
-    teacher_channels = [teacher.feature_info[order[lvl]]["num_chs"] for lvl in range(len(strides))]
-    regressor = FeatureRegressor(student.feature_info, teacher_channels, width=cfg.model.width,
+    memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
+    source = build_source(cfg, device, strides, memory_format)
+    teacher, order = source.teacher, source.order
+    regressor = FeatureRegressor(student.feature_info, source.teacher_channels, width=cfg.model.width,
                                  pool_sizes=cfg.model.pool_sizes)
     interpreter = None  # label distillation: frozen, outside the trainable module like the teacher
     if cfg.label.interpreter:
@@ -125,7 +125,6 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         check_interpreter_matches(record, cfg, teacher, order)
     model = DistillationModel(student, regressor, num_classes=interpreter.config["num_classes"] if interpreter
                               else None, width=cfg.model.width).to(device)
-    memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     if (not cfg.run.naive and (cfg.run.single_pixel_linear if cfg.run.single_pixel_linear is not None
                                else device.type == "cpu")):
@@ -160,7 +159,17 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # -- data: this rank's shard, restarted exactly where the checkpoint stopped
-    dataset = build_dataset(cfg)
+    dataset = source.dataset
+    cache_id = None
+    if cfg.data.cache:
+        from .feature_cache import cache_identity, check_resume_cache
+
+        cache_id = cache_identity(dataset.manifest)
+        if state is not None:
+            check_resume_cache(state.get("cache"), dataset.manifest, resume)
+    if state is not None and state.get("num_samples", len(dataset)) != len(dataset):
+        logger.warning("the data has %d samples, the checkpoint's run had %d (a cache shard skipped or repaired "
+                       "since?): the data order changes", len(dataset), state["num_samples"])
     from .data import build_loader
 
     loader = build_loader(dataset, cfg.run.batch_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
@@ -199,7 +208,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
-                "world_size": env.world_size, "rng": _rng_states(), "config": config_to_dict(cfg),
+                "world_size": env.world_size, "num_samples": len(dataset), "cache": cache_id, "rng": _rng_states(),
+                "config": config_to_dict(cfg),
                 "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
         if env.distributed:
             dist.barrier()
@@ -242,11 +252,11 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                     summary["interrupted"] = True
                     break
                 for micro in range(accum):
-                    images = _images(next(data)).to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                    # Teacher path: one-step noising in dtkernels.q_sample keyed by (seed, step, micro, rank), taps
-                    # resized to the student's strides, early exit, inference mode.
+                    # Targets: the online teacher (one-step noising in dtkernels.q_sample keyed by (seed, step,
+                    # micro, rank), taps resized to the student's strides, early exit, inference mode), or the
+                    # feature cache's stored ones (their noise was drawn when it was written).
                     noise_key = ((cfg.run.seed * 1_000_003 + step * accum + micro) * env.world_size + env.rank)
-                    targets = teacher(images, seed=noise_key % 2**63)
+                    images, targets = source.targets(next(data), seed=noise_key % 2**63)
                     sync = (train_model.no_sync() if env.distributed and micro < accum - 1
                             else contextlib.nullcontext())
                     with sync:
