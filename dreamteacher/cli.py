@@ -132,6 +132,21 @@ def add_cache_features(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per teacher forward")
     p.add_argument("--shard-size", type=_positive_int, default=256, help="images per shard file")
     p.add_argument("--seed", type=_int, default=0, help="base seed of the per-batch noise draws")
+    p.add_argument("--views", type=_positive_int, default=1, metavar="K",
+                   help="stored samples per image, each with its own noise draw (K times the teacher time and the "
+                        "disk); pretraining from the cache (--data.cache=DIR) sees every view of every image per "
+                        "epoch. The online teacher draws fresh noise at every step; a cache repeats its K draws")
+    p.add_argument("--augment", action="store_true",
+                   help="each view is a random resized crop + horizontal flip of its image (pretraining's "
+                        "data.augment, dreamteacher.data.RandomResizedCropFlip), its own draw per (seed, image, "
+                        "view), stored and recorded in the manifest; pretrain from the cache with --data.augment=true "
+                        "and the same crop settings. Use it with --views K > 1")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=[0.2, 1.0], metavar=("MIN", "MAX"),
+                   help="--augment: range of the crop's area as a fraction of the image (data.crop_scale)")
+    p.add_argument("--crop-ratio", type=float, nargs=2, default=[0.75, 1.3333333333333333], metavar=("MIN", "MAX"),
+                   help="--augment: range of the crop's aspect ratio, width / height (data.crop_ratio)")
+    p.add_argument("--flip-prob", type=float, default=0.5, help="--augment: probability of a horizontal flip "
+                                                                "(data.flip_prob)")
     p.add_argument("--num-workers", type=_non_negative_int, default=0,
                    help="DataLoader worker processes decoding images")
     p.add_argument("--device", default="auto", help="torch device (auto: cuda when available, else cpu)")
@@ -142,6 +157,31 @@ def add_cache_features(subparsers) -> argparse.ArgumentParser:
                    help="on resume, check finished shards by size only (skip reading them for sha256)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
+
+
+def _cache_augmentation(args: argparse.Namespace):
+    """``--augment``: pretraining's crop + flip as write_feature_cache's per-view hook, its settings checked as the
+    config checks data.crop_scale / crop_ratio / flip_prob (the same limits, the flags named)."""
+    from .config import UserError
+
+    defaults = {"crop_scale": [0.2, 1.0], "crop_ratio": [0.75, 1.3333333333333333], "flip_prob": 0.5}
+    if not args.augment:
+        changed = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k) != v]
+        if changed:
+            raise UserError(f"{', '.join(changed)}: set without --augment (they shape its crops); add --augment or "
+                            "drop them")
+        return None
+    from .data import RandomResizedCropFlip
+
+    lo, hi = args.crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise UserError(f"--crop-scale: expected two area fractions 0 < MIN <= MAX <= 1, got {lo} {hi}")
+    lo, hi = args.crop_ratio
+    if not 0.0 < lo <= hi:
+        raise UserError(f"--crop-ratio: expected two aspect ratios 0 < MIN <= MAX, got {lo} {hi}")
+    if not 0.0 <= args.flip_prob <= 1.0:
+        raise UserError(f"--flip-prob: expected a probability in [0, 1], got {args.flip_prob}")
+    return RandomResizedCropFlip(args.crop_scale, args.crop_ratio, args.flip_prob)
 
 
 def run_cache_features(args: argparse.Namespace) -> int:
@@ -155,6 +195,7 @@ def run_cache_features(args: argparse.Namespace) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")
+    augment = _cache_augmentation(args)
     check_image_folder(args.data, "--data")  # before the teacher is loaded
     _check_out_dir(args.out, "--out")
     check_teacher_dir(args.teacher, "--teacher", "--teacher DIR")
@@ -178,7 +219,8 @@ def run_cache_features(args: argparse.Namespace) -> int:
           f"{f', {len(dataset.skipped)} unreadable skipped' if dataset.skipped else ''}")
     try:
         manifest = write_feature_cache(teacher, dataset, args.out, shard_size=args.shard_size,
-                                       batch_size=args.batch_size, seed=args.seed, num_workers=args.num_workers,
+                                       batch_size=args.batch_size, seed=args.seed, views=args.views,
+                                       augment=augment, num_workers=args.num_workers,
                                        repair=args.repair, verify_hash=not args.no_verify,
                                        progress=not args.no_progress)
     except CacheMismatchError as e:
@@ -188,7 +230,8 @@ def run_cache_features(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 4
     size = sum(s["bytes"] for s in manifest["shards"])
-    print(f"cache {args.out}: {manifest['num_images']} images in {manifest['num_shards']} shards, "
+    views = f" x {args.views} views" if args.views > 1 else ""
+    print(f"cache {args.out}: {manifest['num_images']} images{views} in {manifest['num_shards']} shards, "
           f"{size / 2**20:.1f} MiB, teacher {manifest['teacher']['fingerprint'][:12]}")
     return 0
 

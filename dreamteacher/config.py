@@ -146,9 +146,23 @@ class DataConfig:
     seed: int = opt(0, "procedural dataset: generator seed (image i is a function of seed and i)")
     num_workers: int = opt(2, "DataLoader worker processes (0: load in the main process)", minimum=0)
     prefetch_factor: int = opt(2, "batches each worker prepares ahead", minimum=1)
+    cache: str = opt("", "feature cache directory from `dreamteacher cache-features`: the student's images and the "
+                         "teacher's targets come from its shards and no teacher is built. teacher.*, model.reductions "
+                         "and data.image_size must agree with what the cache was made with (checked; every "
+                         "difference is named); teacher.path and teacher.taps may stay empty/null (the cache's); an "
+                         "epoch is every stored view of every image. Empty: the online teacher over data.source")
+    cache_verify: bool = opt(True, "data.cache: check every shard's sha256 before training (reads the whole cache "
+                                   "once); false checks sizes only, so a flipped byte would go unnoticed")
+    cache_on_corrupt: str = opt("skip", "data.cache: a damaged shard (missing, truncated, sha256 mismatch) is left "
+                                        "out with a warning naming it (skip) or refuses the run (error); it is never "
+                                        "trained on", choices=("skip", "error"))
     augment: bool = opt(False, "pretraining: random resized crop + horizontal flip of each image "
-                               "(dreamteacher.data.random_resized_crop_flip), drawn from the step's key (resumes "
-                               "replay it); the same augmented image feeds the student and the teacher")
+                               "(dreamteacher.data.RandomResizedCropFlip), drawn from the step's key (resumes "
+                               "replay it); the same augmented image feeds the student and the teacher. With "
+                               "data.cache the views were fixed when the cache was written (`cache-features "
+                               "--augment`): true then requires a cache augmented with the same data.crop_scale / "
+                               "crop_ratio / flip_prob, false takes its views as they are; nothing is drawn in "
+                               "pretraining")
     crop_scale: list[float] = opt([0.2, 1.0], "data.augment: range of the crop's area, as a fraction of the image")
     crop_ratio: list[float] = opt([0.75, 1.3333333333333333], "data.augment: range of the crop's aspect ratio "
                                                              "(width / height, drawn log-uniformly)")
@@ -371,6 +385,10 @@ def _validate(cfg: PretrainConfig) -> PretrainConfig:
         if cfg.label.interpreter:
             raise ConfigError("label.interpreter: label distillation reads a diffusion teacher's features; it needs "
                               "teacher.kind=diffusion")
+        if cfg.data.cache:
+            raise ConfigError(f"data.cache: teacher.kind=generator synthesizes every batch afresh; a feature cache "
+                              f"({cfg.data.cache!r}) holds a diffusion teacher's features of stored images; drop "
+                              "data.cache or use teacher.kind=diffusion")
     elif cfg.teacher.generator:
         raise ConfigError(f"teacher.generator: set with teacher.kind=diffusion ({cfg.teacher.generator!r}); add "
                           "--teacher.kind=generator or drop teacher.generator")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -71,7 +73,8 @@ def check_image_folder(root: str | os.PathLike, option: str) -> Path:
         raise UserPathError(f"{option}: {root} is not a directory (expected a folder of images)")
     if is_feature_cache(path):
         raise UserPathError(f"{option}: {root} is a feature cache written by `dreamteacher cache-features`, not a "
-                            "folder of images; give the folder of images (e.g. the one the cache was made from)")
+                            "folder of images; give the folder of images (e.g. the one the cache was made from), "
+                            "or, to pretrain from the cache, pass it as data.cache (--data.cache=DIR)")
     return path
 
 
@@ -407,6 +410,49 @@ def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator, *
     seeded generator gives the same views on any device and a resumed run replays them exactly."""
     b, _, h, w = images.shape
     return crop_flip(images, crop_flip_params(b, h, w, generator, scale=scale, ratio=ratio, flip_prob=flip_prob))
+
+
+
+class RandomResizedCropFlip:
+    """``data.augment`` as one object, used where views are made: the online pretraining targets
+    (:class:`~dreamteacher.model.OnlineTargets`, a float batch ``[B, 3, R, R]`` per step) and ``cache-features
+    --augment`` (:func:`~dreamteacher.feature_cache.write_feature_cache`'s per-view hook, a uint8 image ``[3, R,
+    R]``, returned as uint8: the stored pixels are what the teacher and later the student see).
+
+    ``config`` (JSON data) is what the cache's manifest records, so a cache can be compared with a pretraining
+    config's ``data.augment`` / ``crop_scale`` / ``crop_ratio`` / ``flip_prob`` (:meth:`from_config`)."""
+
+    name = "random_resized_crop_flip"
+
+    def __init__(self, scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 flip_prob: float = 0.5) -> None:
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.flip_prob = float(flip_prob)
+
+    @classmethod
+    def from_config(cls, data_cfg: Any) -> RandomResizedCropFlip:
+        """From a ``DataConfig`` (``data.crop_scale``, ``data.crop_ratio``, ``data.flip_prob``)."""
+        return cls(data_cfg.crop_scale, data_cfg.crop_ratio, data_cfg.flip_prob)
+
+    @property
+    def config(self) -> dict:
+        return {"name": self.name, "scale": list(self.scale), "ratio": list(self.ratio), "flip_prob": self.flip_prob}
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A batch ``[B, C, H, W]`` (float) or one image ``[C, H, W]`` (float or uint8, returned in its dtype:
+        uint8 is resized in float32 and rounded back)."""
+        single = images.dim() == 3
+        batch = images.unsqueeze(0) if single else images
+        as_uint8 = batch.dtype == torch.uint8
+        out = random_resized_crop_flip(batch.float() if as_uint8 else batch, generator, scale=self.scale,
+                                       ratio=self.ratio, flip_prob=self.flip_prob)
+        if as_uint8:
+            out = out.round_().clamp_(0, 255).to(torch.uint8)
+        return out[0] if single else out
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCropFlip(scale={self.scale}, ratio={self.ratio}, flip_prob={self.flip_prob})"
 
 
 # ------------------------------------------------------------------------------------------------ loaders

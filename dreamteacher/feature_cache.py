@@ -2,14 +2,26 @@
 
 Layout of a cache directory::
 
-    manifest.json             format, teacher identity, extraction config, dataset identity, level shapes, shards
-    shard_00000.safetensors   "images" uint8 [n, 3, R, R], "indices" int64 [n], "features.{l}" f16 [n, C_l, h_l, w_l]
+    manifest.json             format, teacher identity (+ a digest of its files), extraction config, dataset
+                              identity, level shapes, shards
+    shard_00000.safetensors   "images" uint8 [n, 3, R, R], "indices" int64 [n] (dataset item), "views" int64 [n],
+                              "features.{l}" f16 [n, C_l, h_l, w_l]
     shard_00001.safetensors   ...
 
-Shard ``k`` holds dataset items ``[k * shard_size, (k + 1) * shard_size)``. Every file is written to a temporary
-name and renamed, and the manifest lists a shard (with its size and sha256) only after its rename, so an interrupted
-run leaves a consistent cache that the next run resumes. The noise of shard ``k`` comes from a seed derived from
-``(seed, k, batch)``, so a resumed cache holds the same features as an uninterrupted one.
+A cache holds ``views`` stored *samples* per dataset item: sample ``s`` is view ``s % views`` of item
+``s // views``, and shard ``k`` holds samples ``[k * shard_size, (k + 1) * shard_size)``. Every view has its own
+noise draw (each sample is its own row of a teacher call) and, when an ``augment`` callable is given, its own
+augmentation draw (a generator seeded by ``(seed, item, view)``); the stored image is the augmented one, so the
+student later sees exactly the pixels the teacher saw.
+
+Every file is written to a temporary name and renamed, and the manifest lists a shard (with its size and sha256)
+only after its rename, so an interrupted run leaves a consistent cache that the next run resumes. The noise of
+shard ``k`` comes from a seed derived from ``(seed, k, batch)``, so a resumed cache holds the same features as an
+uninterrupted one.
+
+Pretraining reads a cache with ``data.cache=DIR`` (:class:`CacheTargets`): the images and the teacher's targets come
+from the shards and no teacher is built; :func:`check_cache_matches` first refuses a config that disagrees with
+what the cache was made with.
 """
 
 from __future__ import annotations
@@ -34,10 +46,12 @@ from .data import FEATURE_CACHE_FORMAT, FEATURE_CACHE_MANIFEST, is_feature_cache
 logger = logging.getLogger("dreamteacher")
 
 __all__ = ["write_feature_cache", "FeatureCacheDataset", "CacheMismatchError", "CorruptShardError",
-           "check_shards", "dataset_identity"]
+           "check_shards", "dataset_identity", "teacher_files_digest", "read_cache_manifest", "check_cache_matches",
+           "CacheTargets", "CachedTeacherRecord", "cache_identity", "check_resume_cache"]
 
 FORMAT = FEATURE_CACHE_FORMAT
-VERSION = 1
+#: 2: ``views`` (samples per item, a "views" tensor per shard), ``augment``, the teacher's file digest.
+VERSION = 2
 MANIFEST = FEATURE_CACHE_MANIFEST
 #: The manifest sections that must match for a cache to be reused.
 IDENTITY_KEYS = ("format", "version", "teacher", "config", "dataset")
@@ -87,6 +101,24 @@ def _read_manifest(root: Path) -> dict:
     return manifest
 
 
+def read_cache_manifest(path: str | os.PathLike, option: str = "root") -> dict:
+    """The manifest of the cache at ``path``; :class:`~dreamteacher.config.UserError` naming ``option`` when ``path``
+    is not a cache directory or its manifest is unreadable."""
+    from .config import UserPathError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UserPathError(f"{option}: {path} is not a directory (expected a feature cache written by `dreamteacher "
+                            "cache-features`)")
+    if not (root / MANIFEST).is_file():
+        raise UserPathError(f"{option}: {path} has no {MANIFEST}, so it is not a feature cache; write one with "
+                            "`dreamteacher cache-features --out DIR`")
+    try:
+        return _read_manifest(root)
+    except CorruptShardError as e:
+        raise UserError(f"{option}: {e}") from e
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out: dict[str, Any] = {}
@@ -96,9 +128,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-def _short(v: Any) -> str:
+def _short(v: Any, limit: int = 60) -> str:
     s = json.dumps(v, sort_keys=True, default=str)
-    return s if len(s) <= 60 else s[:57] + "..."
+    return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -106,6 +138,24 @@ def _differences(old: dict, new: dict) -> list[str]:
     b = _flatten({k: new.get(k) for k in IDENTITY_KEYS})
     return [f"{k}: cache {_short(a.get(k))}, now {_short(b.get(k))}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
+
+
+def cache_identity(manifest: dict) -> dict:
+    """The manifest sections that say what a cache holds (:data:`IDENTITY_KEYS`), for a checkpoint to record."""
+    return json.loads(json.dumps({k: manifest.get(k) for k in IDENTITY_KEYS}))
+
+
+def check_resume_cache(recorded: dict | None, manifest: dict, checkpoint: Any) -> None:
+    """Refuse to resume a run trained from one cache with another (other teacher, extraction, views or images),
+    naming the differences; ``recorded`` is the checkpoint's :func:`cache_identity` (None: it did not use a cache)."""
+    if recorded is None:
+        return
+    diffs = _differences(recorded, manifest)
+    if diffs:
+        raise CacheMismatchError(f"data.cache: the checkpoint {checkpoint} was trained from a cache with other "
+                                 f"contents; resuming from this one would change the targets mid-run. Differences: "
+                                 f"{'; '.join(diffs)}. Resume with the cache it was trained from, or start a fresh "
+                                 "run in another run.out_dir.")
 
 
 def dataset_identity(dataset: Dataset) -> dict:
@@ -119,6 +169,31 @@ def dataset_identity(dataset: Dataset) -> dict:
         ident["files_sha256"] = h.hexdigest()
         ident["resolution"] = getattr(dataset, "resolution", None)
     return ident
+
+
+#: What identifies the teacher a directory holds for :func:`teacher_files_digest`: these subfolders in full, and the
+#: root's configs, weights and text embedding (a bare UNet directory or a pipeline layout; logs and notes left out).
+_TEACHER_SUBDIRS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+_TEACHER_ROOT_SUFFIXES = (".json", ".safetensors", ".bin")
+_TEACHER_ROOT_SKIP = ("teacher.json",)  # train-teacher's record of how it trained: no effect on the weights
+
+
+def teacher_files_digest(path: str | os.PathLike) -> dict:
+    """sha256 over the relative paths and contents of the files of a teacher directory that make its features.
+
+    Lets ``pretrain`` check that ``teacher.path`` names the teacher a cache was made with without building it (no
+    model is constructed, the files are only read). Returns ``{"sha256": hex, "files": count}``.
+    """
+    root = Path(path)
+    files = [p for p in root.iterdir() if p.is_file() and p.suffix in _TEACHER_ROOT_SUFFIXES
+             and p.name not in _TEACHER_ROOT_SKIP]
+    for sub in _TEACHER_SUBDIRS:
+        if (root / sub).is_dir():
+            files.extend(p for p in (root / sub).rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+    h = hashlib.sha256()
+    for p in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        h.update(f"{p.relative_to(root).as_posix()}|{_sha256_file(p)}\n".encode())
+    return {"sha256": h.hexdigest(), "files": len(files)}
 
 
 def check_shards(root: str | os.PathLike, manifest: dict | None = None, *, verify_hash: bool = True
@@ -149,6 +224,34 @@ def _batch_seed(seed: int, shard: int, batch: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # < 2**63, leaves room for seed + draw
 
 
+def _view_seed(seed: int, item: int, view: int) -> int:
+    digest = hashlib.sha256(f"augment/{seed}/{item}/{view}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class _Views(Dataset):
+    """Sample ``s`` = view ``s % views`` of item ``s // views``, as uint8, augmented by its own draw when ``augment``
+    is given. Runs in the DataLoader workers, so an augmentation costs no teacher time."""
+
+    def __init__(self, dataset: Dataset, views: int, augment: Callable | None, seed: int) -> None:
+        self.dataset, self.views, self.augment, self.seed = dataset, views, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.views
+
+    def __getitem__(self, s: int) -> torch.Tensor:
+        item, view = divmod(s, self.views)
+        image = _as_uint8(self.dataset[item])
+        if self.augment is not None:
+            shape = image.shape
+            image = self.augment(image, torch.Generator().manual_seed(_view_seed(self.seed, item, view)))
+            if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.shape != shape:
+                raise RuntimeError(f"augment: expected a uint8 tensor of shape {tuple(shape)}, got "
+                                   f"{getattr(image, 'dtype', type(image).__name__)} "
+                                   f"{tuple(getattr(image, 'shape', ()))}")
+        return image
+
+
 def _as_uint8(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images
@@ -156,13 +259,20 @@ def _as_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLike, *, shard_size: int = 256,
-                        batch_size: int = 16, seed: int = 0, num_workers: int = 0, repair: bool = False,
-                        verify_hash: bool = True, progress: bool = True,
+                        batch_size: int = 16, seed: int = 0, views: int = 1,
+                        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                        num_workers: int = 0, repair: bool = False, verify_hash: bool = True, progress: bool = True,
                         on_shard_written: Callable[[int, dict], None] | None = None) -> dict:
-    """Compute the teacher's features for every item of ``dataset`` and write them as a sharded cache.
+    """Compute the teacher's features for ``views`` views of every item of ``dataset`` and write them as a sharded
+    cache.
 
     Resumes an existing cache in ``out_dir``: finished shards are checked (size, and sha256 with
     ``verify_hash``) and kept; only the missing ones are computed.
+
+    What a cache cannot give that online distillation does: each stored sample has one fixed noise draw (and one
+    fixed augmentation), so an epoch over the cache repeats the draws of the previous one; ``views`` stores that
+    many draws per item (``views`` times the disk), a finite diversity where the online teacher draws afresh at
+    every step.
 
     Args:
         teacher: a :class:`~dreamteacher.teacher.DiffusionTeacher` (anything with ``identity()``,
@@ -172,7 +282,12 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
         out_dir: cache directory (created).
         shard_size: images per shard.
         batch_size: images per teacher call (does not change the cache's identity).
-        seed: base of the per-batch noise seeds.
+        seed: base of the per-batch noise seeds (and of the per-view augmentation draws).
+        views: stored samples per item, each with its own noise draw (and augmentation draw).
+        augment: ``augment(image uint8 [3, R, R], generator) -> uint8 [3, R, R]``, called once per view with a
+            generator seeded by ``(seed, item, view)``; the teacher and later the student see its output. It must
+            carry a ``config`` attribute (JSON data: what it does), which the manifest records, so that a cache made
+            with another augmentation is refused. None: every view is the item itself (only the noise differs).
         num_workers: DataLoader workers for image decoding.
         repair: rewrite shards found truncated or corrupt instead of refusing.
         verify_hash: check finished shards' sha256 on resume (size is always checked).
@@ -190,9 +305,23 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
         raise ValueError(f"shard_size: expected a positive integer, got {shard_size!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    n = len(dataset)
-    if n == 0:
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"views: expected a positive integer, got {views!r}")
+    augment_config = None
+    if augment is not None:
+        augment_config = getattr(augment, "config", None)
+        try:
+            augment_config = json.loads(json.dumps(augment_config))
+        except (TypeError, ValueError):
+            augment_config = None
+        if augment_config is None:
+            raise ValueError("augment: expected a callable with a `config` attribute (JSON data describing it), so "
+                             "that the manifest records which augmentation made the cache")
+    n_items = len(dataset)
+    if n_items == 0:
         raise ValueError("dataset: no images to cache")
+    samples = _Views(dataset, views, augment, seed)
+    n = len(samples)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("*.tmp"):
@@ -209,17 +338,24 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
         levels.append({"key": f"features.{i}", "num_chs": lv["num_chs"], "reduction": r, "module": lv["module"],
                        "shape": [lv["num_chs"], math.ceil(image_shape[1] / r), math.ceil(image_shape[2] / r)]})
     num_shards = math.ceil(n / shard_size)
+    source = getattr(teacher, "source", None)
+    dataset_root = getattr(dataset, "root", None)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "teacher": teacher.identity(),
-        "config": {**teacher.extraction_config(), "shard_size": shard_size, "seed": seed,
-                   "image_shape": image_shape, "store_dtype": "float16"},
+        "config": {**teacher.extraction_config(), "shard_size": shard_size, "seed": seed, "views": views,
+                   "augment": augment_config, "image_shape": image_shape, "store_dtype": "float16",
+                   "conditioning": getattr(teacher, "conditioning_source", None)},
         "dataset": dataset_identity(dataset),
-        "dataset_root": str(getattr(dataset, "root", "")),  # informative only; the dataset identity is compared
-        "teacher_source": getattr(teacher, "source", None),
+        # Informative (the dataset identity is what is compared); pretrain compares a data.source folder with it.
+        "dataset_root": str(Path(dataset_root).resolve()) if dataset_root else "",
+        "teacher_source": str(Path(source).resolve()) if source else None,
+        # The teacher directory's files, so that pretrain can check teacher.path without building the teacher.
+        "teacher_files": teacher_files_digest(source) if source else None,
         "levels": levels,
-        "num_images": n,
+        "num_images": n_items,
+        "num_samples": n,
         "num_shards": num_shards,
         "shards": [],
         "complete": False,
@@ -260,18 +396,18 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
     if not todo:
         logger.info("%s: all %d shards present, nothing to do", root, num_shards)
 
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+    loader = DataLoader(samples, batch_sampler=batches, num_workers=num_workers,
                         persistent_workers=False, pin_memory=False)
     from .runtime import progress_bar
 
-    bar = progress_bar(total, "cache-features", "img", disable=not progress)
+    bar = progress_bar(total, "cache-features", "img", disable=not progress)  # one "img" = one stored view
     images_acc: list[torch.Tensor] = []
     feats_acc: list[list[torch.Tensor]] = [[] for _ in levels]
     idx_acc: list[torch.Tensor] = []
     t0 = time.perf_counter()
     try:
         for (k, b, last), batch_idx, images in zip(plan, batches, loader):
-            stored = _as_uint8(images)
+            stored = images  # uint8, as _Views returns them
             feats = teacher(to_unit_range(stored), seed=_batch_seed(seed, k, b))
             if len(feats) != len(levels):
                 raise RuntimeError(f"teacher: returned {len(feats)} feature levels, feature_info has {len(levels)}")
@@ -281,11 +417,20 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
                                        f"{tuple(lv['shape'])}")
             images_acc.append(stored)
             idx_acc.append(torch.as_tensor(batch_idx, dtype=torch.int64))
-            for acc, f in zip(feats_acc, feats):
-                acc.append(f.to("cpu", torch.float16))
+            for acc, f, lv in zip(feats_acc, feats, levels):
+                stored_f = f.to("cpu", torch.float16)
+                # float16 tops out at 65504: a larger activation (a bfloat16 or float32 teacher's) would be stored as
+                # inf and distilled as such, so it is refused here rather than found in a loss.
+                if not torch.isfinite(stored_f).all():
+                    bad = "non-finite values" if not torch.isfinite(f).all() else \
+                        f"values beyond float16's range (max |x| = {f.abs().max().item():.4g})"
+                    raise RuntimeError(f"teacher: {lv['module']} gave {bad} in the batch of dataset items "
+                                       f"{batch_idx[0] // views}..{batch_idx[-1] // views}; the cache stores "
+                                       "float16 features")
+                acc.append(stored_f)
             bar.update(len(batch_idx))
             if last:
-                entry = _write_shard(root, k, images_acc, idx_acc, feats_acc, levels)
+                entry = _write_shard(root, k, images_acc, idx_acc, feats_acc, levels, views)
                 finished[k] = entry
                 manifest["shards"] = [finished[i] for i in sorted(finished)]
                 manifest["complete"] = len(finished) == num_shards
@@ -297,42 +442,57 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
         bar.close()
     elapsed = time.perf_counter() - t0
     if total:
-        logger.info("%s: wrote %d images in %d shards, %.1f images/s", root, total, len(todo), total / elapsed)
+        logger.info("%s: wrote %d samples (%d view(s) per image) in %d shards, %.1f samples/s", root, total, views,
+                    len(todo), total / elapsed)
     manifest["complete"] = len(finished) == num_shards
     _write_manifest(root, manifest)
     return manifest
 
 
-def _write_shard(root: Path, index: int, images: list[torch.Tensor], indices: list[torch.Tensor],
-                 feats: list[list[torch.Tensor]], levels: list[dict]) -> dict:
+def _write_shard(root: Path, index: int, images: list[torch.Tensor], samples: list[torch.Tensor],
+                 feats: list[list[torch.Tensor]], levels: list[dict], views: int) -> dict:
     from safetensors.torch import save
 
-    tensors = {"images": torch.cat(images).contiguous(), "indices": torch.cat(indices).contiguous()}
+    sample = torch.cat(samples)
+    tensors = {"images": torch.cat(images).contiguous(), "indices": (sample // views).contiguous(),
+               "views": (sample % views).contiguous()}
     for lv, acc in zip(levels, feats):
         tensors[lv["key"]] = torch.cat(acc).contiguous()
     # One metadata key: safetensors orders metadata as a hash map, and identical shards should be identical bytes.
     data = save(tensors, metadata={FORMAT: f"shard {index}"})
     path = root / shard_name(index)
     _atomic_write_bytes(path, data)
-    return {"index": index, "file": path.name, "start": int(tensors["indices"][0]), "count": len(tensors["indices"]),
+    return {"index": index, "file": path.name, "start": int(sample[0]), "count": len(sample),
             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+#: Shards a reader keeps open (one mmap and file descriptor each). A shuffled epoch reads rows from every shard in
+#: turn, and reopening one (safetensors header parse + mmap) costs several times a row's read; 64 cover a cache of
+#: 64 shards and bound the descriptors of larger ones (the oldest is closed first).
+_MAX_OPEN_SHARDS = 64
+
+
 class FeatureCacheDataset(Dataset):
-    """Serves ``(image, features)`` from a cache written by :func:`write_feature_cache`.
+    """Serves ``(image, features)`` per stored sample (``views`` per dataset item) of a cache written by
+    :func:`write_feature_cache`.
 
     Args:
         root: the cache directory.
         verify_hash: check every shard's sha256 on open (sizes are always checked).
         allow_partial: serve the finished shards of an incomplete cache (with a warning) instead of refusing.
         feature_dtype: dtype of the returned features (float16 as stored by default).
+        on_corrupt: what a damaged shard (missing, wrong size, or, with ``verify_hash``, wrong sha256) does:
+            ``"error"`` refuses the cache (:class:`CorruptShardError` naming every damaged file); ``"skip"`` leaves
+            its samples out, with one warning naming each file (:attr:`skipped`). Never served either way.
 
     Returns per item:
         ``image [3, R, R]`` float32 in ``[-1, 1]`` and a list of ``[C_l, h_l, w_l]`` features (:attr:`feature_info`).
     """
 
     def __init__(self, root: str | os.PathLike, *, verify_hash: bool = False, allow_partial: bool = False,
-                 feature_dtype: torch.dtype = torch.float16) -> None:
+                 feature_dtype: torch.dtype = torch.float16, on_corrupt: str = "error") -> None:
+        if on_corrupt not in ("error", "skip"):
+            raise ValueError(f"on_corrupt: expected 'error' or 'skip', got {on_corrupt!r}")
         self.root = Path(root)
         if not (self.root / MANIFEST).is_file():
             raise FileNotFoundError(f"root: no {MANIFEST} in {self.root}; write a cache with "
@@ -345,15 +505,26 @@ class FeatureCacheDataset(Dataset):
                 raise CorruptShardError(msg)
             logger.warning(msg)
         problems = check_shards(self.root, self.manifest, verify_hash=verify_hash)
-        if problems:
+        #: ``[(shard index, problem)]`` of the damaged shards left out (``on_corrupt="skip"``).
+        self.skipped: list[tuple[int, str]] = []
+        if problems and on_corrupt == "error":
             raise CorruptShardError(f"{self.root}: {len(problems)} damaged shard(s): "
                                     f"{'; '.join(p for _, p in problems)}. Rerun `dreamteacher cache-features` "
                                     "with --repair to rewrite them.")
-        self.shards = sorted(self.manifest["shards"], key=lambda s: s["index"])
+        if problems:
+            self.skipped = problems
+            for i, p in problems:
+                logger.warning("%s: skipping damaged shard %d (%s); its samples are left out. Rerun `dreamteacher "
+                               "cache-features` with --repair to rewrite it", self.root, i, p)
+        bad = {i for i, _ in problems}
+        self.shards = sorted((s for s in self.manifest["shards"] if s["index"] not in bad), key=lambda s: s["index"])
+        if not self.shards:
+            raise CorruptShardError(f"{self.root}: no sound shard left to read ({len(problems)} damaged)")
         self._offsets = [0]
         for s in self.shards:
             self._offsets.append(self._offsets[-1] + s["count"])
         self.levels = self.manifest["levels"]
+        self.views = int(self.manifest["config"].get("views", 1))
         self.feature_dtype = feature_dtype
         self._handles: dict[int, Any] = {}
 
@@ -373,18 +544,28 @@ class FeatureCacheDataset(Dataset):
 
         handle = self._handles.get(shard)
         if handle is None:
-            if len(self._handles) >= 4:  # a few open shards are enough for sequential or shard-local access
+            if len(self._handles) >= _MAX_OPEN_SHARDS:
                 self._handles.pop(next(iter(self._handles)))
             handle = open_safetensors(self.root / self.shards[shard]["file"], what=f"feature cache shard {shard}")
             self._handles[shard] = handle
         return handle
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _locate(self, index: int) -> tuple[int, int]:
         if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} cached images")
+            raise IndexError(f"index {index} out of range for {len(self)} cached samples")
         index %= len(self)
         shard = bisect.bisect_right(self._offsets, index) - 1
-        row = index - self._offsets[shard]
+        return shard, index - self._offsets[shard]
+
+    def sample_key(self, index: int) -> tuple[int, int]:
+        """``(dataset item, view)`` of stored sample ``index``, as recorded in its shard."""
+        shard, row = self._locate(index)
+        h = self._handle(shard)
+        view = int(h.get_slice("views")[row:row + 1][0]) if "views" in h.keys() else 0  # version 1: one view
+        return int(h.get_slice("indices")[row:row + 1][0]), view
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        shard, row = self._locate(index)
         h = self._handle(shard)
         image = to_unit_range(h.get_slice("images")[row:row + 1][0])
         feats = [h.get_slice(lv["key"])[row:row + 1][0].to(self.feature_dtype) for lv in self.levels]
@@ -395,3 +576,148 @@ class FeatureCacheDataset(Dataset):
         state["_handles"] = {}  # open shards are not shared with DataLoader workers
         return state
 
+
+
+# ------------------------------------------------------------------------------------------------ pretraining
+def check_cache_matches(manifest: dict, cfg: Any, *, teacher_dtype: str, student_strides: list[int],
+                        where: str = "data.cache") -> list[int]:
+    """Refuse a pretraining config that disagrees with what a cache was made with; return ``order``.
+
+    Compared (config key: manifest entry): ``model.reductions``: one cached level per student stride;
+    ``teacher.taps`` (when set; null takes the cache's taps): the cached module of each student level; ``teacher.t``,
+    ``teacher.mode``, ``teacher.n_noise`` (stochastic), ``teacher.ddim_steps`` (deterministic); ``teacher.dtype``
+    (``teacher_dtype``, auto resolved): the features' compute dtype; ``teacher.conditioning`` (conditional teachers:
+    the zero-embedding opt-in); ``teacher.path`` (when set): the digest of the teacher directory's files, read but
+    not built; ``data.image_size``: the stored images' side; ``data.source`` (when it names a folder): the folder the
+    cache was made from; ``data.augment`` (and its ``crop_scale`` / ``crop_ratio`` / ``flip_prob``): the
+    augmentation the stored views were made with (``config.augment``), when ``data.augment`` is true (false takes
+    the cache's views as they are, augmented or not).
+
+    Returns:
+        ``order``: cached level ``order[lvl]`` is the target of student level ``lvl`` (strides ``student_strides``).
+
+    Raises:
+        CacheMismatchError: naming every difference as ``key: cache <value>, config <value>``.
+    """
+    conf = manifest["config"]
+    levels = manifest["levels"]
+    diffs: list[tuple[str, Any, Any]] = []
+    strides = [lv["reduction"] for lv in levels]
+    order: list[int] = []
+    for s in student_strides:
+        matches = [j for j, r in enumerate(strides) if r == s]
+        if len(matches) != 1:
+            break
+        order.append(matches[0])
+    if len(order) != len(student_strides):
+        diffs.append(("model.reductions", strides, list(student_strides)))
+    elif cfg.teacher.taps is not None:
+        cached_taps = [levels[j]["module"] for j in order]
+        if list(cfg.teacher.taps) != cached_taps:
+            diffs.append(("teacher.taps", cached_taps, list(cfg.teacher.taps)))
+    mode = conf.get("mode")
+    for key, value in (("t", cfg.teacher.t), ("mode", cfg.teacher.mode)):
+        if conf.get(key) != value:
+            diffs.append((f"teacher.{key}", conf.get(key), value))
+    if mode == cfg.teacher.mode == "stochastic" and conf.get("n_noise") != cfg.teacher.n_noise:
+        diffs.append(("teacher.n_noise", conf.get("n_noise"), cfg.teacher.n_noise))
+    if mode == cfg.teacher.mode == "deterministic" and conf.get("ddim_steps") != cfg.teacher.ddim_steps:
+        diffs.append(("teacher.ddim_steps", conf.get("ddim_steps"), cfg.teacher.ddim_steps))
+    if conf.get("feature_dtype") != teacher_dtype:
+        asked = teacher_dtype if cfg.teacher.dtype == teacher_dtype else f"{cfg.teacher.dtype} ({teacher_dtype})"
+        diffs.append(("teacher.dtype", conf.get("feature_dtype"), asked))
+    conditioning = conf.get("conditioning")
+    if conditioning is not None:  # a conditional teacher: the zero embedding is an explicit choice on both sides
+        from .teacher import ZEROS_SOURCE
+
+        cached_zeros = conditioning == ZEROS_SOURCE
+        if cached_zeros != (cfg.teacher.conditioning == "zeros"):
+            diffs.append(("teacher.conditioning", "zeros" if cached_zeros else f"auto ({conditioning})",
+                          cfg.teacher.conditioning))
+    if cfg.teacher.path:
+        recorded = (manifest.get("teacher_files") or {}).get("sha256")
+        if recorded is None:
+            diffs.append(("teacher.path", "(not recorded: the cache was written from an in-memory teacher)",
+                          cfg.teacher.path))
+        elif not Path(cfg.teacher.path).is_dir():
+            diffs.append(("teacher.path", manifest.get("teacher_source"), f"{cfg.teacher.path} (not a directory)"))
+        elif teacher_files_digest(cfg.teacher.path)["sha256"] != recorded:
+            diffs.append(("teacher.path", f"{manifest.get('teacher_source')} (files sha256 {recorded[:12]})",
+                          f"{cfg.teacher.path} (files sha256 "
+                          f"{teacher_files_digest(cfg.teacher.path)['sha256'][:12]})"))
+    shape = conf.get("image_shape", [None, None, None])
+    if shape[1:] != [cfg.data.image_size, cfg.data.image_size]:
+        diffs.append(("data.image_size", shape[1] if shape[1] == shape[2] else shape[1:], cfg.data.image_size))
+    if cfg.data.source != "procedural":
+        root = manifest.get("dataset_root") or ""
+        if not root or Path(root).resolve() != Path(cfg.data.source).resolve():
+            diffs.append(("data.source", root or "(not recorded)", cfg.data.source))
+    # Augmentation: the cache's views were augmented (or not) when it was written (config.augment); pretraining
+    # from it draws none, since the stored targets belong to the stored pixels. data.augment therefore states what
+    # the cache must hold when true: crop + flip views with the same settings (`cache-features --augment`).
+    cached_aug = conf.get("augment")
+    if cfg.data.augment:
+        from .data import RandomResizedCropFlip
+
+        wanted = RandomResizedCropFlip.from_config(cfg.data).config
+        if cached_aug is None:
+            diffs.append(("data.augment", "none (the views are fixed when a cache is written: make an augmented "
+                                          "one with `dreamteacher cache-features --augment --views K`)", True))
+        elif cached_aug.get("name") != wanted["name"]:
+            diffs.append(("data.augment", cached_aug, f"true ({wanted['name']})"))
+        else:
+            for key, name in (("scale", "crop_scale"), ("ratio", "crop_ratio"), ("flip_prob", "flip_prob")):
+                if cached_aug.get(key) != wanted[key]:
+                    diffs.append((f"data.{name}", cached_aug.get(key), wanted[key]))
+    elif cached_aug is not None:  # like teacher.taps=null: the cache's own choice, taken as it is
+        logger.info("%s: its views were augmented when it was written (%s); data.augment=false takes them as they "
+                    "are", where, _short(cached_aug, 200))
+    if diffs:
+        text = "; ".join(f"{k}: cache {_short(a, 300)}, config {_short(b, 300)}" for k, a, b in diffs)  # whole paths
+        raise CacheMismatchError(f"{where}: the cache was made with other settings than this config asks for; "
+                                 f"refusing to distil mismatched targets. Differences: {text}. Set these keys to the "
+                                 "cache's values, or write a cache for this config with `dreamteacher "
+                                 "cache-features`.")
+    return order
+
+
+class CachedTeacherRecord:
+    """What the cache says about its teacher, in the shape the interpreter check reads from a teacher
+    (``feature_info``, ``identity()``, ``t``, ``mode``, ``extraction_config()``); it computes nothing."""
+
+    def __init__(self, manifest: dict) -> None:
+        self._manifest = manifest
+        self.t = manifest["config"]["t"]
+        self.mode = manifest["config"]["mode"]
+        self.source = manifest.get("teacher_source")
+
+    @property
+    def feature_info(self) -> list[dict]:
+        return [{"num_chs": lv["num_chs"], "reduction": lv["reduction"], "module": lv["module"]}
+                for lv in self._manifest["levels"]]
+
+    def identity(self) -> dict:
+        return dict(self._manifest["teacher"])
+
+    def extraction_config(self) -> dict:
+        return dict(self._manifest["config"])
+
+
+class CacheTargets:
+    """Pretraining's targets from a feature cache: batches of the :class:`FeatureCacheDataset` are ``(images,
+    features)``, and a step moves both to the device, the features (stored as float16) in ``dtype``, the dtype the
+    online teacher's features would have; the noise draw was made when the cache was written.
+
+    Same call as the online teacher's targets (:class:`dreamteacher.model.OnlineTargets`), so the loop is one:
+    ``targets(batch, seed=...) -> (images [B, 3, R, R], [B, C_l, h_l, w_l] per cached level)``.
+    """
+
+    def __init__(self, dataset: FeatureCacheDataset, device: torch.device, memory_format: torch.memory_format,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.dataset, self.device, self.memory_format, self.dtype = dataset, device, memory_format, dtype
+        self.teacher = CachedTeacherRecord(dataset.manifest)
+
+    def __call__(self, batch: Any, *, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        images, feats = batch
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return images, [f.to(self.device, self.dtype, non_blocking=True) for f in feats]

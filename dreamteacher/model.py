@@ -7,7 +7,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from .teacher import DiffusionTeacher, GeneratorTeacher, check_image_size, check
 logger = logging.getLogger("dreamteacher")
 
 __all__ = ["DistillationModel", "build_student", "select_taps", "build_teacher", "build_generator_teacher",
-           "build_dataset"]
+           "build_dataset", "OnlineTargets", "GeneratorTargets", "DistillationSource", "build_source", "teacher_dtype"]
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,9 +111,7 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
                           "`dreamteacher train-teacher`)")
     # Before _candidate_taps reads its config.json.
     check_teacher_dir(cfg.teacher.path, "teacher.path", "--teacher.path=DIR (teacher: path: DIR in a YAML config)")
-    dtype = cfg.teacher.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = teacher_dtype(cfg, device)
     common = dict(t=cfg.teacher.t, mode=cfg.teacher.mode, n_noise=cfg.teacher.n_noise,
                   ddim_steps=cfg.teacher.ddim_steps, early_exit=cfg.teacher.early_exit and not cfg.run.naive)
     names = cfg.teacher.taps
@@ -142,6 +141,13 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
     return teacher, order
 
 
+def teacher_dtype(cfg: PretrainConfig, device: torch.device) -> str:
+    """``teacher.dtype`` with auto resolved: bfloat16 on GPU, float32 on CPU."""
+    if cfg.teacher.dtype != "auto":
+        return cfg.teacher.dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def build_generator_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int]
                             ) -> tuple[GeneratorTeacher, list[int]]:
     """``teacher.kind=generator``: the frozen generator of ``teacher.generator``
@@ -169,9 +175,7 @@ def build_generator_teacher(cfg: PretrainConfig, device: torch.device, student_s
         if module_latent is not None and cfg.teacher.latent_dim and cfg.teacher.latent_dim != module_latent:
             raise ConfigError(f"teacher.latent_dim: {cfg.teacher.latent_dim} asked for, but the generator's "
                               f"latent_dim is {module_latent}; drop teacher.latent_dim")
-        dtype = cfg.teacher.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        dtype = teacher_dtype(cfg, device)
         module = module.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
         # The features come in call order; find it with a dry run (a generator runs coarse to fine).
         order_probe = GeneratorTeacher(module, list(names), latent_dim=latent_dim)
@@ -257,3 +261,108 @@ def build_dataset(cfg: PretrainConfig):
 
 def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+# ------------------------------------------------------------------------------------------------ data + targets
+# Three sources answer one call, ``targets(batch, seed=...) -> (images [B, 3, R, R] on the device, one
+# [B, C_l, h_l, w_l] per teacher tap in call order)``, so the loop is one: OnlineTargets (the frozen diffusion
+# teacher over loaded images), the feature cache's CacheTargets (both read from shards) and GeneratorTargets (a
+# frozen generator synthesizes the images; nothing is loaded).
+class OnlineTargets:
+    """Pretraining's targets computed for every batch by the frozen teacher: one-step noising keyed by ``seed``,
+    taps resized to the student's strides, early exit, inference mode.
+
+    ``augment`` (``data.augment``: :class:`~dreamteacher.data.RandomResizedCropFlip`, or any ``augment(images,
+    generator) -> images``) makes the step's view first, from a CPU generator seeded by ``seed`` (so a resumed run
+    replays it); that one tensor is the student's input and the teacher's.
+    """
+
+    def __init__(self, teacher: DiffusionTeacher, device: torch.device, memory_format: torch.memory_format,
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> None:
+        self.teacher, self.device, self.memory_format, self.augment = teacher, device, memory_format, augment
+
+    def __call__(self, batch: Any, *, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        images = _images(batch).to(self.device, non_blocking=True)
+        if self.augment is not None:
+            images = self.augment(images, torch.Generator().manual_seed(seed))
+        images = images.contiguous(memory_format=self.memory_format)
+        return images, self.teacher(images, seed=seed)
+
+
+class GeneratorTargets:
+    """``teacher.kind=generator`` (the paper's GAN setting): each batch is synthesized from latents
+    ``z ~ N(0, I)`` drawn from a CPU generator seeded by ``seed``, and the generator's own tapped features are the
+    targets. Nothing is loaded: the loop's ``batch`` is the batch size (the source has no dataset), and the key alone
+    fixes a step, so a resumed run replays it exactly and DDP ranks (other keys) see other latents."""
+
+    def __init__(self, teacher: GeneratorTeacher, memory_format: torch.memory_format) -> None:
+        self.teacher, self.memory_format = teacher, memory_format
+
+    def __call__(self, batch: int, *, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        images, feats = self.teacher(batch, generator=torch.Generator().manual_seed(seed))
+        # A float32 copy outside inference mode: the student's autograd saves its input.
+        return images.to(dtype=torch.float32).clone(memory_format=self.memory_format), feats
+
+
+@dataclass
+class DistillationSource:
+    """Where pretraining's batches come from: ``dataset`` (what the loader samples; None for a generator teacher,
+    whose batches are synthesized: the loop then hands ``targets`` the batch size), ``targets`` (batch -> images
+    and teacher features: :class:`OnlineTargets`, the cache's ``CacheTargets`` or :class:`GeneratorTargets`),
+    ``teacher`` (the frozen teacher, or the cache's record of it: ``feature_info``, ``identity()``, ``t``, ``mode``)
+    and ``order`` (``targets(...)[1][order[lvl]]`` is the target of student level ``lvl``)."""
+
+    dataset: Any
+    targets: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]
+    teacher: Any
+    order: list[int]
+
+    @property
+    def teacher_channels(self) -> list[int]:
+        """Channels of each student level's target."""
+        info = self.teacher.feature_info
+        return [info[j]["num_chs"] for j in self.order]
+
+
+def build_source(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int],
+                 memory_format: torch.memory_format = torch.contiguous_format) -> DistillationSource:
+    """The online teacher over ``data.source`` (with ``data.augment``'s views), the generator teacher
+    (``teacher.kind=generator``: no dataset), or, with ``data.cache``, the feature cache (no teacher is built): its
+    manifest is checked against the config first (:func:`~dreamteacher.feature_cache.check_cache_matches`, which
+    also compares ``data.augment`` with the augmentation the cache's views were made with), then its shards (sizes,
+    and sha256 with ``data.cache_verify``; damaged ones per ``data.cache_on_corrupt``)."""
+    if cfg.teacher.kind == "generator":
+        teacher, order = build_generator_teacher(cfg, device, student_strides)
+        return DistillationSource(None, GeneratorTargets(teacher, memory_format), teacher, order)
+    if not cfg.data.cache:
+        from .data import RandomResizedCropFlip
+
+        teacher, order = build_teacher(cfg, device, student_strides)
+        augment = RandomResizedCropFlip.from_config(cfg.data) if cfg.data.augment else None
+        return DistillationSource(build_dataset(cfg), OnlineTargets(teacher, device, memory_format, augment),
+                                  teacher, order)
+    from .feature_cache import (
+        CacheTargets,
+        CorruptShardError,
+        FeatureCacheDataset,
+        check_cache_matches,
+        read_cache_manifest,
+    )
+
+    manifest = read_cache_manifest(cfg.data.cache, "data.cache")
+    if not manifest["complete"]:
+        raise UserError(f"data.cache: {cfg.data.cache} is an incomplete cache ({len(manifest['shards'])} of "
+                        f"{manifest['num_shards']} shards); rerun `dreamteacher cache-features` to finish it")
+    order = check_cache_matches(manifest, cfg, teacher_dtype=teacher_dtype(cfg, device),
+                                student_strides=list(student_strides))
+    try:
+        dataset = FeatureCacheDataset(cfg.data.cache, verify_hash=cfg.data.cache_verify,
+                                      on_corrupt=cfg.data.cache_on_corrupt)
+    except CorruptShardError as e:  # damaged shards with data.cache_on_corrupt=error (or none sound): the user's
+        raise UserError(f"data.cache: {e}" + (" Or pass --data.cache_on_corrupt=skip to train on the sound shards."
+                                              if cfg.data.cache_on_corrupt == "error" else "")) from e
+    logger.info("data.cache %s: %d samples (%d view(s) of %d images), no teacher built", cfg.data.cache,
+                len(dataset), dataset.views, manifest["num_images"])
+    targets = CacheTargets(dataset, device, memory_format, _DTYPES[teacher_dtype(cfg, device)])
+    return DistillationSource(dataset, targets, targets.teacher, order)
+

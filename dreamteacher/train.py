@@ -1,9 +1,12 @@
 """The lean DreamTeacher pretraining loop, readable top to bottom.
 
-config -> distributed setup from torchrun's environment -> frozen teacher (outside the trainable module) + trainable
-module (student + regressor, channels_last) -> optional ``torch.compile`` -> DDP -> loop (teacher features at the
-regressor's strides, ``dtkernels.fused_feat_loss``, autocast (``run.amp``), accumulation with gradient
-sync on the last micro-step only, clipping, fused AdamW on GPU or LAMB, warm-up + cosine) -> atomic checkpoints.
+config -> distributed setup from torchrun's environment -> one source of (images, targets) (model.build_source:
+the frozen diffusion teacher over the loaded images, outside the trainable module, with data.augment's views; a
+frozen generator teacher that synthesizes the images; or, with ``data.cache``, a feature cache and no teacher) +
+trainable module (student + regressor, channels_last) -> optional ``torch.compile`` -> DDP -> loop (targets at the
+regressor's strides, ``dtkernels.fused_feat_loss``, autocast (``run.amp``), accumulation with gradient sync on the
+last micro-step only, clipping, fused AdamW on GPU or LAMB, warm-up + cosine, optional student EMA) -> atomic
+checkpoints (optionally a history of them).
 
 Nothing in the package imports this module: what the loop shares with other commands lives in
 :mod:`dreamteacher.model` (the distillation model, teacher, student, dataset), :mod:`dreamteacher.runtime`
@@ -30,16 +33,8 @@ from torch import nn
 import dtkernels
 
 from .config import ConfigError, PretrainConfig, UserError, config_to_dict
-from .data import random_resized_crop_flip
 from .losses import eager_feat_loss, eager_soft_ce
-from .model import (
-    DistillationModel,
-    _channels_last,
-    _images,
-    build_dataset,
-    build_student,
-    build_teacher,
-)
+from .model import DistillationModel, _channels_last, build_source, build_student
 from .optim import build_optimizer, warmup_cosine
 from .regressor import FeatureRegressor
 from .runtime import (
@@ -111,17 +106,23 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         from .data import check_image_folder
 
         check_image_folder(cfg.data.source, "data.source")
+    if cfg.data.cache:
+        from .feature_cache import read_cache_manifest
+
+        read_cache_manifest(cfg.data.cache, "data.cache")
     if cfg.run.tensorboard and env.is_main:
         tensorboard_writer(None)  # refuse now, not after the models are built, when the package is missing
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
 
-    # -- models: the frozen teacher outside, the trainable module (student + regressor) inside
+    # -- models: the source of (images, targets) with its frozen teacher outside (with data.cache, none: the
+    # targets are on disk), the trainable module (student + regressor) inside
     student = build_student(cfg)
     strides = [info["reduction"] for info in student.feature_info]
-    teacher, order = build_teacher(cfg, device, strides)
-    teacher_channels = [teacher.feature_info[order[lvl]]["num_chs"] for lvl in range(len(strides))]
-    regressor = FeatureRegressor(student.feature_info, teacher_channels, width=cfg.model.width,
+    memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
+    source = build_source(cfg, device, strides, memory_format)
+    teacher, order = source.teacher, source.order
+    regressor = FeatureRegressor(student.feature_info, source.teacher_channels, width=cfg.model.width,
                                  pool_sizes=cfg.model.pool_sizes)
     interpreter = None  # label distillation: frozen, outside the trainable module like the teacher
     if cfg.label.interpreter:
@@ -131,7 +132,6 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         check_interpreter_matches(record, cfg, teacher, order)
     model = DistillationModel(student, regressor, num_classes=interpreter.config["num_classes"] if interpreter
                               else None, width=cfg.model.width).to(device)
-    memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     if (not cfg.run.naive and (cfg.run.single_pixel_linear if cfg.run.single_pixel_linear is not None
                                else device.type == "cpu")):
@@ -178,10 +178,21 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # -- data: this rank's shard, restarted exactly where the checkpoint stopped (a generator teacher makes its own)
-    synthesize = cfg.teacher.kind == "generator"
-    if not synthesize:
-        dataset = build_dataset(cfg)
+    # -- data: this rank's shard, restarted exactly where the checkpoint stopped; a source without a dataset (the
+    # generator teacher) synthesizes every batch from the step's key, so its batches are just their size
+    dataset = source.dataset
+    num_samples = len(dataset) if dataset is not None else None
+    cache_id = None
+    if cfg.data.cache:
+        from .feature_cache import cache_identity, check_resume_cache
+
+        cache_id = cache_identity(dataset.manifest)
+        if state is not None:
+            check_resume_cache(state.get("cache"), dataset.manifest, resume)
+    if state is not None and state.get("num_samples", num_samples) != num_samples:
+        logger.warning("the data has %s samples, the checkpoint's run had %s (a cache shard skipped or repaired "
+                       "since?): the data order changes", num_samples, state["num_samples"])
+    if dataset is not None:
         from .data import build_loader
 
         loader = build_loader(dataset, cfg.run.batch_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
@@ -194,6 +205,9 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
 
     def batches():
         nonlocal epoch, consumed
+        if dataset is None:  # the source makes its images (GeneratorTargets): each batch is its size
+            while True:
+                yield cfg.run.batch_size
         while True:
             loader.sampler.set_epoch(epoch)
             loader.sampler.set_start(consumed * cfg.run.batch_size)
@@ -222,8 +236,9 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
-                "world_size": env.world_size, "rng": _rng_states(), "config": config_to_dict(cfg),
-                "scaler": scaler.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
+                "world_size": env.world_size, "num_samples": num_samples, "cache": cache_id, "rng": _rng_states(),
+                "config": config_to_dict(cfg), "scaler": scaler.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
             if cfg.run.keep_checkpoints > 0:
                 for old in keep_step_checkpoint(ckpt_path, step, cfg.run.keep_checkpoints):
@@ -256,7 +271,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
 
         pbar = progress_bar(cfg.run.steps, "pretrain", "step", initial=step)
     summary = {"out_dir": str(out), "checkpoint": str(ckpt_path), "interrupted": False, "loss": None}
-    data = batches() if not synthesize else None
+    data = batches()
     model.train()
     start_time = last_time = time.perf_counter()
     last_step = step
@@ -279,23 +294,12 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                     summary["interrupted"] = True
                     break
                 for micro in range(accum):
-                    # Teacher path: one-step noising in dtkernels.q_sample keyed by (seed, step, micro, rank), taps
-                    # resized to the student's strides, early exit, inference mode.
+                    # Targets: the online teacher (one-step noising in dtkernels.q_sample keyed by (seed, step,
+                    # micro, rank), taps resized to the student's strides, early exit, inference mode; data.augment's
+                    # view drawn from the same key), the generator teacher (latents from the key), or the feature
+                    # cache's stored ones (their noise and views were drawn when it was written).
                     noise_key = ((cfg.run.seed * 1_000_003 + step * accum + micro) * env.world_size + env.rank)
-                    if synthesize:  # the GAN setting: latents keyed like the noise, images and features from them
-                        latents = torch.Generator().manual_seed(noise_key % 2**63)
-                        images, targets = teacher(cfg.run.batch_size, generator=latents)
-                        # A copy outside inference mode: the student's autograd saves its input.
-                        images = images.to(dtype=torch.float32).clone(memory_format=memory_format)
-                    else:
-                        images = _images(next(data)).to(device, non_blocking=True)
-                        if cfg.data.augment:  # one view, drawn from the step's key, for the student and the teacher
-                            images = random_resized_crop_flip(
-                                images, torch.Generator().manual_seed(noise_key % 2**63),
-                                scale=tuple(cfg.data.crop_scale), ratio=tuple(cfg.data.crop_ratio),
-                                flip_prob=cfg.data.flip_prob)
-                        images = images.contiguous(memory_format=memory_format)
-                        targets = teacher(images, seed=noise_key % 2**63)
+                    images, targets = source.targets(next(data), seed=noise_key % 2**63)
                     sync = (train_model.no_sync() if env.distributed and micro < accum - 1
                             else contextlib.nullcontext())
                     with sync:

@@ -99,11 +99,12 @@ def test_bad_augmentation_settings_name_the_key(tmp_path, extra, message):
 
 # ------------------------------------------------------------------------------------------------ in the loop
 def test_the_teacher_sees_exactly_the_students_augmented_image(teacher_dir, tmp_path, monkeypatch):
+    import dreamteacher.data as data_mod
     import dreamteacher.train as train_mod
     from dreamteacher.model import DistillationModel
 
     raw, augmented, student_in, teacher_in = [], [], [], []
-    real_augment = train_mod.random_resized_crop_flip
+    real_augment = data_mod.random_resized_crop_flip
 
     def augment(images, generator, **kw):
         out = real_augment(images, generator, **kw)
@@ -111,7 +112,7 @@ def test_the_teacher_sees_exactly_the_students_augmented_image(teacher_dir, tmp_
         augmented.append(out.clone())
         return out
 
-    monkeypatch.setattr(train_mod, "random_resized_crop_flip", augment)
+    monkeypatch.setattr(data_mod, "random_resized_crop_flip", augment)  # what RandomResizedCropFlip calls
     forward = DistillationModel.forward
     monkeypatch.setattr(DistillationModel, "forward", lambda self, x: (student_in.append(x.detach().clone()),
                                                                        forward(self, x))[1])
