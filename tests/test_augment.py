@@ -63,6 +63,27 @@ def test_crop_flip_equals_torchvision_resized_crop_and_hflip():
         torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
 
 
+def test_the_augmentation_object_is_the_batch_transform_for_batches_and_uint8_images():
+    """RandomResizedCropFlip (what OnlineTargets and cache-features --augment call): a float batch gets exactly
+    random_resized_crop_flip with its settings; one uint8 image (the cache's per-view hook) the same crop of its
+    values, rounded back to uint8."""
+    from dreamteacher.data import RandomResizedCropFlip
+
+    aug = RandomResizedCropFlip((0.3, 0.9), (0.5, 2.0), 0.25)
+    assert aug.config == {"name": "random_resized_crop_flip", "scale": [0.3, 0.9], "ratio": [0.5, 2.0],
+                          "flip_prob": 0.25}
+    batch = torch.randn(6, 3, 16, 16)
+    want = random_resized_crop_flip(batch, torch.Generator().manual_seed(4), scale=(0.3, 0.9), ratio=(0.5, 2.0),
+                                    flip_prob=0.25)
+    assert torch.equal(aug(batch, torch.Generator().manual_seed(4)), want)
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    out = aug(image, torch.Generator().manual_seed(5))
+    assert out.dtype == torch.uint8 and out.shape == image.shape and not torch.equal(out, image)
+    ref = random_resized_crop_flip(image[None].float(), torch.Generator().manual_seed(5), scale=(0.3, 0.9),
+                                   ratio=(0.5, 2.0), flip_prob=0.25)[0]
+    assert torch.equal(out, ref.round().clamp(0, 255).to(torch.uint8))
+
+
 def test_crop_draws_stay_in_the_asked_ranges_and_follow_the_seed():
     scale, ratio = (0.3, 0.8), (0.5, 2.0)
     params = crop_flip_params(400, 32, 32, torch.Generator().manual_seed(2), scale=scale, ratio=ratio, flip_prob=0.25)

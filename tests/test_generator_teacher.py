@@ -170,6 +170,7 @@ def test_generator_runs_resume_bitwise(tmp_path, monkeypatch):
     ({"teacher.generator": ""}, r"teacher.generator: teacher.kind=generator needs the generator"),
     ({"teacher.kind": "diffusion"}, r"teacher.generator: set with teacher.kind=diffusion"),
     ({"data.source": "/some/images"}, r"data.source: teacher.kind=generator trains on the images the generator"),
+    ({"data.cache": "/some/cache"}, r"data.cache: teacher.kind=generator synthesizes every batch afresh"),
 ])
 def test_bad_generator_settings_name_the_key(tmp_path, capsys, extra, message):
     assert cli.main(["pretrain", *overrides(tmp_path / "run", **extra)]) == 2

@@ -282,6 +282,50 @@ def test_cli_views_and_pretrain_over_every_view(teacher_dir, folder, tmp_path, c
     assert [r["epoch"] for r in read_log(tmp_path / "run")] == [0] * 6 + [1]
 
 
+def test_cli_augment_stores_augmented_views_and_pretrain_must_ask_for_them(teacher_dir, folder, cache, tmp_path,
+                                                                           capsys):
+    """cache-features --augment: pretraining's crop + flip as the per-view hook, each view its own draw, recorded;
+    pretrain's data.augment is then checked against the recorded settings, and refused over a plain cache."""
+    from dreamteacher.data import RandomResizedCropFlip
+    from dreamteacher.feature_cache import _view_seed
+
+    aug_cache = make_cache(teacher_dir, folder, tmp_path / "aug", "--views", "2", "--augment", "--seed", "3")
+    manifest = json.loads((aug_cache / "manifest.json").read_text())
+    assert manifest["config"]["augment"] == {"name": "random_resized_crop_flip", "scale": [0.2, 1.0],
+                                             "ratio": [0.75, 1.3333333333333333], "flip_prob": 0.5}
+    dataset = ImageFolderDataset(folder, RES, uint8=True)
+    stored = FeatureCacheDataset(aug_cache)
+    crop_flip = RandomResizedCropFlip()
+    for item in (0, 5):
+        (s0, v0), (s1, v1) = [(s, stored.sample_key(s)[1]) for s in (2 * item, 2 * item + 1)]
+        assert [stored.sample_key(s)[0] for s in (s0, s1)] == [item, item] and (v0, v1) == (0, 1)
+        (im0, f0), (im1, f1) = stored[s0], stored[s1]
+        assert not torch.equal(im0, im1)  # two views of one image: other crops
+        raw = to_unit_range(dataset[item])
+        assert not torch.equal(im0, raw) and not torch.equal(im1, raw)
+        for image, view in ((im0, v0), (im1, v1)):  # each is the recorded augmentation's own (seed, item, view) draw
+            expected = crop_flip(dataset[item], torch.Generator().manual_seed(_view_seed(3, item, view)))
+            assert torch.equal(image, to_unit_range(expected))
+        assert any((a.float() - b.float()).abs().max() > 1e-3 for a, b in zip(f0, f1))
+
+    # pretrain must ask for the cache's augmentation (data.augment states what the student sees)
+    pretrain(load_config(None, overrides(aug_cache, tmp_path / "run", **{"data.augment": True, "run.steps": 2})))
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]
+    with pytest.raises(CacheMismatchError, match=r"data\.crop_scale: cache \[0\.2, 1\.0\], config \[0\.5, 1\.0\]"):
+        pretrain(load_config(None, overrides(aug_cache, tmp_path / "x", **{"data.augment": True,
+                                                                           "data.crop_scale": "0.5,1.0"})))
+    with pytest.raises(UserError, match=r"data\.augment: cache .*cache-features --augment --views K.*config true"):
+        pretrain(load_config(None, overrides(cache, tmp_path / "y", **{"data.augment": True})))
+    assert not (tmp_path / "y" / "log.jsonl").exists()
+    capsys.readouterr()
+    assert cli.main(["cache-features", "--teacher", str(teacher_dir), "--data", str(folder), "--out",
+                     str(tmp_path / "z"), "--crop-scale", "0.5", "1.0"]) == 2
+    assert "error: --crop-scale: set without --augment" in capsys.readouterr().err
+    assert cli.main(["cache-features", "--teacher", str(teacher_dir), "--data", str(folder), "--out",
+                     str(tmp_path / "z"), "--augment", "--flip-prob", "2"]) == 2
+    assert "error: --flip-prob: expected a probability in [0, 1], got 2.0" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------- resume
 def test_resume_in_the_middle_of_a_cached_epoch_is_bitwise_exact(cache, tmp_path, monkeypatch, no_teacher):
     import dreamteacher.train as train_mod
