@@ -322,6 +322,12 @@ def ship_teacher(src: str | os.PathLike, dst: str | os.PathLike, *, command: str
     scheduler = DDPMScheduler.from_pretrained(src / "scheduler")
     dst.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(dst / "unet")
+    # diffusers records where the UNet was loaded from (src, a local training folder): ship the teacher's name
+    unet_config = dst / "unet" / "config.json"
+    config = json.loads(unet_config.read_text())
+    if "_name_or_path" in config:
+        config["_name_or_path"] = dst.name
+        unet_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     scheduler.save_pretrained(dst / "scheduler")
     back = UNet2DModel.from_pretrained(dst / "unet", torch_dtype=torch.float32)
     threads = torch.get_num_threads()

@@ -30,6 +30,8 @@ def test_the_shipped_teacher_matches_its_record(one_thread):
     for key in ("command", "seed", "steps", "sha256", "fixed_batch_loss", "ema_decay"):
         assert key in meta, key
     assert (root / "log.jsonl").is_file()
+    # no trace of the machine it was trained on: diffusers' _name_or_path names the teacher
+    assert json.loads((root / "unet" / "config.json").read_text())["_name_or_path"] == "shapes32"
     teacher = DiffusionTeacher.from_pretrained(root, taps=["up_blocks.0"])
     loss = fixed_batch_loss(teacher.unet.float(), image_size=meta["image_size"],
                             num_train_timesteps=meta["num_train_timesteps"])
@@ -59,6 +61,9 @@ def test_ship_teacher_round_trips_a_tiny_teacher(tmp_path, one_thread):
                   progress=False)
     meta = ship_teacher(src, dst, command="dreamteacher train-teacher ...")
     assert meta["stored_dtype"] == "float16" and meta["command"].startswith("dreamteacher")
+    # the shipped config names the teacher, not the folder it was trained in
+    assert json.loads((dst / "unet" / "config.json").read_text())["_name_or_path"] == "shipped"
+    assert str(src) not in (dst / "unet" / "config.json").read_text()
     unet = DiffusionTeacher.from_pretrained(dst, taps=["up_blocks.0"]).unet
     assert fixed_batch_loss(unet.float(), image_size=16) == pytest.approx(meta["fixed_batch_loss"], rel=1e-6)
     # float16 storage changes the loss only by rounding
