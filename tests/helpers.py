@@ -57,3 +57,28 @@ def poison_allocator(tensors_like, value=float("nan")):
     reuses that memory shows up as NaN (belt and braces: the elementwise comparison catches zeros too)."""
     blocks = [torch.full((max(t.numel(), 1),), value, dtype=t.dtype) for t in tensors_like]
     del blocks
+
+
+# ------------------------------------------------------------------------------------------------ tiny pretraining
+#: The smallest DDPM UNet the pretraining tests distil: 3 levels, untrained.
+TINY_UNET = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+
+
+def save_tiny_teacher(out, sample_size: int = 32):
+    """Write an untrained (seed 0) :data:`TINY_UNET` teacher to ``out`` and return ``out``."""
+    from dreamteacher.teacher import DiffusionTeacher
+
+    torch.manual_seed(0)
+    DiffusionTeacher.from_config(dict(sample_size=sample_size, **TINY_UNET),
+                                 scheduler_config={"num_train_timesteps": 1000}).save_pretrained(out)
+    return out
+
+
+def tiny_overrides(teacher_dir, out, values: dict) -> list[str]:
+    """``--key=value`` options of a tiny pretraining run (timm's test_resnet at 32x32, batches of 4, 12 images, no
+    workers), with ``values`` (dotted keys) added last and winning."""
+    base = {"teacher.path": teacher_dir, "data.image_size": 32, "data.length": 12, "data.num_workers": 0,
+            "model.student": "test_resnet", "model.width": 16, "run.batch_size": 4, "run.log_every": 1,
+            "run.out_dir": out, "run.progress": False, "schedule.warmup_steps": 1}
+    return [f"--{k}={v}" for k, v in {**base, **values}.items()]

@@ -12,37 +12,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_tiny_teacher, tiny_overrides
 
 import dtkernels
 from dreamteacher.config import ConfigError, load_config
 from dreamteacher.runtime import CPU_AUTO_AMP, amp_dtype
-from dreamteacher.teacher import DiffusionTeacher
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model",
                                "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`"),
     pytest.mark.usefixtures("one_thread"),
 ]
-TINY_UNET = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8,
-                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    DiffusionTeacher.from_config(dict(sample_size=32, **TINY_UNET),
-                                 scheduler_config={"num_train_timesteps": 1000}).save_pretrained(out)
-    return out
+    return save_tiny_teacher(out)
 
 
 def overrides(teacher_dir: Path, out: Path, **extra) -> list[str]:
-    values = {"teacher.path": teacher_dir, "data.image_size": 32, "data.length": 12, "data.num_workers": 0,
-              "model.student": "test_resnet", "model.width": 16, "run.batch_size": 4, "run.steps": 2,
-              "run.log_every": 1, "run.out_dir": out, "run.progress": False, "schedule.warmup_steps": 1,
-              "run.ckpt_every": 100}
-    values.update(extra)
-    return [f"--{k}={v}" for k, v in values.items()]
+    values = {"run.steps": 2, "run.ckpt_every": 100}
+    return tiny_overrides(teacher_dir, out, {**values, **extra})
 
 
 def read_log(out: Path) -> list[dict]:

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dreamteacher.teacher import DiffusionTeacher
+from helpers import save_tiny_teacher
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
+
 REPO = Path(__file__).resolve().parent.parent
-TINY_UNET = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8,
-                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
 
 
 def free_port() -> int:
@@ -34,9 +32,7 @@ def free_port() -> int:
 
 def test_two_nodes_keep_replicas_identical(tmp_path):
     teacher = tmp_path / "teacher"
-    torch.manual_seed(0)
-    DiffusionTeacher.from_config(dict(sample_size=32, **TINY_UNET),
-                                 scheduler_config={"num_train_timesteps": 1000}).save_pretrained(teacher)
+    save_tiny_teacher(teacher)
     out = tmp_path / "run"
     values = {"teacher.path": teacher, "data.image_size": 32, "data.length": 16, "data.num_workers": 0,
               "model.student": "test_resnet", "model.width": 16, "run.batch_size": 2, "run.steps": 3,
