@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from dtkernels._compat import foreach_lerp_
+
 from .config import PretrainConfig
 
 __all__ = ["Lamb", "ModuleEMA", "build_optimizer", "warmup_cosine"]
@@ -96,7 +98,7 @@ class ModuleEMA:
     def update(self, step: int) -> None:
         """Move the average towards the module's current state; ``step`` is the optimizer steps done (from 1)."""
         d = min(self.decay, (1.0 + (step - 1)) / (10.0 + (step - 1)))
-        torch._foreach_lerp_([self.shadow[k] for k in self._floats], [self._live[k] for k in self._floats], 1.0 - d)
+        foreach_lerp_([self.shadow[k] for k in self._floats], [self._live[k] for k in self._floats], 1.0 - d)
         for k, v in self._live.items():
             if not v.is_floating_point():
                 self.shadow[k].copy_(v)
