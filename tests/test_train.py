@@ -144,6 +144,34 @@ def test_procedural_mask_class_depends_on_shape_not_colour():
     assert (per_class - 0.5).abs().max() < 0.12
 
 
+def test_procedural_scene_is_what_is_rendered_and_every_shape_stands_out():
+    import numpy as np
+
+    ds = ProceduralShapes(40, 32, seed=5, noise=0.0)
+    n_kept = 0
+    for i in range(len(ds)):
+        background, shapes = ds.scene(i)
+        assert shapes == ds.shapes(i)
+        image, mask = render_shapes(shapes, 32, background)
+        x, m = ds[i]
+        assert torch.equal(m, torch.from_numpy(mask))
+        assert torch.allclose(x, torch.from_numpy(image).permute(2, 0, 1) * 2 - 1, atol=1e-6)
+        assert 1 <= len(shapes) <= ds.max_shapes
+        bg_mean = background.reshape(-1, 3).mean(0)
+        for s in shapes:
+            assert abs(s["angle"]) <= ds.max_angle
+            # the background's mean colour is that of its two end colours up to the blend's asymmetry
+            n_kept += np.abs(np.asarray(s["color"]) - bg_mean).max() >= ds.MIN_CONTRAST - 0.15
+    assert n_kept >= 0.95 * sum(len(ds.shapes(i)) for i in range(len(ds)))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"max_angle": 4.0}, "max_angle"), ({"max_angle": -0.1}, "max_angle"),
+                                           ({"max_shapes": 0}, "max_shapes"), ({"image_size": 4}, "image_size")])
+def test_procedural_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ProceduralShapes(**{"length": 4, "image_size": 32, **kwargs})
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     from PIL import Image
 
