@@ -801,7 +801,8 @@ def add_demo(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--labels", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="label budgets of the evaluation (the interpreter uses the smallest)")
     p.add_argument("--seeds", type=_int, nargs="+", default=None, metavar="S", help="evaluation seeds")
-    p.add_argument("--eval-steps", type=_positive_int, default=None, help="training steps per evaluation run")
+    p.add_argument("--eval-steps", type=_positive_int, default=None, help="training steps per fine-tuning run")
+    p.add_argument("--probe-steps", type=_positive_int, default=None, help="training steps per probe run")
     p.add_argument("--eval-lr", type=_positive_float, nargs="+", default=None, metavar="LR",
                    help="fine-tuning learning-rate grid (chosen on the validation split)")
     p.add_argument("--probe-lr", type=_positive_float, nargs="+", default=None, metavar="LR",
@@ -833,7 +834,8 @@ def run_demo(args: argparse.Namespace) -> int:
               "teacher_minutes": args.teacher_minutes, "interpreter_steps": args.interpreter_steps,
               "pretrain_steps": args.steps, "pretrain_minutes": args.pretrain_minutes,
               "pretrain_batch": args.batch_size, "budgets": sorted(args.labels) if args.labels else None,
-              "seeds": args.seeds, "eval_steps": args.eval_steps, "eval_lrs": args.eval_lr,
+              "seeds": args.seeds, "eval_steps": args.eval_steps, "probe_steps": args.probe_steps,
+              "eval_lrs": args.eval_lr,
               "probe_lrs": args.probe_lr, "protocols": args.protocol, "num_workers": args.num_workers,
               "speed_minutes": args.speed_minutes}
     settings = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in chosen.items() if v is not None},
@@ -916,7 +918,8 @@ def add_ablate(subparsers) -> argparse.ArgumentParser:
                    help="wall-clock cap of each pretraining run (0: none)")
     p.add_argument("--labels", type=_positive_int, nargs="+", default=None, metavar="N", help="label budgets")
     p.add_argument("--seeds", type=_int, nargs="+", default=None, metavar="S", help="evaluation seeds")
-    p.add_argument("--eval-steps", type=_positive_int, default=None, help="training steps per evaluation run")
+    p.add_argument("--eval-steps", type=_positive_int, default=None, help="training steps per fine-tuning run")
+    p.add_argument("--probe-steps", type=_positive_int, default=None, help="training steps per probe run")
     p.add_argument("--protocol", nargs="+", choices=["finetune", "probe"], default=None,
                    help="evaluation protocols")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -939,7 +942,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     chosen = {"pretrain_steps": args.steps, "pretrain_minutes": args.pretrain_minutes,
               "teacher_steps": args.teacher_steps, "interpreter_steps": args.interpreter_steps,
               "budgets": sorted(args.labels) if args.labels else None, "seeds": args.seeds,
-              "eval_steps": args.eval_steps, "protocols": args.protocol}
+              "eval_steps": args.eval_steps, "probe_steps": args.probe_steps, "protocols": args.protocol}
     settings = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in chosen.items() if v is not None},
                                    retrain_teacher=args.retrain_teacher, progress=not args.no_progress)
     try:

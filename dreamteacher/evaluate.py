@@ -36,7 +36,7 @@ from .data import (
     labelled_indices,
     validation_indices,
 )
-from .optim import warmup_cosine
+from .optim import fused_adamw, warmup_cosine
 from .perf import single_pixel_convs_as_linear
 from .regressor import conv_bn_relu
 from .serialization import CONVERT_HINT, LoadError, load_file
@@ -305,7 +305,7 @@ def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor
              protocol: str = "finetune") -> list[float]:
     """Train ``model`` with cross-entropy on the labelled ``images [N, 3, H, W]`` / ``masks [N, H, W]``.
 
-    AdamW, 10% linear warm-up then cosine to 0; batches of ``batch_size`` drawn with replacement (any N works),
+    AdamW (fused), 10% linear warm-up then cosine to 0; batches of ``batch_size`` drawn with replacement (any N works),
     random flips; bf16 autocast on CUDA, fp32 on CPU. ``protocol="finetune"`` trains every weight;
     ``"probe"`` freezes the backbone and trains the head on backbone features computed once per image and flip
     (the same batches and flips as fine-tuning, at a fraction of the cost). Returns the loss of every step.
@@ -329,7 +329,7 @@ def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor
                     feats = [model.backbone(x[i:i + 64].to(device)) for i in range(0, x.shape[0], 64)]
                     cached[fw, fh] = [torch.cat(level).float() for level in zip(*feats)]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = fused_adamw(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup=max(steps // 10, 1),
                                                                            total=steps, min_ratio=0.0))
     losses = []
@@ -543,7 +543,9 @@ def markdown_table(results: Mapping[str, Any]) -> str:
 
     lr_text = "learning rate " + ("; ".join(f"{p}: {grid_text(g)}" for p, g in lr.items()) if isinstance(lr, Mapping)
                                   else grid_text(lr))
-    lines = [f"mIoU (%) on {cfg['n_test']} held-out images, {cfg['student']} + FPN head trained for {cfg['steps']} "
+    steps = cfg["steps"]
+    steps_text = ("; ".join(f"{p} {n}" for p, n in steps.items()) if isinstance(steps, Mapping) else f"{steps}")
+    lines = [f"mIoU (%) on {cfg['n_test']} held-out images, {cfg['student']} + FPN head trained for {steps_text} "
              f"steps ({lr_text}); mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''} (sample std"
              f"{'; 0 with one seed' if n_seeds == 1 else ''}). finetune: every weight trained; probe: backbone "
              f"frozen, head only." + (" fg: mean IoU of the shape classes (background left out)." if fg else ""), "",

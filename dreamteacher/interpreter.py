@@ -206,7 +206,7 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
     from .data import TEST_SEED, ProceduralShapes
     from .evaluate import confusion_matrix, foreground_miou, iou_from_confusion
     from .model import build_teacher
-    from .optim import warmup_cosine
+    from .optim import fused_adamw, warmup_cosine
     from .runtime import save_checkpoint, setup_distributed
 
     if cfg.teacher.kind != "diffusion":
@@ -223,7 +223,7 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
     class_names = class_names or [str(k) for k in range(num_classes)]
     channels = [teacher.feature_info[order[lvl]]["num_chs"] for lvl in range(len(order))]
     model = FeatureInterpreter(channels, num_classes, width=width).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = fused_adamw(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup=max(steps // 20, 1), total=steps,
                                                                            min_ratio=0.0))
     gen = torch.Generator().manual_seed(label_seed)

@@ -23,7 +23,8 @@ def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys
         code = cli.main(["demo", "--out", str(tmp_path), "--retrain-teacher", "--image-size", "32",
                          "--teacher-steps", "2", "--interpreter-steps", "2", "--steps", "2", "--batch-size", "4",
                          "--labels", "2", "4",
-                         "--seeds", "0", "1", "--eval-steps", "1", "--eval-lr", "1e-3", "3e-3", "--num-workers", "0",
+                         "--seeds", "0", "1", "--eval-steps", "1", "--probe-steps", "2", "--eval-lr", "1e-3", "3e-3",
+                         "--num-workers", "0",
                          "--speed-minutes", "0.02", "--no-progress", "--model.width=16"])
     finally:
         torch.set_num_threads(n)
@@ -37,6 +38,9 @@ def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys
     # other values on seed 0 are not kept.
     assert len(results["runs"]) == 2 * 5 * 2 * 2
     assert len(results["selection"]) == 2 * 5 * 2
+    # each protocol trains for its own number of steps, and the table says so
+    assert results["config"]["steps"] == {"finetune": 1, "probe": 2}
+    assert "trained for finetune 1; probe 2 steps" in printed
     speed = results["config"]["speed"]
     assert set(speed) == {"lean", "naive"} and all(v["steps"] >= 1 for v in speed.values())
     assert "Same wall-clock budget" in printed and "| naive |" in printed
@@ -60,7 +64,8 @@ def test_ablate_runs_every_variant_at_tiny_size(tmp_path, capsys, monkeypatch):
     try:
         code = cli.main(["ablate", "--out", str(tmp_path), "--retrain-teacher", "--teacher-steps", "2",
                          "--interpreter-steps", "2", "--steps", "1", "--labels", "2",
-                         "--seeds", "0", "--eval-steps", "1", "--protocol", "probe", "--no-progress",
+                         "--seeds", "0", "--eval-steps", "1", "--probe-steps", "1", "--protocol", "probe",
+                         "--no-progress",
                          "--model.width=16", "--data.num_workers=0", "--teacher.ddim_steps=2"])
     finally:
         torch.set_num_threads(n)

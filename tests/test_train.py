@@ -369,6 +369,31 @@ def test_lamb_matches_a_float64_reference(wd):
         assert not torch.equal(p.detach(), p0)
 
 
+def test_fused_adamw_takes_the_same_steps_as_pytorchs_default_adamw():
+    """The evaluation's and the interpreter's optimizer (fused, for speed) follows the default AdamW's trajectory,
+    and a generator of parameters (``model.parameters()``) is not spent by a failed fused attempt."""
+    from dreamteacher.optim import fused_adamw
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(9, 3, 3, 3), (17,), (5, 7)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
+    a = [p.clone().requires_grad_() for p in start]
+    b = [p.clone().requires_grad_() for p in start]
+    opt_a = fused_adamw((p for p in a), lr=3e-3, weight_decay=1e-2)
+    opt_b = torch.optim.AdamW(b, lr=3e-3, weight_decay=1e-2)
+    assert len(opt_a.param_groups[0]["params"]) == len(shapes)
+    assert opt_a.defaults.get("fused") or opt_a.defaults.get("foreach")
+    for step_grads in grads:
+        for pa, pb, g in zip(a, b, step_grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    for pa, pb, p0 in zip(a, b, start):
+        torch.testing.assert_close(pa.detach(), pb.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(pa.detach(), p0)
+
+
 def test_pretrain_with_lamb_runs_and_learns(teacher_dir, tmp_path):
     cfg = load_config(None, tiny_overrides(teacher_dir, tmp_path, **{"data.length": 4, "run.steps": 10,
                                                                      "optim.name": "lamb", "optim.lr": 3e-3,
