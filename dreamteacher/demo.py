@@ -13,7 +13,8 @@ Phases:
 6. pictures: PCA of teacher vs student features with masks, and loss curves.
 
 Presets (:data:`PRESETS`): ``quick`` is ``make demo`` (a fresh clone, install included, within 15 minutes on a 2-core
-CPU); ``long`` is the evidence (larger budgets, more seeds, about 2 hours there).
+CPU); ``long`` is the evidence (8 to 128 labels, longer pretraining and evaluation, the equal-wall-clock
+comparison; 50 minutes there).
 
 Library code: it logs, and returns what the CLI prints.
 """
@@ -59,7 +60,7 @@ class DemoSettings:
     probe_steps: int = 1000
     #: the learning-rate grids, chosen per (protocol, backbone, budget) on the validation split; one value is used
     #: as is for every row. Quick: 1e-2, what the long preset's validation split chose for scratch at 8 and 32
-    #: labels (pretrained rows lose up to ~1 point at it there): the fixed value favours the baseline, not us.
+    #: labels (pretrained rows lose up to 2.6 points at it there): the fixed value favours the baseline.
     eval_lrs: list[float] = field(default_factory=lambda: [1e-2])
     probe_lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-2])
     protocols: list[str] = field(default_factory=lambda: ["finetune", "probe"])
