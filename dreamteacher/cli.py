@@ -780,8 +780,8 @@ def add_demo(subparsers) -> argparse.ArgumentParser:
                     "both pretrained backbones on each label budget with several seeds, by full fine-tuning and by "
                     "a frozen-backbone probe (learning rates chosen on the labelled pool's validation split), and "
                     "print the mIoU table (mean ± std), the time of every phase and where every output is. Presets: "
-                    "'quick' (make demo, about 15 minutes on a 2-core CPU with the install) and 'long' (make "
-                    "demo-long, the evidence, about 2 hours). Options given explicitly override the preset; extra "
+                    "'quick' (make demo, about 10 minutes on a 2-core CPU with the install) and 'long' (make "
+                    "demo-long, the evidence, about 50 minutes). Options given explicitly override the preset; extra "
                     "--section.key=value options override the pretraining config of both runs.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["quick", "long"], default="quick", help="sizes of every phase (default quick)")
