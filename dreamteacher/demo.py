@@ -140,13 +140,13 @@ def evaluate_protocols(backbones: dict[str, str | None], s: DemoSettings, **kwar
     val_set = builtin_validation_split(s.image_size)
     parts = []
     for protocol in s.protocols:
-        grid = s.eval_lrs if protocol == "finetune" else s.probe_lrs
         parts.append(evaluate_backbones(
             backbones, train_set, test_set, budgets=s.budgets, seeds=s.seeds, class_names=list(SHAPE_CLASSES),
-            steps=protocol_steps(s, protocol), batch_size=s.eval_batch, lr=grid if len(grid) > 1 else grid[0],
+            steps=protocol_steps(s, protocol), batch_size=s.eval_batch, lr=protocol_lr(s, protocol),
             protocols=[protocol], val_set=val_set, progress=s.progress, **kwargs))
     config = dict(parts[0]["config"])
     config["steps"] = {p: protocol_steps(s, p) for p in s.protocols}
+    config["lr"] = {p: protocol_lr(s, p) for p in s.protocols}
     return {"config": config, "runs": [r for p in parts for r in p["runs"]],
             "selection": [x for p in parts for x in p["selection"]], "n_val": len(val_set)}
 
@@ -154,6 +154,12 @@ def evaluate_protocols(backbones: dict[str, str | None], s: DemoSettings, **kwar
 def protocol_steps(s: DemoSettings, protocol: str) -> int:
     """Training steps of one evaluation run under ``protocol``."""
     return s.eval_steps if protocol == "finetune" else s.probe_steps
+
+
+def protocol_lr(s: DemoSettings, protocol: str) -> float | list[float]:
+    """The learning rate of ``protocol``'s runs: a grid (chosen on the validation split), or its one value."""
+    grid = s.eval_lrs if protocol == "finetune" else s.probe_lrs
+    return list(grid) if len(grid) > 1 else grid[0]
 
 
 def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] = (),
@@ -246,8 +252,6 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     results = {"config": evaluated["config"], "runs": evaluated["runs"], "selection": evaluated["selection"]}
     results["summary"] = summarize(results["runs"])
     results["config"]["protocols"] = list(s.protocols)
-    results["config"]["lr"] = {p: (grid if len(grid) > 1 else grid[0]) for p in s.protocols
-                               for grid in [s.eval_lrs if p == "finetune" else s.probe_lrs]}
     results["config"]["n_val"] = evaluated["n_val"]
     results["config"]["phase_seconds"] = dict(times)
     results["config"]["settings"] = dataclasses.asdict(s)
