@@ -37,7 +37,7 @@ demo-long: $(STAMP)
 	$(BIN)/dreamteacher demo --preset long --out runs/demo-long
 
 ablate: $(STAMP)
-	$(BIN)/dreamteacher ablate --preset long --out runs/ablate-long
+	$(BIN)/dreamteacher ablate --preset long --pretrain-minutes 40 --out runs/ablate-long
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet ruff
