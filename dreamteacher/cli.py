@@ -780,7 +780,7 @@ def add_demo(subparsers) -> argparse.ArgumentParser:
                     "both pretrained backbones on each label budget with several seeds, by full fine-tuning and by "
                     "a frozen-backbone probe (learning rates chosen on the labelled pool's validation split), and "
                     "print the mIoU table (mean ± std), the time of every phase and where every output is. Presets: "
-                    "'quick' (make demo, about 10 minutes on a 2-core CPU with the install) and 'long' (make "
+                    "'quick' (make demo, about 13 minutes on a 2-core CPU with the install) and 'long' (make "
                     "demo-long, the evidence, about 50 minutes). Options given explicitly override the preset; extra "
                     "--section.key=value options override the pretraining config of both runs.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -915,7 +915,8 @@ def add_ablate(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--interpreter-steps", type=_positive_int, default=None, help="interpreter steps (mixed)")
     p.add_argument("--steps", type=_positive_int, default=None, help="steps of each pretraining run")
     p.add_argument("--pretrain-minutes", type=_non_negative_float, default=None,
-                   help="wall-clock cap of each pretraining run (0: none)")
+                   help="wall-clock cap of each pretraining run (0: none); the DDIM-encoding run takes "
+                        "about 4x the others' time, so make ablate passes 40 for its 4000 steps")
     p.add_argument("--labels", type=_positive_int, nargs="+", default=None, metavar="N", help="label budgets")
     p.add_argument("--seeds", type=_int, nargs="+", default=None, metavar="S", help="evaluation seeds")
     p.add_argument("--eval-steps", type=_positive_int, default=None, help="training steps per fine-tuning run")

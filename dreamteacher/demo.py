@@ -48,16 +48,16 @@ class DemoSettings:
     teacher_minutes: float = 4.0
     teacher_lr: float = 5e-4
     interpreter_steps: int = 300
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 2000
     pretrain_batch: int = 16
-    pretrain_minutes: float = 2.5
+    pretrain_minutes: float = 3.5
     width: int = 128
     budgets: list[int] = field(default_factory=lambda: [32, 128])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     #: fine-tuning steps (every row the same: an equal budget, not tuned)
     eval_steps: int = 300
     #: probe steps: the head alone on cached features costs a few ms a step, so it trains far longer
-    probe_steps: int = 1000
+    probe_steps: int = 2000
     #: the learning-rate grids, chosen per (protocol, backbone, budget) on the validation split; one value is used
     #: as is for every row. Quick: 1e-2, what the long preset's validation split chose for scratch at 8 and 32
     #: labels (pretrained rows lose up to 2.6 points at it there): the fixed value favours the baseline.
@@ -162,6 +162,11 @@ def protocol_lr(s: DemoSettings, protocol: str) -> float | list[float]:
     return list(grid) if len(grid) > 1 else grid[0]
 
 
+def _lr_words(s: DemoSettings, protocol: str) -> str:
+    lr = protocol_lr(s, protocol)
+    return f"lr {lr:g}" if isinstance(lr, float) else f"the lr of {[float(v) for v in lr]} best on the validation split"
+
+
 def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] = (),
              say: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Run every phase; ``say`` reports progress (the CLI prints). Returns the paths of every output, the
@@ -243,9 +248,9 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     # 5. evaluation: one call per protocol, each with its own learning-rate grid chosen on the validation split
     t0 = time.perf_counter()
     say(f"[5/6] evaluate: {len(backbones)} backbones x label budgets {s.budgets} x seeds {s.seeds} x "
-        f"{'/'.join(s.protocols)}, " + ", ".join(f"{p} {protocol_steps(s, p)} steps" for p in s.protocols) +
-        " (learning rates chosen on the validation split), "
-        f"mIoU on {s.n_test} held-out images")
+        f"{'/'.join(s.protocols)}, " + ", ".join(f"{p} {protocol_steps(s, p)} steps at {_lr_words(s, p)}"
+                                                 for p in s.protocols) +
+        f", mIoU on {s.n_test} held-out images")
     evaluated = evaluate_protocols(backbones, s, save_models=out / "evaluate" / "models", save_seeds=[s.seeds[0]])
     from .evaluate import summarize
 
