@@ -164,7 +164,7 @@ def protocol_lr(s: DemoSettings, protocol: str) -> float | list[float]:
 
 def _lr_words(s: DemoSettings, protocol: str) -> str:
     lr = protocol_lr(s, protocol)
-    return f"lr {lr:g}" if isinstance(lr, float) else f"the lr of {[float(v) for v in lr]} best on the validation split"
+    return f"the lr of {lr} best on the validation split" if isinstance(lr, list) else f"lr {lr:g}"
 
 
 def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] = (),
