@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet "setuptools>=64" wheel ninja
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev,torchdistill]"
 	$(BIN)/python -c "import dtkernels, json; print(json.dumps(dtkernels.backends(), indent=1, default=str))"
 	touch $@
 
