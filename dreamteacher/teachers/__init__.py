@@ -1,0 +1,1 @@
+"""Teacher families: one module per family (``adm``: guided-diffusion checkpoints converted to diffusers)."""
