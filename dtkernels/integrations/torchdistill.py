@@ -27,7 +27,9 @@ How the numbers line up (the tests check each against torchdistill itself):
   op's level weights and ``at_weight`` their sum, because the op normalises level weights to sum to 1.
 * ``KDLoss``'s soft term is ``KL(p_t || p_s)`` at temperature T: the soft cross-entropy ``H(p_t, p_s)`` (``soft_ce``,
   which also writes the student gradient) minus the teacher's entropy ``H(p_t)``, a constant for the student
-  computed from the teacher logits without grad; then KLDivLoss's reduction (``batchmean``: / batch size).
+  computed from the teacher logits without grad; then KLDivLoss's reduction (``batchmean``: / batch size). See
+  :func:`dtkernels.integrations.losses.soft_kl_div`; a wider AT teacher goes through
+  :func:`~dtkernels.integrations.losses.at_teacher_like`.
 
 Bad configs fail with an error naming the loss, the pair and the key: an io path that no forward hook filled, a
 feature pair whose shapes do not pair, an unsupported mode or reduction, a negative weight.
@@ -44,6 +46,7 @@ from torch import nn
 
 from .. import functional
 from ..modes import AtMode, Whitening
+from .losses import at_teacher_like, soft_kl_div
 
 try:
     from torchdistill.losses.registry import register_mid_level_loss
@@ -174,15 +177,10 @@ class FusedATLoss(nn.Module):
             t = _extract(name, teacher_io_dict, t_side, "teacher")
             where = s_side.where.rsplit(".", 1)[0]
             _check_feature_pair(name, where, s, t, same_channels=False)
-            t = t.detach()
-            if t.shape[1] != s.shape[1]:
-                # sum_c e**2 over the student's C channels equals sum_c t**2: the same attention map.
-                t = t.to(torch.promote_types(t.dtype, torch.float32))
-                t = t.pow(2).sum(1, keepdim=True).div(s.shape[1]).sqrt().to(s.dtype).expand_as(s)
-            elif t.dtype != s.dtype:  # e.g. a float32 teacher next to an autocast student; the op wants one dtype
-                t = t.to(s.dtype)
             students.append(s)
-            teachers.append(t)
+            # A wider teacher becomes a view with the student's shape and the same attention map; also the
+            # student's dtype (e.g. a float32 teacher next to an autocast student: the op takes one dtype).
+            teachers.append(at_teacher_like(t.detach(), s))
             weights.append(weight)
         if self.mode == "paper":
             # ATLoss sums over the batch and divides by the first pair's batch size; the op takes a mean per level.
@@ -243,22 +241,9 @@ class FusedKDLoss(nn.Module):
         return logits
 
     def soft_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """``KLDivLoss(reduction)(log_softmax(s/T, 1), softmax(t/T, 1))`` as soft cross-entropy minus entropy."""
-        s, t = self.transform_logits(student_logits), self.transform_logits(teacher_logits.detach())
-        if s.dim() not in (2, 4):  # soft_ce takes [N, K] or [B, K, H, W]; any other layout as rows of classes
-            s, t = s.movedim(1, -1).reshape(-1, s.shape[1]), t.movedim(1, -1).reshape(-1, t.shape[1])
-        tau = float(self.temperature)
-        cross_entropy = functional.soft_ce(s, t, tau=tau, dim=1, reduction="sum")
-        with torch.no_grad():
-            log_p = torch.log_softmax(t.to(cross_entropy.dtype) / tau, dim=1)
-            # sum p log p (= -H(p_t)); log_softmax is finite, so p = 0 contributes 0 as in KLDivLoss's xlogy.
-            neg_entropy = (log_p.exp() * log_p).sum()
-        total = cross_entropy + neg_entropy
-        if self.reduction == "batchmean":
-            return total / student_logits.shape[0]
-        if self.reduction == "mean":
-            return total / student_logits.numel()
-        return total
+        """``KLDivLoss(reduction)(log_softmax(s/T, 1), softmax(t/T, 1))`` on the transformed logits."""
+        return soft_kl_div(self.transform_logits(student_logits), self.transform_logits(teacher_logits.detach()),
+                           temperature=self.temperature, reduction=self.reduction)
 
     def forward(self, student_io_dict: IoDict, teacher_io_dict: IoDict, targets: torch.Tensor | None = None,
                 *args: Any, **kwargs: Any) -> torch.Tensor:
