@@ -191,7 +191,7 @@ def run_cache_features(args: argparse.Namespace) -> int:
     from .data import check_image_folder, load_image_folder
     from .feature_cache import CacheMismatchError, CorruptShardError, write_feature_cache
     from .runtime import check_device
-    from .teacher import DiffusionTeacher, check_image_size, check_teacher_dir
+    from .teacher import DiffusionTeacher, check_image_size, check_teacher_dir, describe_tap
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")
@@ -213,8 +213,7 @@ def run_cache_features(args: argparse.Namespace) -> int:
           f"{' + ' + type(teacher.vae).__name__ if teacher.vae is not None else ''}, mode {args.mode}, t {args.t}, "
           f"on {device} ({args.dtype})")
     for info in teacher.feature_info:
-        print(f"  {info['module']}: {info['num_chs']} channels, stride {info['reduction']} "
-              f"(native {info['native_reduction']})")
+        print(f"  tap {describe_tap(info)}")
     print(f"data {args.data}: {len(dataset)} images at {args.resolution}x{args.resolution}"
           f"{f', {len(dataset.skipped)} unreadable skipped' if dataset.skipped else ''}")
     try:

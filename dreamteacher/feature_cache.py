@@ -337,6 +337,8 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
         r = lv["reduction"]
         levels.append({"key": f"features.{i}", "num_chs": lv["num_chs"], "reduction": r, "module": lv["module"],
                        "shape": [lv["num_chs"], math.ceil(image_shape[1] / r), math.ceil(image_shape[2] / r)]})
+        if lv.get("block"):  # a converted ADM teacher: the block name teacher.taps may use
+            levels[-1]["block"] = lv["block"]
     num_shards = math.ceil(n / shard_size)
     source = getattr(teacher, "source", None)
     dataset_root = getattr(dataset, "root", None)
@@ -530,9 +532,9 @@ class FeatureCacheDataset(Dataset):
 
     @property
     def feature_info(self) -> list[dict]:
-        """``num_chs``, ``reduction``, ``module`` per cached level (the teacher's feature_info)."""
-        return [{"num_chs": lv["num_chs"], "reduction": lv["reduction"], "module": lv["module"]}
-                for lv in self.levels]
+        """``num_chs``, ``reduction``, ``module`` (and an ADM teacher's ``block``) per cached level (the teacher's
+        feature_info)."""
+        return [_level_info(lv) for lv in self.levels]
 
     def __len__(self) -> int:
         return self._offsets[-1]
@@ -613,7 +615,11 @@ def check_cache_matches(manifest: dict, cfg: Any, *, teacher_dtype: str, student
         diffs.append(("model.reductions", strides, list(student_strides)))
     elif cfg.teacher.taps is not None:
         cached_taps = [levels[j]["module"] for j in order]
-        if list(cfg.teacher.taps) != cached_taps:
+        # a converted ADM teacher's levels may be named by their ADM block (output_blocks.5) or their module
+        if not all(tap in (levels[j]["module"], levels[j].get("block")) for tap, j in zip(cfg.teacher.taps, order)) \
+                or len(cfg.teacher.taps) != len(order):
+            if any(levels[j].get("block") for j in order):
+                cached_taps = [levels[j].get("block") or levels[j]["module"] for j in order]
             diffs.append(("teacher.taps", cached_taps, list(cfg.teacher.taps)))
     mode = conf.get("mode")
     for key, value in (("t", cfg.teacher.t), ("mode", cfg.teacher.mode)):
@@ -681,6 +687,14 @@ def check_cache_matches(manifest: dict, cfg: Any, *, teacher_dtype: str, student
     return order
 
 
+def _level_info(level: dict) -> dict:
+    """A cached level's ``feature_info`` entry."""
+    info = {"num_chs": level["num_chs"], "reduction": level["reduction"], "module": level["module"]}
+    if level.get("block"):
+        info["block"] = level["block"]
+    return info
+
+
 class CachedTeacherRecord:
     """What the cache says about its teacher, in the shape the interpreter check reads from a teacher
     (``feature_info``, ``identity()``, ``t``, ``mode``, ``extraction_config()``); it computes nothing."""
@@ -693,8 +707,7 @@ class CachedTeacherRecord:
 
     @property
     def feature_info(self) -> list[dict]:
-        return [{"num_chs": lv["num_chs"], "reduction": lv["reduction"], "module": lv["module"]}
-                for lv in self._manifest["levels"]]
+        return [_level_info(lv) for lv in self._manifest["levels"]]
 
     def identity(self) -> dict:
         return dict(self._manifest["teacher"])

@@ -124,6 +124,10 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
         info = probe.feature_info
         picked = select_taps([i["native_reduction"] for i in info], student_strides)
         names = [info[j]["module"] for j in picked]
+    else:  # ADM block names (output_blocks.5) of a converted guided-diffusion teacher -> its modules
+        from .teachers.adm import translate_adm_taps
+
+        names = translate_adm_taps(list(names), probe.adm_taps, "teacher.taps")
     probe.taps.remove()
     # Build the real taps in call order; strides per tap are the student's strides of the levels they feed.
     call_rank = {n: i for i, n in enumerate(_call_order(probe, names))}
@@ -132,7 +136,7 @@ def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Se
                                text_embedding=probe.uncond_embedding if probe.conditional else None,
                                conditioning_source=probe.conditioning_source,
                                taps=[names[lvl] for lvl in ordered], strides=[student_strides[lvl] for lvl in ordered],
-                               **common)
+                               adm_taps=probe.adm_taps, **common)
     check_image_size(teacher, cfg.data.image_size, "data.image_size")
     teacher = teacher.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
     if _channels_last(cfg, device) and device.type == "cuda":
@@ -223,7 +227,12 @@ def _channels_last(cfg: PretrainConfig, device: torch.device) -> bool:
 def _candidate_taps(cfg: PretrainConfig) -> list[str]:
     import json as _json
 
+    from .teachers.adm import read_adm_taps
+
     root = Path(cfg.teacher.path)
+    adm = read_adm_taps(root)
+    if adm is not None:  # a converted ADM teacher: every decoder block is a candidate, as DDPM-segmentation reads them
+        return [n for n in adm["taps"] if n == "middle_block" or n.startswith("output_blocks.")]
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
     n_up = len(_json.loads((unet_dir / "config.json").read_text())["up_block_types"])
     return ["mid_block"] + [f"up_blocks.{i}" for i in range(n_up)]

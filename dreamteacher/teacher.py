@@ -46,6 +46,7 @@ __all__ = [
     "ScriptedGenerator",
     "load_generator",
     "default_tap_names",
+    "describe_tap",
     "encode_empty_prompt",
     "resize_to_stride",
     "state_fingerprint",
@@ -97,6 +98,15 @@ def resize_to_stride(feature: torch.Tensor, image_size: Sequence[int], stride: i
             return F.avg_pool2d(feature, h // size[0])
         return F.adaptive_avg_pool2d(feature, size)
     return F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
+
+
+def describe_tap(info: dict) -> str:
+    """One line about a tap from its ``feature_info`` entry: ADM block (when known), module, channels, strides."""
+    name = f"{info['block']} ({info['module']})" if info.get("block") else info["module"]
+    native = info.get("native_reduction")
+    stride = f"native stride {native}, read at stride {info['reduction']}" if native is not None \
+        else f"stride {info['reduction']}"
+    return f"{name}: {info['num_chs']} channels, {stride}"
 
 
 def default_tap_names(model: nn.Module) -> list[str]:
@@ -153,6 +163,7 @@ class FeatureTaps:
         self._order: list[str] = []
         self._image_size: tuple[int, int] | None = None
         self._armed = False
+        self.last_order: list[str] = []
         modules = []
         for name in self.names:  # resolve every name before registering, so a bad name leaves no hook behind
             try:
@@ -198,6 +209,8 @@ class FeatureTaps:
             self._armed = False
             self._image_size = None
         order = self._order
+        #: Names of the modules whose features the last :meth:`run` returned, in that (call) order.
+        self.last_order = list(order)
         feats = self.pop()
         if sorted(order) != sorted(self.names):
             missing = [n for n in self.names if n not in order]
@@ -584,9 +597,16 @@ class DiffusionTeacher(nn.Module):
                  conditioning_source: str | None = None, taps: Sequence[str] | None = None,
                  strides: Sequence[int] | None = None, t: int = DEFAULT_T, mode: str = "stochastic",
                  n_noise: int = 1, ddim_steps: int = 10, early_exit: bool = True,
-                 feature_dtype: torch.dtype | None = None) -> None:
+                 feature_dtype: torch.dtype | None = None, adm_taps: dict | None = None) -> None:
         super().__init__()
         from diffusers import DDPMScheduler
+
+        from .teachers.adm import translate_adm_taps
+
+        #: A converted guided-diffusion teacher's ``adm_taps.json`` (ADM block names -> modules), else None.
+        self.adm_taps = adm_taps
+        if taps is not None:
+            taps = translate_adm_taps(list(taps), adm_taps, "taps")
 
         self.unet = unet
         self.vae = vae
@@ -670,11 +690,15 @@ class DiffusionTeacher(nn.Module):
         (:func:`encode_empty_prompt`, computed once and cached as ``uncond_embedding.safetensors`` in ``path``, or
         in ``embedding_cache_dir`` where ``path`` is not writable); ``path/uncond_embedding.safetensors``. With none
         of them it refuses. ``conditioning="zeros"`` is the explicit opt-in to zeros. One INFO line names the
-        source. ``kwargs`` go to the constructor.
+        source. A directory written by ``dreamteacher convert-adm`` (its ``adm_taps.json``) also takes ADM block names
+        (``output_blocks.5``) as ``taps``. ``kwargs`` go to the constructor.
         """
         import diffusers
 
+        from .teachers.adm import read_adm_taps
+
         root = check_teacher_dir(path)
+        kwargs.setdefault("adm_taps", read_adm_taps(root))
         unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
         class_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
         unet_cls = getattr(diffusers, class_name, None)
@@ -778,7 +802,8 @@ class DiffusionTeacher(nn.Module):
     @property
     def feature_info(self) -> list[dict]:
         """Per tapped level, like timm's: ``num_chs``, ``reduction`` (the output stride), ``module``, plus
-        ``native_reduction`` (the stride before resizing). Found by a dry run on a tiny input (cached)."""
+        ``native_reduction`` (the stride before resizing) and, for a converted ADM teacher, ``block`` (the ADM block
+        name). Found by a dry run on a tiny input (cached)."""
         if self._feature_info is None:
             self._feature_info = self._dry_run()
         return [dict(info) for info in self._feature_info]
@@ -792,12 +817,16 @@ class DiffusionTeacher(nn.Module):
         tt = torch.full((1,), self.t, dtype=torch.long, device=self.device)
         _, native = self.taps.run(lambda: self._unet_call(x, tt), image_size=None)
         image = size * self.latent_factor
-        strides = self.taps.strides or [None] * len(native)
         info = []
-        for name, feat, stride in zip(self.taps.names, native, strides):
+        blocks = {m: b for b, m in self.adm_taps["taps"].items()} if self.adm_taps else {}
+        # features come in call order, which need not be the order the taps were named in
+        for name, feat in zip(self.taps.last_order, native):
+            stride = self.taps._stride_of.get(name)
             native_r = image // feat.shape[-1]
             info.append({"num_chs": int(feat.shape[1]), "reduction": int(stride or native_r), "module": name,
                          "native_reduction": int(native_r)})
+            if name in blocks:  # the ADM block name a converted guided-diffusion teacher's tap reads
+                info[-1]["block"] = blocks[name]
         return info
 
     def _unet_call(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -976,9 +1005,9 @@ class GeneratorTeacher(nn.Module):
         z = torch.zeros(1, self.latent_dim, device=self.device, dtype=self.dtype)
         images, native = self.taps.run(lambda: _first_tensor(self.generator(z)), image_size=None)
         self._image_size = (int(images.shape[-2]), int(images.shape[-1]))
-        strides = self.taps.strides or [None] * len(native)
         self._feature_info = []
-        for name, feat, stride in zip(self.taps.names, native, strides):
+        for name, feat in zip(self.taps.last_order, native):  # call order, as the features come
+            stride = self.taps._stride_of.get(name)
             native_r = self._image_size[1] // feat.shape[-1]
             self._feature_info.append({"num_chs": int(feat.shape[1]), "reduction": int(stride or native_r),
                                        "module": name, "native_reduction": int(native_r)})

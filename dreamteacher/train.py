@@ -122,6 +122,12 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
     source = build_source(cfg, device, strides, memory_format)
     teacher, order = source.teacher, source.order
+    if env.is_main:  # which teacher blocks feed which student level (with data.cache: as the cache recorded them)
+        from .teacher import describe_tap
+
+        info = teacher.feature_info
+        for stride, j in zip(strides, order):
+            logger.info("teacher tap for student stride %d: %s", stride, describe_tap(info[j]))
     regressor = FeatureRegressor(student.feature_info, source.teacher_channels, width=cfg.model.width,
                                  pool_sizes=cfg.model.pool_sizes)
     interpreter = None  # label distillation: frozen, outside the trainable module like the teacher

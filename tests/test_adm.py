@@ -272,3 +272,82 @@ def test_adm_tap_names_translate(converted):
     with pytest.raises(UserError, match=r"ADM block name, but this teacher has no adm_taps\.json"):
         translate_adm_taps(["output_blocks.1"], None)
     assert ADM_TAPS_FILE == "adm_taps.json"
+
+
+# ------------------------------------------------------------------------------------------------ pretrain / cache
+def _images(root: Path, n: int = 4) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    return root
+
+
+# DDPM-segmentation style: decoder blocks, fine to coarse for the student's strides 4, 8, 16, 32 (the tiny ddpmseg
+# model has 9 output blocks over 3 levels: 2, 5 end in an upsample).
+ADM_TAPS = "output_blocks.8,output_blocks.5,output_blocks.2,middle_block"
+
+
+def test_pretrain_taps_adm_blocks_of_a_converted_teacher(converted, tmp_path, caplog):
+    import logging
+
+    from helpers import tiny_overrides
+
+    from dreamteacher import cli
+
+    caplog.set_level(logging.INFO, logger="dreamteacher")
+    args = tiny_overrides(converted["ddpmseg"], tmp_path / "run", {"teacher.taps": ADM_TAPS, "run.steps": 2,
+                                                                   "teacher.t": 50, "data.length": 4})
+    assert cli.main(["pretrain", *args]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher tap")]
+    assert lines == [
+        "teacher tap for student stride 4: output_blocks.8 (up_blocks.2.resnets.2): 32 channels, native stride 1, "
+        "read at stride 4",
+        "teacher tap for student stride 8: output_blocks.5 (up_blocks.1.upsamplers.0): 32 channels, native stride 1, "
+        "read at stride 8",
+        "teacher tap for student stride 16: output_blocks.2 (up_blocks.0.upsamplers.0): 32 channels, native stride 2,"
+        " read at stride 16",
+        "teacher tap for student stride 32: middle_block (mid_block): 32 channels, native stride 4, read at stride 32"]
+
+
+def test_pretrain_chooses_adm_blocks_automatically(converted, tmp_path, caplog):
+    import logging
+
+    from helpers import tiny_overrides
+
+    from dreamteacher import cli
+
+    caplog.set_level(logging.INFO, logger="dreamteacher")
+    args = tiny_overrides(converted["plain"], tmp_path / "run", {"run.steps": 1, "data.length": 4,
+                                                                 "model.reductions": "4,8"})
+    assert cli.main(["pretrain", *args]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher tap")]
+    # candidates: middle_block and every output block (natives 2, 2, 1, 1, 1); one octave finer than the student
+    # (2 for stride 4, 4 for stride 8), matched coarse to fine in call order, earliest on ties
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == ["output_blocks.0", "middle_block"]
+
+
+def test_cache_features_and_pretrain_from_the_cache_with_adm_names(converted, tmp_path, capsys):
+    from helpers import tiny_overrides
+
+    from dreamteacher import cli
+
+    data = _images(tmp_path / "images")
+    cache = tmp_path / "cache"
+    assert cli.main(["cache-features", "--teacher", str(converted["ddpmseg"]), "--data", str(data), "--out",
+                     str(cache), "--resolution", "32", "--taps", "output_blocks.8", "output_blocks.5", "--strides",
+                     "4", "8", "--t", "50", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "tap output_blocks.8 (up_blocks.2.resnets.2): 32 channels, native stride 1, read at stride 4" in out
+    assert "tap output_blocks.5 (up_blocks.1.upsamplers.0): 32 channels, native stride 1, read at stride 8" in out
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert [lv["block"] for lv in manifest["levels"]] == ["output_blocks.5", "output_blocks.8"]  # call order
+    args = tiny_overrides(converted["ddpmseg"], tmp_path / "run", {
+        "data.cache": cache, "teacher.taps": "output_blocks.8,output_blocks.5", "model.reductions": "4,8",
+        "teacher.t": 50, "run.steps": 1})
+    assert cli.main(["pretrain", *args]) == 0
+    assert cli.main(["pretrain", *args, "--teacher.taps=output_blocks.7,output_blocks.5"]) == 2
+    assert 'teacher.taps: cache ["output_blocks.8", "output_blocks.5"]' in capsys.readouterr().err
