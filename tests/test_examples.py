@@ -101,6 +101,12 @@ def test_fused_at_loss_equals_mdistillers_for_odd_p_on_relu_features():
     assert_same(ours, theirs, **TIGHT)
 
 
+def test_fused_at_loss_refuses_a_wider_teacher_for_p_other_than_2():
+    g_s, g_t = make_levels([(2, 4, 4, 4)]), make_levels([(2, 8, 4, 4)])
+    with pytest.raises(ValueError, match=r"p: a teacher with 8 channels for a student with 4 needs p = 2"):
+        mdistiller_fused.fused_at_loss(g_s, g_t, 3)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, TIGHT), (torch.float32, {"rtol": 2e-5, "atol": 1e-7})])
 def test_fused_kd_loss_equals_mdistillers(dtype, tol):
     logits_s = (torch.randn(8, 100, dtype=torch.float64) * 3).to(dtype)
