@@ -191,7 +191,8 @@ def run_cache_features(args: argparse.Namespace) -> int:
     from .data import check_image_folder, load_image_folder
     from .feature_cache import CacheMismatchError, CorruptShardError, write_feature_cache
     from .runtime import check_device
-    from .teacher import DiffusionTeacher, check_image_size, check_teacher_dir, describe_tap
+    from .teachers.diffusion import DiffusionTeacher, check_image_size, check_teacher_dir
+    from .teachers.taps import describe_tap
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")

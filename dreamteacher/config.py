@@ -82,7 +82,8 @@ class TeacherConfig:
     generator: str = opt("", "teacher.kind=generator: MODULE:FACTORY (an importable Python function returning the "
                              "generator nn.Module; importing runs that module's code, as any import does) or a "
                              "TorchScript file (.pt; read by torch.jit.load, which runs TorchScript only, never "
-                             "Python). See dreamteacher.teacher.load_generator for what the module must provide")
+                             "Python). See dreamteacher.teachers.generator.load_generator for what the module must "
+                             "provide")
     latent_dim: int = opt(0, "teacher.kind=generator: size of the latent z; 0 reads the generator's latent_dim "
                              "attribute", minimum=0)
     taps: list[str] | None = opt(None, "UNet module per student level, fine to coarse; null picks, for each student "

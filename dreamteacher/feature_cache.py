@@ -275,7 +275,7 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
     every step.
 
     Args:
-        teacher: a :class:`~dreamteacher.teacher.DiffusionTeacher` (anything with ``identity()``,
+        teacher: a :class:`~dreamteacher.teachers.diffusion.DiffusionTeacher` (anything with ``identity()``,
             ``extraction_config()``, ``feature_info`` and ``teacher(images, seed=...) -> list of [B, C, h, w]``).
         dataset: items ``[3, R, R]``, uint8 in ``[0, 255]`` (e.g. ``ImageFolderDataset(..., uint8=True)``) or float
             in ``[-1, 1]``; the images are stored as uint8 and the teacher sees exactly the stored pixels.
@@ -634,7 +634,7 @@ def check_cache_matches(manifest: dict, cfg: Any, *, teacher_dtype: str, student
         diffs.append(("teacher.dtype", conf.get("feature_dtype"), asked))
     conditioning = conf.get("conditioning")
     if conditioning is not None:  # a conditional teacher: the zero embedding is an explicit choice on both sides
-        from .teacher import ZEROS_SOURCE
+        from .teachers.diffusion import ZEROS_SOURCE
 
         cached_zeros = conditioning == ZEROS_SOURCE
         if cached_zeros != (cfg.teacher.conditioning == "zeros"):

@@ -4,9 +4,7 @@ the interpreter, the pictures and the benchmarks."""
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,9 @@ from torch import nn
 from .config import ConfigError, PretrainConfig, UserError, options_named
 from .regressor import FeatureRegressor
 from .student import StudentBackbone
-from .teacher import DiffusionTeacher, GeneratorTeacher, check_image_size, check_teacher_dir
+from .teachers.diffusion import DiffusionTeacher, check_image_size, check_teacher_dir
+from .teachers.generator import GeneratorTeacher
+from .teachers.taps import select_taps
 
 logger = logging.getLogger("dreamteacher")
 
@@ -68,26 +68,6 @@ def build_student(cfg: PretrainConfig) -> StudentBackbone:
             raise ConfigError(f"model.{head}: {rest}") from e
         raise
 
-
-def select_taps(native_strides: Sequence[int], student_strides: Sequence[int]) -> list[int]:
-    """Indices (into the candidates, in call order) of one teacher block per student level.
-
-    The paper reads ADM decoder blocks one octave finer than the student's C2-C5, so the target native stride of a
-    student level at stride ``s`` is ``s / 2``. Candidates are taken in call order (the decoder runs coarse to fine)
-    and matched to the student levels coarse to fine, minimising the total ``|log2(native) - log2(s / 2)|``; ties
-    go to the earliest blocks (an earlier early exit).
-    """
-    targets = sorted(student_strides, reverse=True)  # coarse to fine, like the decoder's call order
-    if len(native_strides) < len(targets):
-        raise UserError(f"teacher.taps: the teacher has {len(native_strides)} candidate blocks, fewer than the "
-                         f"{len(targets)} student levels; name the taps explicitly")
-    best, best_cost = None, math.inf
-    for combo in itertools.combinations(range(len(native_strides)), len(targets)):
-        cost = sum(abs(math.log2(native_strides[j]) - math.log2(s / 2)) for j, s in zip(combo, targets))
-        if cost < best_cost - 1e-9:
-            best, best_cost = combo, cost
-    by_stride = dict(zip(targets, best))
-    return [by_stride[s] for s in student_strides]
 
 
 #: DiffusionTeacher's argument names -> the config keys they come from (for error messages).
@@ -155,10 +135,10 @@ def teacher_dtype(cfg: PretrainConfig, device: torch.device) -> str:
 def build_generator_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int]
                             ) -> tuple[GeneratorTeacher, list[int]]:
     """``teacher.kind=generator``: the frozen generator of ``teacher.generator``
-    (:func:`~dreamteacher.teacher.load_generator`) with one tap per student level (``teacher.taps``, else the
+    (:func:`~dreamteacher.teachers.generator.load_generator`) with one tap per student level (``teacher.taps``, else the
     generator's ``tap_names``), each resized to its level's stride relative to the generated image, which must be
     ``data.image_size`` square. Returns the teacher and ``order`` as :func:`build_teacher` does."""
-    from .teacher import load_generator
+    from .teachers.generator import load_generator
 
     with options_named({"generator": "teacher.generator", "taps": "teacher.taps", "names": "teacher.taps",
                         "strides": "teacher.taps"}):

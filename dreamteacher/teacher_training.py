@@ -141,7 +141,7 @@ def fixed_batch_loss(unet: nn.Module, *, image_size: int, num_train_timesteps: i
 def _save_teacher_atomically(unet: nn.Module, scheduler, out: Path, meta: dict) -> None:
     """Write ``unet/`` + ``scheduler/`` + ``teacher.json`` into a temporary folder next to ``out``, then move them in:
     an interrupted save never leaves a half-written teacher that loads."""
-    from .teacher import DiffusionTeacher
+    from .teachers.diffusion import DiffusionTeacher
 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

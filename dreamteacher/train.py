@@ -123,7 +123,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     source = build_source(cfg, device, strides, memory_format)
     teacher, order = source.teacher, source.order
     if env.is_main:  # which teacher blocks feed which student level (with data.cache: as the cache recorded them)
-        from .teacher import describe_tap
+        from .teachers.taps import describe_tap
 
         info = teacher.feature_info
         for stride, j in zip(strides, order):

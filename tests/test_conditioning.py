@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_teacher import LATENT_UNET, PIXEL_UNET, VAE, images
 
-import dreamteacher.teacher as teacher_mod
+import dreamteacher.teachers.diffusion as teacher_mod
 from dreamteacher.config import ConfigError, PretrainConfig, load_config
 from dreamteacher.model import build_teacher
 from dreamteacher.teacher import DiffusionTeacher

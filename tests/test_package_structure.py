@@ -11,25 +11,43 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dreamteacher"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+# Modules by dotted name below the package: "model", "teachers.taps", ... (the teachers subpackage included)
+MODULES = sorted([p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
+                 + [f"teachers.{p.stem}" for p in (PACKAGE / "teachers").glob("*.py") if p.stem != "__init__"])
 ENTRY_POINTS = {"cli", "__main__", "demo", "ablate"}
 
 
+def _resolve(dotted: str) -> str | None:
+    """The module of MODULES a dotted name below the package refers to (a module, or a name inside one)."""
+    parts = dotted.split(".")
+    for n in (2, 1):
+        if ".".join(parts[:n]) in MODULES:
+            return ".".join(parts[:n])
+    return None
+
+
 def _imports(module: str) -> set[str]:
-    """Sibling modules ``module`` imports anywhere in its body (``from .x import``, ``from dreamteacher.x import``)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    """Package modules ``module`` imports anywhere in its body (``from .x import``, ``from ..x import``,
+    ``from dreamteacher.x import``)."""
+    tree = ast.parse((PACKAGE / f"{module.replace('.', '/')}.py").read_text())
+    here = module.split(".")[:-1]  # the subpackage a module is in ([] at top level)
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(a.name for a in node.names)
+            if node.level:
+                base = here[: len(here) - (node.level - 1)] if node.level - 1 <= len(here) else []
+                prefix = ".".join(base + ([node.module] if node.module else []))
+                targets = [f"{prefix}.{a.name}" if prefix else a.name for a in node.names] + [prefix]
             elif node.module and node.module.startswith("dreamteacher."):
-                found.add(node.module.split(".")[1])
+                rest = node.module.removeprefix("dreamteacher.")
+                targets = [rest] + [f"{rest}.{a.name}" for a in node.names]
+            else:
+                continue
+            found.update(m for m in map(_resolve, filter(None, targets)) if m)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("dreamteacher."))
-    return {m for m in found if m in MODULES and m != module}
+            found.update(m for a in node.names if a.name.startswith("dreamteacher.")
+                         if (m := _resolve(a.name.removeprefix("dreamteacher."))))
+    return {m for m in found if m != module}
 
 
 def test_no_import_cycles_in_the_package():
