@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ logger = logging.getLogger("dreamteacher")
 __all__ = ["SegmentationModel", "SegmentationFolder", "load_backbone", "load_segmentation_model", "confusion_matrix",
            "iou_from_confusion", "finetune", "evaluate_model", "evaluate_backbones", "write_results",
            "builtin_splits", "builtin_validation_split", "foreground_miou", "PROTOCOLS", "summarize",
-           "markdown_table"]
+           "markdown_table", "parallel_map", "worker_split"]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -317,17 +318,20 @@ def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor
     model.to(device).train()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    cached = None
+    bank = None
     if protocol == "probe":
         model.backbone.eval().requires_grad_(False)
-        cached = {}  # (flip_w, flip_h) -> per-level features of every labelled image
+        # Per level, the features of every labelled image under each flip, stacked flip-major: row
+        # (2 * flip_w + flip_h) * N + i. A batch is then one index_select per level.
+        views = []
         with torch.inference_mode(), autocast:
             for fw in (False, True):
                 for fh in (False, True):
                     x = images.flip(-1) if fw else images
                     x = x.flip(-2) if fh else x
                     feats = [model.backbone(x[i:i + 64].to(device)) for i in range(0, x.shape[0], 64)]
-                    cached[fw, fh] = [torch.cat(level).float() for level in zip(*feats)]
+                    views.append([torch.cat(level).float() for level in zip(*feats)])
+        bank = [torch.cat(level) for level in zip(*views)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = fused_adamw(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup=max(steps // 10, 1),
@@ -335,7 +339,7 @@ def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-        if cached is None:
+        if bank is None:
             x, y = _augment(images[idx], masks[idx], gen)
             with autocast:
                 logits = model(x.to(device, non_blocking=True))
@@ -344,10 +348,8 @@ def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor
             y = masks[idx].clone()
             y[flip_w] = y[flip_w].flip(-1)
             y[flip_h] = y[flip_h].flip(-2)
-            feats = []
-            for lvl in range(len(cached[False, False])):
-                rows = [cached[bool(fw), bool(fh)][lvl][i] for i, fw, fh in zip(idx.tolist(), flip_w, flip_h)]
-                feats.append(torch.stack(rows).to(device))
+            rows = (2 * flip_w.long() + flip_h.long()) * images.shape[0] + idx
+            feats = [level.index_select(0, rows).to(device) for level in bank]
             with autocast:
                 logits = model.decode(feats, images.shape[-2:])
         loss = F.cross_entropy(logits.float(), y.to(device), ignore_index=-100 if ignore_index is None
@@ -357,7 +359,7 @@ def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-    if cached is not None:
+    if bank is not None:
         model.backbone.requires_grad_(True)
     return losses
 
@@ -375,6 +377,149 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, 
     return cm
 
 
+@dataclass
+class _EvalContext:
+    """What every evaluation run of one :func:`evaluate_backbones` call shares (picklable: a worker process gets a
+    copy)."""
+
+    backbones: dict[str, str | None]
+    train_set: Dataset
+    test_images: torch.Tensor
+    test_masks: torch.Tensor
+    val_images: torch.Tensor | None
+    val_masks: torch.Tensor | None
+    student: str
+    num_classes: int
+    class_names: list[str]
+    ignore_index: int | None
+    background_index: int | None
+    steps: int
+    batch_size: int
+    width: int
+    device: str
+    grid: list[float]
+    seeds: list[int]
+    save_models: str | None
+    save_seeds: list[int] | None
+
+
+def _one_run(ctx: _EvalContext, protocol: str, name: str, n_labels: int, seed: int,
+             run_lr: float) -> tuple[dict, nn.Module]:
+    start = time.perf_counter()
+    images, masks = _stack(ctx.train_set, labelled_indices(n_labels, seed, len(ctx.train_set)))
+    torch.manual_seed(seed)  # head init (and the whole init for scratch) depends on the seed only
+    model = SegmentationModel(ctx.student, ctx.num_classes, width=ctx.width)
+    if ctx.backbones[name] is not None:
+        load_backbone(model.backbone, ctx.backbones[name])
+    if torch.device(ctx.device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    else:  # exact; oneDNN's weight gradient of convolutions on 1x1 maps is slow (dreamteacher.perf)
+        single_pixel_convs_as_linear(model)
+    losses = finetune(model, images, masks, steps=ctx.steps, batch_size=ctx.batch_size, lr=run_lr, seed=seed,
+                      ignore_index=ctx.ignore_index, device=ctx.device, protocol=protocol)
+    iou, miou = iou_from_confusion(evaluate_model(model, ctx.test_images, ctx.test_masks, ctx.num_classes,
+                                                  ignore_index=ctx.ignore_index, device=ctx.device))
+    val_miou = None
+    if ctx.val_images is not None:
+        val_miou = iou_from_confusion(evaluate_model(model, ctx.val_images, ctx.val_masks, ctx.num_classes,
+                                                     ignore_index=ctx.ignore_index, device=ctx.device))[1]
+    run = {"protocol": protocol, "backbone": name, "labels": n_labels, "seed": seed, "lr": run_lr,
+           "miou": miou, "fg_miou": foreground_miou(iou, ctx.background_index), "iou": iou, "val_miou": val_miou,
+           "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+    logger.info("evaluate %s %s, %d labels, seed %d, lr %g: mIoU %.2f%% (%.1f s)", protocol, name, n_labels,
+                seed, run_lr, 100 * miou, run["seconds"])
+    return run, model
+
+
+def _keep(ctx: _EvalContext, run: dict, model: nn.Module) -> dict:
+    if ctx.save_models is not None and (ctx.save_seeds is None or run["seed"] in ctx.save_seeds):
+        path = Path(ctx.save_models) / f"{run['protocol']}_{run['backbone']}_{run['labels']}labels_seed{run['seed']}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"kind": "dreamteacher.segmentation", "state_dict": model.cpu().state_dict(),
+                    "student": ctx.student, "num_classes": ctx.num_classes, "width": ctx.width,
+                    "image_size": int(ctx.test_images.shape[-1]), "class_names": ctx.class_names}, path)
+        run["model"] = str(path)
+    return run
+
+
+def _run_group(ctx: _EvalContext, protocol: str, name: str, n_labels: int, on_run=None) -> tuple[list, dict | None]:
+    """Every seed of one (protocol, backbone, budget): with a grid, the first seed at every value, the value with the
+    best validation mIoU kept (ties: the first) and the other seeds run with it. Independent of every other group,
+    so groups can run in separate processes. ``on_run(run)`` is called after each run."""
+    grid, seeds = ctx.grid, ctx.seeds
+    runs, selection = [], None
+    chosen, rest = grid[0], seeds
+    if len(grid) > 1:  # the choice reads only the validation split
+        trials = []
+        for v in grid:
+            trials.append(_one_run(ctx, protocol, name, n_labels, seeds[0], v))
+            if on_run is not None:
+                on_run(trials[-1][0])
+        best = max(range(len(grid)), key=lambda i: (trials[i][0]["val_miou"], -i))
+        chosen = grid[best]
+        selection = {"protocol": protocol, "backbone": name, "labels": n_labels, "seed": seeds[0], "lr": chosen,
+                     "val_miou": {str(v): t[0]["val_miou"] for v, t in zip(grid, trials)}}
+        runs.append(_keep(ctx, *trials[best]))
+        rest = seeds[1:]
+    for seed in rest:
+        run, model = _one_run(ctx, protocol, name, n_labels, seed, chosen)
+        runs.append(_keep(ctx, run, model))
+        if on_run is not None:
+            on_run(run)
+    return runs, selection
+
+
+def _worker_init(threads: int) -> None:
+    """A worker process of :func:`parallel_map`: its share of the cores, and freed memory kept as in the parent
+    (:func:`dreamteacher.perf.keep_freed_memory`)."""
+    from .perf import keep_freed_memory
+
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    logging.getLogger("dreamteacher").setLevel(logging.WARNING)
+
+
+def worker_split(workers: int) -> tuple[int, int]:
+    """(processes, threads each) for ``workers`` independent jobs on this process's threads: small convolutions do
+    not keep two cores busy, two independent runs on one core each do (``benchmarks/README.md``). ``workers <= 1``:
+    everything in this process."""
+    threads = torch.get_num_threads()
+    workers = max(1, min(int(workers), threads))
+    return workers, max(1, threads // workers)
+
+
+def parallel_map(fn, jobs: Sequence[tuple], workers: int, on_done=None) -> list:
+    """``[fn(*job) for job in jobs]``, in that order, over :func:`worker_split`'s processes (``spawn``: each starts
+    clean, one thread share each); in this process when one worker is asked for. ``on_done(index, result)`` is
+    called as each job finishes. A job's exception is raised here, after the others are cancelled."""
+    processes, threads = worker_split(workers)
+    if processes <= 1 or len(jobs) <= 1:
+        results = []
+        for i, job in enumerate(jobs):
+            results.append(fn(*job))
+            if on_done is not None:
+                on_done(i, results[-1])
+        return results
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    results: list = [None] * len(jobs)
+    with cf.ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
+                                initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+        try:
+            for future in cf.as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                if on_done is not None:
+                    on_done(i, results[i])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
 def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_set: Dataset, test_set: Dataset, *,
                        budgets: Sequence[int], seeds: Sequence[int], student: str = "resnet18",
                        num_classes: int = len(SHAPE_CLASSES), class_names: Sequence[str] | None = None,
@@ -382,7 +527,8 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
                        batch_size: int = 8, lr: float | Sequence[float] = 1e-3, width: int = 64,
                        protocols: Sequence[str] = ("finetune",), val_set: Dataset | None = None,
                        device: str | torch.device = "cpu", save_models: str | os.PathLike | None = None,
-                       save_seeds: Sequence[int] | None = None, progress: bool = True) -> dict[str, Any]:
+                       save_seeds: Sequence[int] | None = None, progress: bool = True,
+                       workers: int = 1) -> dict[str, Any]:
     """Train and test every (protocol, backbone, label budget, seed).
 
     Args:
@@ -398,6 +544,9 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
         background_index: the class left out of the foreground mIoU (None: no such class).
         save_models: directory to write the fine-tuned models to (``load_segmentation_model`` reads them).
         save_seeds: save only the runs of these seeds (None: every run).
+        workers: > 1 (CPU): the (protocol, backbone, budget) groups, which are independent, run in this many
+            processes at once with an equal share of this process's threads (:func:`parallel_map`). The runs and
+            their order in the results are those of one process.
 
     Returns:
         ``{"config": {...}, "runs": [{"protocol", "backbone", "labels", "seed", "lr", "miou", "fg_miou", "iou",
@@ -416,84 +565,61 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
         raise ValueError(f"lr: expected positive learning rates, got {lr!r}")
     if len(grid) > 1 and val_set is None:
         raise ValueError("val_set: a learning-rate grid is chosen on a validation split; pass val_set")
+    if int(workers) < 1:
+        raise ValueError(f"workers: expected a positive number of processes, got {workers!r}")
+    if torch.device(device).type != "cpu":
+        workers = 1  # one accelerator: its runs stay in this process
     class_names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
     test_images, test_masks = _stack(test_set, range(len(test_set)))
     val_images, val_masks = _stack(val_set, range(len(val_set))) if val_set is not None else (None, None)
     seeds = list(seeds)
-    n_runs = len(protocols) * len(backbones) * len(budgets) * (len(seeds) + len(grid) - 1)
+    ctx = _EvalContext(backbones={k: None if v is None else str(v) for k, v in backbones.items()},
+                       train_set=train_set, test_images=test_images, test_masks=test_masks, val_images=val_images,
+                       val_masks=val_masks, student=student, num_classes=num_classes, class_names=class_names,
+                       ignore_index=ignore_index, background_index=background_index, steps=steps,
+                       batch_size=batch_size, width=width, device=str(device), grid=grid, seeds=seeds,
+                       save_models=None if save_models is None else str(save_models),
+                       save_seeds=None if save_seeds is None else list(save_seeds))
+    per_group = len(seeds) + len(grid) - 1
+    n_runs = len(protocols) * len(backbones) * len(budgets) * per_group
     bar = None
     if progress:
         from .runtime import progress_bar
 
         bar = progress_bar(n_runs, "evaluate", "run")
 
-    def one_run(protocol: str, name: str, n_labels: int, seed: int, run_lr: float) -> tuple[dict, nn.Module]:
-        start = time.perf_counter()
-        images, masks = _stack(train_set, labelled_indices(n_labels, seed, len(train_set)))
-        torch.manual_seed(seed)  # head init (and the whole init for scratch) depends on the seed only
-        model = SegmentationModel(student, num_classes, width=width)
-        if backbones[name] is not None:
-            load_backbone(model.backbone, backbones[name])
-        if torch.device(device).type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        else:  # exact; oneDNN's weight gradient of convolutions on 1x1 maps is slow (dreamteacher.perf)
-            single_pixel_convs_as_linear(model)
-        losses = finetune(model, images, masks, steps=steps, batch_size=batch_size, lr=run_lr, seed=seed,
-                          ignore_index=ignore_index, device=device, protocol=protocol)
-        iou, miou = iou_from_confusion(evaluate_model(model, test_images, test_masks, num_classes,
-                                                      ignore_index=ignore_index, device=device))
-        val_miou = None
-        if val_images is not None:
-            val_miou = iou_from_confusion(evaluate_model(model, val_images, val_masks, num_classes,
-                                                         ignore_index=ignore_index, device=device))[1]
-        run = {"protocol": protocol, "backbone": name, "labels": n_labels, "seed": seed, "lr": run_lr,
-               "miou": miou, "fg_miou": foreground_miou(iou, background_index), "iou": iou, "val_miou": val_miou,
-               "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:])}
-        logger.info("evaluate %s %s, %d labels, seed %d, lr %g: mIoU %.2f%% (%.1f s)", protocol, name, n_labels,
-                    seed, run_lr, 100 * miou, run["seconds"])
+    def on_run(run: dict) -> None:
         if bar is not None:
-            bar.set_postfix(run=f"{protocol}/{name}", labels=n_labels, miou=f"{100 * miou:.1f}")
+            bar.set_postfix(run=f"{run['protocol']}/{run['backbone']}", labels=run["labels"],
+                            miou=f"{100 * run['miou']:.1f}")
             bar.update(1)
-        return run, model
 
-    def keep(run: dict, model: nn.Module) -> dict:
-        if save_models is not None and (save_seeds is None or run["seed"] in save_seeds):
-            path = Path(save_models) / f"{run['protocol']}_{run['backbone']}_{run['labels']}labels_seed{run['seed']}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"kind": "dreamteacher.segmentation", "state_dict": model.cpu().state_dict(),
-                        "student": student, "num_classes": num_classes, "width": width,
-                        "image_size": int(test_images.shape[-1]), "class_names": class_names}, path)
-            run["model"] = str(path)
-        return run
-
-    runs, selection = [], []
+    groups = [(protocol, name, n_labels) for protocol in protocols for n_labels in budgets for name in backbones]
     try:
-        for protocol in protocols:
-            for n_labels in budgets:
-                for name in backbones:
-                    chosen = grid[0]
-                    if len(grid) > 1:  # the first seed at every grid value; the choice reads only the val split
-                        trials = [one_run(protocol, name, n_labels, seeds[0], v) for v in grid]
-                        best = max(range(len(grid)), key=lambda i: (trials[i][0]["val_miou"], -i))
-                        chosen = grid[best]
-                        selection.append({"protocol": protocol, "backbone": name, "labels": n_labels,
-                                          "seed": seeds[0], "lr": chosen,
-                                          "val_miou": {str(v): t[0]["val_miou"] for v, t in zip(grid, trials)}})
-                        runs.append(keep(*trials[best]))
-                        rest = seeds[1:]
-                    else:
-                        rest = seeds
-                    for seed in rest:
-                        runs.append(keep(*one_run(protocol, name, n_labels, seed, chosen)))
+        if worker_split(workers)[0] > 1 and len(groups) > 1:
+            def on_group(i: int, result: tuple[list, dict | None]) -> None:
+                for run in result[0]:
+                    logger.info("evaluate %s %s, %d labels, seed %d, lr %g: mIoU %.2f%% (%.1f s)", run["protocol"],
+                                run["backbone"], run["labels"], run["seed"], run["lr"], 100 * run["miou"],
+                                run["seconds"])
+                    on_run(run)
+                if bar is not None and len(result[0]) < per_group:  # the grid's other values on the first seed
+                    bar.update(per_group - len(result[0]))
+
+            done = parallel_map(_run_group, [(ctx, *g) for g in groups], workers, on_done=on_group)
+        else:
+            done = [_run_group(ctx, *g, on_run=on_run) for g in groups]
     finally:
         if bar is not None:
             bar.close()
+    runs = [run for group_runs, _ in done for run in group_runs]
+    selection = [sel for _, sel in done if sel is not None]
     config = {"student": student, "budgets": list(budgets), "seeds": seeds, "steps": steps,
               "batch_size": batch_size, "lr": grid if len(grid) > 1 else grid[0], "width": width,
               "protocols": list(protocols), "num_classes": num_classes, "class_names": class_names,
               "ignore_index": ignore_index, "background_index": background_index, "n_test": len(test_set),
               "n_val": len(val_set) if val_set is not None else 0, "image_size": int(test_images.shape[-1]),
-              "backbones": {k: None if v is None else str(v) for k, v in backbones.items()}}
+              "backbones": dict(ctx.backbones)}
     return {"config": config, "runs": runs, "selection": selection, "summary": summarize(runs)}
 
 

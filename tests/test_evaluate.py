@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,24 @@ def test_foreground_miou_leaves_out_the_background_and_empty_classes():
     assert foreground_miou([0.9, 0.2, math.nan, 0.4]) == pytest.approx(0.3)
     assert foreground_miou([0.9, 0.2, 0.4], background_index=None) == pytest.approx(0.5)
     assert math.isnan(foreground_miou([0.9, math.nan]))
+
+
+def test_parallel_groups_give_the_runs_of_one_process(tmp_path, monkeypatch):
+    """workers=2 runs the (protocol, backbone, budget) groups in two spawned processes of one thread each: the same
+    runs, in the same order, with the same numbers as one process on one thread (this module's fixture), the grid's
+    choice and the saved models included."""
+    train, test = ProceduralShapes(64, 32, seed=1), ProceduralShapes(6, 32, seed=2)
+    val = ProceduralShapes(6, 32, seed=3)
+    kwargs = dict(budgets=[3, 5], seeds=[0, 1], steps=3, batch_size=2, width=8, lr=[1e-3, 3e-3], val_set=val,
+                  protocols=["finetune", "probe"], progress=False, save_seeds=[0])
+    one = evaluate_backbones({"scratch": None, "other": None}, train, test, save_models=tmp_path / "a", **kwargs)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two cores' worth, split over two workers
+    two = evaluate_backbones({"scratch": None, "other": None}, train, test, save_models=tmp_path / "b", workers=2,
+                             **kwargs)
+    keys = ("protocol", "backbone", "labels", "seed", "lr", "miou", "val_miou", "final_loss", "iou")
+    assert [[r[k] for k in keys] for r in two["runs"]] == [[r[k] for k in keys] for r in one["runs"]]
+    assert two["selection"] == one["selection"] and len(one["runs"]) == 2 * 2 * 2 * 2
+    saved = [r for r in two["runs"] if "model" in r]
+    assert len(saved) == 8 and all(Path(r["model"]).is_file() for r in saved)
+    with pytest.raises(ValueError, match="workers"):
+        evaluate_backbones({"scratch": None}, train, test, budgets=[3], seeds=[0], workers=0)
