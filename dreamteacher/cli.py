@@ -780,9 +780,12 @@ def add_demo(subparsers) -> argparse.ArgumentParser:
                     "both pretrained backbones on each label budget with several seeds, by full fine-tuning and by "
                     "a frozen-backbone probe (learning rates chosen on the labelled pool's validation split), and "
                     "print the mIoU table (mean ± std), the time of every phase and where every output is. Presets: "
-                    "'quick' (make demo, about 13 minutes on a 2-core CPU with the install) and 'long' (make "
-                    "demo-long, the evidence, about 50 minutes). Options given explicitly override the preset; extra "
-                    "--section.key=value options override the pretraining config of both runs.",
+                    "'quick' (make demo) and 'long' (make demo-long, the evidence); the first seconds measure this "
+                    "machine's speed and print the expected time of every phase (README: the measured times). Work "
+                    "is fixed in steps, so the table does not depend on the machine's speed; a time cap "
+                    "(--pretrain-minutes) is off unless asked for, and what it cuts is marked CUT. Options given "
+                    "explicitly override the preset; extra --section.key=value options override the pretraining "
+                    "config of both runs.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["quick", "long"], default="quick", help="sizes of every phase (default quick)")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo)")
@@ -813,6 +816,14 @@ def add_demo(subparsers) -> argparse.ArgumentParser:
                    help="> 0: also pretrain the lean and the naive loop (run.naive) for this many minutes each and "
                         "evaluate both (long preset: 8; quick: 0, off)")
     p.add_argument("--num-workers", type=_non_negative_int, default=None, help="DataLoader worker processes")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="independent runs at once (the two pretraining runs, the evaluation's groups), each with an "
+                        "equal share of the threads (default 2; 1: one after the other on every thread)")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="measure this machine's speed on a few steps of every phase, print the expected time of "
+                        "each phase and stop")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip the first seconds' speed measurement (no expected times are printed)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(_accepts_overrides=True)
     return p
@@ -837,16 +848,24 @@ def run_demo(args: argparse.Namespace) -> int:
               "seeds": args.seeds, "eval_steps": args.eval_steps, "probe_steps": args.probe_steps,
               "eval_lrs": args.eval_lr,
               "probe_lrs": args.probe_lr, "protocols": args.protocol, "num_workers": args.num_workers,
-              "speed_minutes": args.speed_minutes}
+              "speed_minutes": args.speed_minutes, "workers": args.workers}
     settings = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in chosen.items() if v is not None},
-                                   retrain_teacher=args.retrain_teacher, progress=not args.no_progress)
+                                   retrain_teacher=args.retrain_teacher, progress=not args.no_progress,
+                                   calibrate=not args.no_calibrate)
     try:
-        result = demo(args.out, settings, args.overrides, say=print)
+        result = demo(args.out, settings, args.overrides, say=print, estimate_only=args.estimate_only)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.estimate_only:
+        print(f"estimate only: measured in {result['estimate']['took']:.0f} s; expected "
+              f"{result['estimate']['total']:.0f} s for the whole demo at these settings")
+        return 0
     print()
     print(result["table"])
+    if result["cut"]:
+        print("WARNING: a time cap cut " + "; ".join(f"{k} ({v})" for k, v in result["cut"].items())
+              + ". The rows are marked CUT; this table is not comparable with one of the full settings.")
     print("Mixed distillation's interpreter saw the smallest budget's labelled images of seed 0.")
     print(f"demo finished in {result['seconds']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in
                                                                      result["phase_seconds"].items()) + "). Outputs:")

@@ -488,10 +488,11 @@ def worker_split(workers: int) -> tuple[int, int]:
     return workers, max(1, threads // workers)
 
 
-def parallel_map(fn, jobs: Sequence[tuple], workers: int, on_done=None) -> list:
+def parallel_map(fn, jobs: Sequence[tuple], workers: int, on_done=None, poll=None, poll_every: float = 2.0) -> list:
     """``[fn(*job) for job in jobs]``, in that order, over :func:`worker_split`'s processes (``spawn``: each starts
     clean, one thread share each); in this process when one worker is asked for. ``on_done(index, result)`` is
-    called as each job finishes. A job's exception is raised here, after the others are cancelled."""
+    called as each job finishes, ``poll()`` every ``poll_every`` seconds while jobs run in other processes (e.g. to
+    report their progress from their logs). A job's exception is raised here, after the others are cancelled."""
     processes, threads = worker_split(workers)
     if processes <= 1 or len(jobs) <= 1:
         results = []
@@ -507,12 +508,17 @@ def parallel_map(fn, jobs: Sequence[tuple], workers: int, on_done=None) -> list:
     with cf.ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
                                 initializer=_worker_init, initargs=(threads,)) as pool:
         futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+        pending = set(futures)
         try:
-            for future in cf.as_completed(futures):
-                i = futures[future]
-                results[i] = future.result()
-                if on_done is not None:
-                    on_done(i, results[i])
+            while pending:
+                finished, pending = cf.wait(pending, timeout=poll_every, return_when=cf.FIRST_COMPLETED)
+                for future in sorted(finished, key=futures.__getitem__):
+                    i = futures[future]
+                    results[i] = future.result()
+                    if on_done is not None:
+                        on_done(i, results[i])
+                if poll is not None:
+                    poll()
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -678,6 +684,11 @@ def markdown_table(results: Mapping[str, Any]) -> str:
              "| protocol | backbone | " + " | ".join(f"{n} labels" + (f" | {n} labels fg" if fg else "")
                                                     for n in budgets) + " | time per run |",
              "|---|---|" + "---:|" * (len(budgets) * (2 if fg else 1) + 1)]
+    ran = cfg.get("ran") or {}
+    cut = ran.get("cut") or {}
+    if cut:
+        lines = ["**Cut by a time cap, so not comparable with a table of the full settings (the README's):** "
+                 + "; ".join(f"{k}: {v}" for k, v in cut.items()) + ".", ""] + lines
     for protocol, name in rows:
         row = []
         for n in budgets:
@@ -687,7 +698,15 @@ def markdown_table(results: Mapping[str, Any]) -> str:
                 row.append(_pm(c["fg_miou_mean"], c["fg_miou_std"]) if c else "")
         secs = statistics.fmean(cell[protocol, name, n]["seconds_mean"] for n in budgets
                                 if (protocol, name, n) in cell)
-        lines.append(f"| {protocol} | {name} | " + " | ".join(row) + f" | {secs:.1f} s |")
+        shown = f"{name} (CUT: {cut[name]})" if name in cut else name
+        lines.append(f"| {protocol} | {shown} | " + " | ".join(row) + f" | {secs:.1f} s |")
+    if ran.get("machine") or ran.get("steps"):
+        m = ran.get("machine") or {}
+        done = ", ".join(f"{k} {v['done']}/{v['planned']}" for k, v in (ran.get("steps") or {}).items())
+        lines += ["", f"Ran on {m.get('cpu', '?')} ({' '.join(m.get('isa', [])) or 'no AVX2'}; CPU autocast "
+                      f"{m.get('cpu_auto_amp', '?')}), {m.get('workers', 1)} run(s) at once with "
+                      f"{m.get('threads_per_run', m.get('threads', '?'))} thread(s) each, torch {m.get('torch', '?')}."
+                      + (f" Steps done / planned: {done}." if done else "")]
     speed = cfg.get("speed") or {}
     if speed:
         minutes = cfg.get("settings", {}).get("speed_minutes")

@@ -7,10 +7,12 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import random
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,8 +30,9 @@ from .serialization import load_checkpoint as _load_checkpoint
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["DistEnv", "setup_distributed", "amp_dtype", "CPU_AUTO_AMP", "tensorboard_writer", "save_checkpoint",
-           "load_checkpoint", "find_resume_checkpoint", "keep_step_checkpoint", "StopFlag"]
+__all__ = ["DistEnv", "setup_distributed", "amp_dtype", "CPU_AUTO_AMP", "cpu_info", "machine_info",
+           "tensorboard_writer", "save_checkpoint", "load_checkpoint",
+           "find_resume_checkpoint", "keep_step_checkpoint", "StopFlag"]
 
 
 @dataclass
@@ -77,19 +80,42 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank, local_rank, world, dev)
 
 
+def cpu_info() -> dict[str, Any]:
+    """This CPU as /proc/cpuinfo describes it: ``{"model": str, "flags": set[str]}`` (empty where there is no such
+    file, e.g. elsewhere than Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+                    break  # the first core's; every core of one machine has the same
+    except OSError:
+        pass
+    return {"model": model, "flags": flags}
+
+
+#: The instruction-set extensions that change what this project's CPU paths run (oneDNN's kernels, bf16 autocast).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def machine_info() -> dict[str, Any]:
+    """What a measured result ran on: CPU model and the ISA extensions of :data:`ISA_FLAGS` it has, CPUs visible,
+    torch's intra-op threads, torch version, and what ``run.amp=auto`` picks on the CPU. Recorded with the demo's
+    results so that a table says which machine made it."""
+    cpu = cpu_info()
+    return {"cpu": cpu["model"], "isa": [f for f in ISA_FLAGS if f in cpu["flags"]], "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_auto_amp": CPU_AUTO_AMP,
+            "python": platform.python_version()}
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (the x86 ``avx512_bf16`` or ``amx_bf16`` flags of
     /proc/cpuinfo). Without them oneDNN emulates bfloat16 matrix products by conversions, which cost more than
     they save; elsewhere than Linux the answer is False."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(cpu_info()["flags"] & {"avx512_bf16", "amx_bf16"})
 
 
 #: ``run.amp=auto`` on CPU: bf16 autocast where the CPU multiplies bfloat16 natively (the pretraining step was faster
@@ -314,9 +340,12 @@ class _PlainProgress:
         now = self._clock()
         rate = (self.n - self._start_n) / max(now - self._start, 1e-9)
         of = f"/{self.total}" if self.total is not None else ""
+        left = ""
+        if self.total is not None and 0 < self.n < self.total and rate > 0:
+            left = f", ~{(self.total - self.n) / rate:.0f} s left"
         extra = f" ({self._postfix})" if self._postfix else ""
-        print(f"{self.desc}: {self.n}{of} {self.unit}s, {rate:.2f} {self.unit}/s, {now - self._start:.0f} s{extra}",
-              file=self.file, flush=True)
+        print(f"{self.desc}: {self.n}{of} {self.unit}s, {rate:.2f} {self.unit}/s, {now - self._start:.0f} s{left}"
+              f"{extra}", file=self.file, flush=True)
         self._last = now
 
     def close(self) -> None:

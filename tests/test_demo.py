@@ -24,7 +24,7 @@ def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys
                          "--teacher-steps", "2", "--interpreter-steps", "2", "--steps", "2", "--batch-size", "4",
                          "--labels", "2", "4",
                          "--seeds", "0", "1", "--eval-steps", "1", "--probe-steps", "2", "--eval-lr", "1e-3", "3e-3",
-                         "--num-workers", "0",
+                         "--num-workers", "0", "--protocol", "finetune", "probe",
                          "--speed-minutes", "0.02", "--no-progress", "--model.width=16"])
     finally:
         torch.set_num_threads(n)
@@ -47,7 +47,17 @@ def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys
     for sel in results["selection"]:
         best = max(sel["val_miou"].values())
         assert sel["val_miou"][str(sel["lr"])] == best  # chosen on the validation split
-    assert set(results["config"]["phase_seconds"]) >= {"teacher", "interpreter"}
+    assert set(results["config"]["phase_seconds"]) >= {"teacher", "calibration", "interpreter", "pretrain feature",
+                                                       "pretrain mixed"}
+    # the time said up front: every phase's expected seconds, measured on this machine before the work
+    assert "measuring this machine's speed" in printed and "expected: interpreter" in printed
+    ran = results["config"]["ran"]
+    assert set(ran["expected_seconds"]) >= {"interpreter", "pretrain feature", "pretrain mixed", "evaluate"}
+    assert all(v >= 0 for v in ran["expected_seconds"].values())
+    # what ran: steps per phase, the machine, no cut
+    assert ran["steps"]["pretrain feature"] == {"done": 2, "planned": 2} and ran["cut"] == {}
+    assert ran["machine"]["threads_per_run"] == 1 and ran["machine"]["torch"] == torch.__version__
+    assert "Ran on " in printed and "pretrain mixed 2/2" in printed and "CUT" not in printed
     for line in printed.split("Outputs:", 1)[1].splitlines():
         if line.strip().startswith(("picture:", "evaluation:", "interpreter:", "exported backbone:")):
             path = line.split(":", 1)[1].split("(")[0].strip()
@@ -81,3 +91,42 @@ def test_ablate_runs_every_variant_at_tiny_size(tmp_path, capsys, monkeypatch):
     assert len(results["runs"]) == 9
     cfg = (Path(variants["MSE only (lambda_AT = 0)"]["out_dir"]) / "config.yaml").read_text()
     assert "at_weight: 0.0" in cfg
+
+
+def test_demo_runs_at_once_and_marks_what_a_time_cap_cut(tmp_path, capsys, monkeypatch):
+    """Two workers (a two-core share, one thread each): both pretraining runs and the evaluation groups run in
+    spawned processes. A time cap that stops the pretraining runs early is marked in the table, in the results and
+    in the final message, never passed off as the full settings' table."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    code = cli.main(["demo", "--out", str(tmp_path), "--steps", "40", "--batch-size", "4", "--labels", "2", "4",
+                     "--seeds", "0", "--interpreter-steps", "2", "--probe-steps", "2", "--protocol", "probe",
+                     "--num-workers", "0", "--workers", "2", "--no-calibrate", "--no-progress",
+                     "--pretrain-minutes", "0.0002", "--model.width=16", "--run.log_every=1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "feature and mixed distillation at once (1 thread(s) each)" in printed
+    results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+    ran = results["config"]["ran"]
+    assert ran["machine"]["workers"] == 2 and ran["machine"]["threads_per_run"] == 1
+    for name in ("feature", "mixed"):
+        done = ran["steps"][f"pretrain {name}"]
+        assert done["planned"] == 40 and 1 <= done["done"] < 40, done
+        assert ran["cut"][f"DreamTeacher ({name})"] == f"{done['done']} of 40 pretraining steps (time cap)"
+        assert f"| probe | DreamTeacher ({name}) (CUT: {done['done']} of 40 pretraining steps" in printed
+    assert "**Cut by a time cap, so not comparable" in printed
+    assert "WARNING: a time cap cut" in printed and "not comparable" in printed.split("WARNING", 1)[1]
+    assert len(results["runs"]) == 3 * 2  # 3 backbones x 2 budgets x 1 seed, probe only
+
+
+def test_demo_estimate_only_says_the_time_of_every_phase_and_stops(tmp_path, capsys):
+    code = cli.main(["demo", "--out", str(tmp_path), "--steps", "50", "--batch-size", "4", "--labels", "2", "4",
+                     "--seeds", "0", "1", "--interpreter-steps", "40", "--probe-steps", "100", "--eval-steps", "10",
+                     "--protocol", "finetune", "probe", "--num-workers", "0", "--estimate-only", "--no-progress",
+                     "--model.width=16"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.strip().startswith("expected:"))
+    for phase in ("interpreter", "pretrain", "evaluate", "pictures"):
+        assert f"{phase} " in line, (phase, line)
+    assert "in all about" in line and "estimate only: measured in" in printed
+    assert not (tmp_path / "evaluate").exists() and not (tmp_path / "calibration").exists()

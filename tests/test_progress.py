@@ -23,8 +23,8 @@ def test_plain_progress_prints_lines_not_carriage_returns(monkeypatch):
     lines = text.splitlines()
     # one line after 30 s, one after 60 s... here 50 s in all: one timed line and the closing one
     assert len(lines) == 2, lines
-    assert lines[0] == "pretrain: 6/100 steps, 0.20 step/s, 30 s (loss=0.5000)"
-    assert lines[1].startswith("pretrain: 10/100 steps")
+    assert lines[0] == "pretrain: 6/100 steps, 0.20 step/s, 30 s, ~470 s left (loss=0.5000)"
+    assert lines[1].startswith("pretrain: 10/100 steps") and "left" in lines[1]
 
 
 def test_progress_bar_is_plain_without_a_terminal(monkeypatch):
