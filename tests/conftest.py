@@ -5,7 +5,12 @@ import os
 # Triton decorates kernels at import time; the interpreter must be chosen before that happens. There is no GPU in
 # this project's machines, so every Triton test runs the kernels in the interpreter on CPU tensors. The
 # ahead-of-time compile test (tests/test_triton_aot.py) runs in a subprocess with this variable removed.
-os.environ["TRITON_INTERPRET"] = "1"
+# DTKERNELS_TEST_DEVICE=cuda (benchmarks/gpu_check.sh, on a machine with a GPU) runs the same Triton tests compiled
+# for the GPU on tensors of that device instead: no interpreter, and the tests marked `interpret` create their
+# tensors there (the `_triton_test_device` fixture). Unset (or "cpu"), nothing changes.
+TEST_DEVICE = os.environ.get("DTKERNELS_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import zlib  # noqa: E402
 
@@ -28,3 +33,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _triton_test_device(request):
+    """Under ``DTKERNELS_TEST_DEVICE``, a Triton test (marked ``interpret``) runs with that device as torch's default,
+    so its factory calls without a device (``torch.randn``, ``make_levels``, ``poison_allocator``) land there."""
+    if TEST_DEVICE == "cpu" or request.node.get_closest_marker("interpret") is None:
+        yield
+        return
+    if torch.device(TEST_DEVICE).type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"DTKERNELS_TEST_DEVICE={TEST_DEVICE}: torch.cuda.is_available() is False")
+    with torch.device(TEST_DEVICE):
+        yield

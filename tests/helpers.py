@@ -9,11 +9,12 @@ ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bf
 LAYOUTS = ("contiguous", "channels_last", "channel_slice", "spatial_slice")
 
 
-def make_levels(shapes, dtype=torch.float32, layout="contiguous", *, scale=1.0, shift=0.0, device="cpu"):
+def make_levels(shapes, dtype=torch.float32, layout="contiguous", *, scale=1.0, shift=0.0, device=None):
     """Random ``[B, C, H, W]`` tensors with non-zero mean and varied per-channel scale, in the requested layout.
 
     ``channel_slice`` returns ``x[:, ::2]`` views and ``spatial_slice`` returns ``x[..., 1:-1, 2:-1]`` views (not
-    contiguous in any layout), so kernels must either honour strides or copy.
+    contiguous in any layout), so kernels must either honour strides or copy. ``device=None``: torch's default
+    device (the CPU, or ``DTKERNELS_TEST_DEVICE`` in the Triton tests, see conftest.py).
     """
     out = []
     for b, c, h, w in shapes:
@@ -32,7 +33,7 @@ def make_levels(shapes, dtype=torch.float32, layout="contiguous", *, scale=1.0, 
         elif layout == "spatial_slice":
             x = x[:, :, 1:-1, 2:-1]
         assert x.shape == (b, c, h, w)
-        out.append(x.to(device))
+        out.append(x if device is None else x.to(device))
     return out
 
 
@@ -54,8 +55,9 @@ def assert_close_rule(got, ref_lowp, ref64, dtype, what):
 
 def poison_allocator(tensors_like, value=float("nan")):
     """Allocate and free NaN-filled blocks of the sizes the op will allocate, so an unwritten output element that
-    reuses that memory shows up as NaN (belt and braces: the elementwise comparison catches zeros too)."""
-    blocks = [torch.full((max(t.numel(), 1),), value, dtype=t.dtype) for t in tensors_like]
+    reuses that memory shows up as NaN (belt and braces: the elementwise comparison catches zeros too). The blocks
+    go to each tensor's own allocator (the CUDA caching allocator for CUDA tensors)."""
+    blocks = [torch.full((max(t.numel(), 1),), value, dtype=t.dtype, device=t.device) for t in tensors_like]
     del blocks
 
 

@@ -4,6 +4,9 @@ conftest.py sets TRITON_INTERPRET=1 before anything imports triton. Shapes are s
 program in numpy) but cover several programs, numel % 4 != 0, channels_last, strided views and every variant of the
 launcher (generate, generate + return the noise, given noise). The GPU compile of the shipped configurations is
 ``python -m dtkernels.triton.aot --module q_sample``.
+
+``DTKERNELS_TEST_DEVICE=cuda`` (conftest.py) runs the same tests compiled for the GPU, on CUDA tensors, without
+the interpreter (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations

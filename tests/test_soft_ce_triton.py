@@ -3,6 +3,9 @@ the float64 reference.
 
 conftest.py sets TRITON_INTERPRET=1 before anything imports triton. Shapes are small (the interpreter runs each
 program in numpy) but cover several position tiles, K chunks and every tile of the launcher.
+
+``DTKERNELS_TEST_DEVICE=cuda`` (conftest.py) runs the same tests compiled for the GPU, on CUDA tensors, without
+the interpreter (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
