@@ -322,6 +322,14 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     machine's speed and the expected time of every phase is said before the work starts; ``estimate_only`` stops
     there and returns ``{"estimate": ...}``.
     """
+    from .evaluate import worker_pool
+
+    with worker_pool(settings.workers):  # one pool of worker processes for every phase
+        return _run_demo(Path(out), settings, overrides, say, estimate_only)
+
+
+def _run_demo(out: Path, s: DemoSettings, overrides: Sequence[str], say: Callable[[str], None],
+              estimate_only: bool) -> dict[str, Any]:
     from .data import labelled_indices
     from .evaluate import markdown_table, parallel_map, worker_split, write_results
     from .export import export_backbone
@@ -330,8 +338,6 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
     from .train import pretrain
     from .viz import feature_figure, loss_curves, student_teacher_features
 
-    s = settings
-    out = Path(out)
     times: dict[str, float] = {}
     start = time.perf_counter()
     processes, threads = worker_split(s.workers)

@@ -11,6 +11,7 @@ seeds, disjoint from the pretraining images) or a user's image + mask folders (:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ logger = logging.getLogger("dreamteacher")
 __all__ = ["SegmentationModel", "SegmentationFolder", "load_backbone", "load_segmentation_model", "confusion_matrix",
            "iou_from_confusion", "finetune", "evaluate_model", "evaluate_backbones", "write_results",
            "builtin_splits", "builtin_validation_split", "foreground_miou", "PROTOCOLS", "summarize",
-           "markdown_table", "parallel_map", "worker_split"]
+           "markdown_table", "parallel_map", "worker_split", "worker_pool"]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -488,11 +489,43 @@ def worker_split(workers: int) -> tuple[int, int]:
     return workers, max(1, threads // workers)
 
 
+#: The pool of :func:`worker_pool`'s context: ((processes, threads), executor), or None.
+_shared_pool: tuple[tuple[int, int], Any] | None = None
+
+
+def _new_pool(processes: int, threads: int):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    return cf.ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
+                                  initializer=_worker_init, initargs=(threads,))
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int):
+    """Within this context, :func:`parallel_map` calls with the same ``workers`` share one pool of worker processes
+    instead of starting (and importing torch in) a new one each call; the demo runs its calibration, pretraining and
+    evaluation in one. A job leaves nothing behind that changes a later one: every run seeds its own generators."""
+    global _shared_pool
+    processes, threads = worker_split(workers)
+    if processes <= 1 or _shared_pool is not None:
+        yield
+        return
+    pool = _new_pool(processes, threads)
+    _shared_pool = ((processes, threads), pool)
+    try:
+        yield
+    finally:
+        _shared_pool = None
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def parallel_map(fn, jobs: Sequence[tuple], workers: int, on_done=None, poll=None, poll_every: float = 2.0) -> list:
     """``[fn(*job) for job in jobs]``, in that order, over :func:`worker_split`'s processes (``spawn``: each starts
-    clean, one thread share each); in this process when one worker is asked for. ``on_done(index, result)`` is
-    called as each job finishes, ``poll()`` every ``poll_every`` seconds while jobs run in other processes (e.g. to
-    report their progress from their logs). A job's exception is raised here, after the others are cancelled."""
+    clean, one thread share each; :func:`worker_pool`'s processes inside its context); in this process when one
+    worker is asked for. ``on_done(index, result)`` is called as each job finishes, ``poll()`` every ``poll_every``
+    seconds while jobs run in other processes (e.g. to report their progress from their logs). A job's exception is
+    raised here, after the others are cancelled."""
     processes, threads = worker_split(workers)
     if processes <= 1 or len(jobs) <= 1:
         results = []
@@ -502,27 +535,29 @@ def parallel_map(fn, jobs: Sequence[tuple], workers: int, on_done=None, poll=Non
                 on_done(i, results[-1])
         return results
     import concurrent.futures as cf
-    import multiprocessing as mp
 
+    shared = _shared_pool is not None and _shared_pool[0] == (processes, threads)
+    pool = _shared_pool[1] if shared else _new_pool(processes, threads)
     results: list = [None] * len(jobs)
-    with cf.ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
-                                initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
-        pending = set(futures)
-        try:
-            while pending:
-                finished, pending = cf.wait(pending, timeout=poll_every, return_when=cf.FIRST_COMPLETED)
-                for future in sorted(finished, key=futures.__getitem__):
-                    i = futures[future]
-                    results[i] = future.result()
-                    if on_done is not None:
-                        on_done(i, results[i])
-                if poll is not None:
-                    poll()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+    pending = set(futures)
+    try:
+        while pending:
+            finished, pending = cf.wait(pending, timeout=poll_every, return_when=cf.FIRST_COMPLETED)
+            for future in sorted(finished, key=futures.__getitem__):
+                i = futures[future]
+                results[i] = future.result()
+                if on_done is not None:
+                    on_done(i, results[i])
+            if poll is not None:
+                poll()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    finally:
+        if not shared:
+            pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
@@ -608,9 +643,11 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
                     logger.info("evaluate %s %s, %d labels, seed %d, lr %g: mIoU %.2f%% (%.1f s)", run["protocol"],
                                 run["backbone"], run["labels"], run["seed"], run["lr"], 100 * run["miou"],
                                 run["seconds"])
-                    on_run(run)
-                if bar is not None and len(result[0]) < per_group:  # the grid's other values on the first seed
-                    bar.update(per_group - len(result[0]))
+                if bar is not None:  # the group's runs at once, the grid's other values on the first seed included
+                    last = result[0][-1]
+                    bar.set_postfix(run=f"{last['protocol']}/{last['backbone']}", labels=last["labels"],
+                                    miou=f"{100 * last['miou']:.1f}")
+                    bar.update(per_group)
 
             done = parallel_map(_run_group, [(ctx, *g) for g in groups], workers, on_done=on_group)
         else:
