@@ -198,7 +198,8 @@ def _timed_pretrain(cfg) -> dict[str, Any]:
 
 
 def _timed_evaluation(s: DemoSettings, protocol: str, steps: int) -> float:
-    """Seconds of one evaluation run of ``protocol`` (scratch, the largest budget, seed 0) at ``steps`` steps."""
+    """Seconds of one evaluation run of ``protocol`` (scratch, the largest budget, the first seed, the grid's first
+    value) at ``steps`` steps."""
     from .data import SHAPE_CLASSES
     from .evaluate import builtin_splits, builtin_validation_split, evaluate_backbones
 
@@ -206,7 +207,7 @@ def _timed_evaluation(s: DemoSettings, protocol: str, steps: int) -> float:
     val_set = builtin_validation_split(s.image_size)
     lr = protocol_lr(s, protocol)
     began = time.perf_counter()
-    evaluate_backbones({"scratch": None}, train_set, test_set, budgets=[max(s.budgets)], seeds=[0],
+    evaluate_backbones({"scratch": None}, train_set, test_set, budgets=[max(s.budgets)], seeds=s.seeds[:1],
                        class_names=list(SHAPE_CLASSES), steps=steps, batch_size=s.eval_batch,
                        lr=lr[0] if isinstance(lr, list) else lr, protocols=[protocol], val_set=val_set,
                        progress=False)
@@ -241,8 +242,8 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
         return pretrain_config(s, teacher_dir, run_dir, [*overrides, *extra])
 
     measured: dict[str, float] = {}
-    # interpreter: 30 steps, logged every 10
-    k = min(30, max(s.interpreter_steps, 20))
+    # interpreter: 20 steps, logged every 10
+    k = 20
     t0 = time.perf_counter()
     interp = train_interpreter(config(cal / "interpreter"), labels=min(s.budgets), label_seed=0, steps=k,
                                out=cal / "interpreter", progress=False)
@@ -251,7 +252,7 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
     seconds = {"interpreter": measured["interpreter setup s"] + s.interpreter_steps * measured["interpreter s/step"]}
 
     # pretraining: both runs, as many at once as the demo runs them
-    short = ["--run.steps=24", "--run.log_every=8", "--run.max_minutes=0", "--run.ckpt_every=100000",
+    short = ["--run.steps=16", "--run.log_every=4", "--run.max_minutes=0", "--run.ckpt_every=100000",
              "--run.progress=false"]
     jobs = [(config(cal / "pretrain_feature", *short),),
             (config(cal / "pretrain_mixed", *short, f"--label.interpreter={interp['path']}"),)]
@@ -274,8 +275,8 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
     processes = worker_split(s.workers)[0]
     n_backbones = 3 + (2 if s.speed_minutes > 0 else 0)
     total_eval = 0.0
-    for protocol in s.protocols:
-        few, more = (5, 25) if protocol == "finetune" else (20, 220)
+    for protocol in s.protocols:  # one run at two step counts (both at once when groups run at once)
+        few, more = (5, 25) if protocol == "finetune" else (20, 150)
         walls = parallel_map(_timed_evaluation, [(s, protocol, few), (s, protocol, more)], s.workers)
         per_step = max((walls[1] - walls[0]) / (more - few), 0.0)
         setup = max(walls[0] - few * per_step, 0.0)
