@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/summarize.py .benchmarks/latest.json
 
 # End to end on the built-in procedural dataset, no downloads: the shipped teacher, resnet18
-# pretraining, export. Fits in 15 minutes on a 2-core CPU (each phase has a wall-clock cap).
+# pretraining, export. Work is fixed in steps; the first seconds measure this machine and print the expected time.
 demo: $(STAMP)
 	$(BIN)/dreamteacher demo --out runs/demo
 

@@ -214,6 +214,10 @@ def _timed_evaluation(s: DemoSettings, protocol: str, steps: int) -> float:
     return time.perf_counter() - began
 
 
+def _timed_evaluation_pair(s: DemoSettings, protocol: str, few: int, more: int) -> tuple[float, float]:
+    return _timed_evaluation(s, protocol, few), _timed_evaluation(s, protocol, more)
+
+
 def evaluation_runs(s: DemoSettings, protocol: str, n_backbones: int) -> tuple[int, int]:
     """(groups, runs per group) of one protocol's evaluation: a group is one (backbone, budget); it runs every seed,
     plus the grid's other values on the first seed."""
@@ -275,11 +279,14 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
     processes = worker_split(s.workers)[0]
     n_backbones = 3 + (2 if s.speed_minutes > 0 else 0)
     total_eval = 0.0
-    for protocol in s.protocols:  # one run at two step counts (both at once when groups run at once)
+    for protocol in s.protocols:
+        # one run at two step counts, in every process at once: each process does the same work at the same time,
+        # as the groups will (two jobs of different lengths would measure the longer one partly alone)
         few, more = (5, 25) if protocol == "finetune" else (20, 150)
-        walls = parallel_map(_timed_evaluation, [(s, protocol, few), (s, protocol, more)], s.workers)
-        per_step = max((walls[1] - walls[0]) / (more - few), 0.0)
-        setup = max(walls[0] - few * per_step, 0.0)
+        pairs = parallel_map(_timed_evaluation_pair, [(s, protocol, few, more)] * processes, s.workers)
+        w_few, w_more = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+        per_step = max((w_more - w_few) / (more - few), 0.0)
+        setup = max(w_few - few * per_step, 0.0)
         measured[f"{protocol} s/step"], measured[f"{protocol} setup s"] = per_step, setup
         groups, per_group = evaluation_runs(s, protocol, n_backbones)
         waves = -(-groups // processes)  # groups are spread evenly over the processes
@@ -304,12 +311,17 @@ def faster_option(s: DemoSettings, estimate: Mapping[str, Any]) -> str:
     """A faster way to run the demo than settings ``s``, with its expected time from the same measurement."""
     if s.budgets != PRESETS["quick"].budgets or s.pretrain_steps > PRESETS["quick"].pretrain_steps:
         return "--preset quick (the smaller preset)"
+    secs = dict(estimate["seconds"])
+    options = []
     if len(s.seeds) > 2:
-        secs = dict(estimate["seconds"])
-        secs["evaluate"] *= 2 / len(s.seeds)  # the grid's extra runs stay, so this is an upper bound
-        return (f"--seeds {s.seeds[0]} {s.seeds[1]} (two seeds: about {_minutes(sum(secs.values()))}; the stds "
-                f"rest on two runs)")
-    return "--steps and --probe-steps smaller (the table is then not comparable with the README's)"
+        fewer = {**secs, "evaluate": secs["evaluate"] * 2 / len(s.seeds)}  # the grid's extra runs stay: an upper bound
+        options.append(f"--seeds {s.seeds[0]} {s.seeds[1]} (about {_minutes(sum(fewer.values()))}; the stds rest on "
+                       "two runs)")
+    half = {k: v / 2 if k.startswith(("pretrain", "evaluate")) else v for k, v in secs.items()}  # steps halved
+    options.append(f"--steps {max(s.pretrain_steps // 2, 1)} --probe-steps {max(s.probe_steps // 2, 1)}"
+                   + (f" --eval-steps {max(s.eval_steps // 2, 1)}" if "finetune" in s.protocols else "")
+                   + f" (about {_minutes(sum(half.values()))}; a weaker table, not comparable with the README's)")
+    return " or ".join(options)
 
 
 def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] = (),

@@ -299,6 +299,8 @@ def _augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) ->
 #: Evaluation protocols: ``finetune`` trains every weight; ``probe`` freezes the backbone (eval mode, its batch-norm
 #: statistics kept) and trains only the head, a direct reading of how good the representation is.
 PROTOCOLS = ("finetune", "probe")
+#: How a table says what each protocol trains.
+PROTOCOL_WORDS = {"finetune": "finetune: every weight trained", "probe": "probe: backbone frozen, head only"}
 
 
 def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor, *, steps: int = 200,
@@ -716,8 +718,9 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     steps_text = ("; ".join(f"{p} {n}" for p, n in steps.items()) if isinstance(steps, Mapping) else f"{steps}")
     lines = [f"mIoU (%) on {cfg['n_test']} held-out images, {cfg['student']} + FPN head trained for {steps_text} "
              f"steps ({lr_text}); mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''} (sample std"
-             f"{'; 0 with one seed' if n_seeds == 1 else ''}). finetune: every weight trained; probe: backbone "
-             f"frozen, head only." + (" fg: mean IoU of the shape classes (background left out)." if fg else ""), "",
+             f"{'; 0 with one seed' if n_seeds == 1 else ''}). " + "; ".join(
+                 PROTOCOL_WORDS[p] for p in PROTOCOLS if any(r[0] == p for r in rows)) + "."
+             + (" fg: mean IoU of the shape classes (background left out)." if fg else ""), "",
              "| protocol | backbone | " + " | ".join(f"{n} labels" + (f" | {n} labels fg" if fg else "")
                                                     for n in budgets) + " | time per run |",
              "|---|---|" + "---:|" * (len(budgets) * (2 if fg else 1) + 1)]
