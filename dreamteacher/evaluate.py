@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -472,11 +473,24 @@ def _run_group(ctx: _EvalContext, protocol: str, name: str, n_labels: int, on_ru
     return runs, selection
 
 
-def _worker_init(threads: int) -> None:
-    """A worker process of :func:`parallel_map`: its share of the cores, and freed memory kept as in the parent
-    (:func:`dreamteacher.perf.keep_freed_memory`)."""
+def _worker_init(threads: int, parent: int) -> None:
+    """A worker process of :func:`parallel_map`: its share of the cores, freed memory kept as in the parent
+    (:func:`dreamteacher.perf.keep_freed_memory`), and (Linux) a SIGTERM when the parent process dies, so a killed
+    demo leaves no worker running on as an orphan."""
     from .perf import keep_freed_memory
 
+    if sys.platform == "linux":
+        import ctypes
+        import ctypes.util
+        import signal
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
     torch.set_num_threads(threads)
     keep_freed_memory()
     logging.getLogger("dreamteacher").setLevel(logging.WARNING)
@@ -500,7 +514,7 @@ def _new_pool(processes: int, threads: int):
     import multiprocessing as mp
 
     return cf.ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(threads,))
+                                  initializer=_worker_init, initargs=(threads, os.getpid()))
 
 
 @contextlib.contextmanager

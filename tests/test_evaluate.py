@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +223,45 @@ def test_parallel_groups_give_the_runs_of_one_process(tmp_path, monkeypatch):
     assert len(saved) == 8 and all(Path(r["model"]).is_file() for r in saved)
     with pytest.raises(ValueError, match="workers"):
         evaluate_backbones({"scratch": None}, train, test, budgets=[3], seeds=[0], workers=0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_worker_processes_do_not_outlive_a_killed_parent(tmp_path):
+    """A demo killed outright (SIGKILL, no chance to shut its pool down) takes its worker processes with it."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        from unittest import mock
+        import torch
+        from dreamteacher.evaluate import parallel_map, worker_pool
+
+        def job(seconds):
+            return os.getpid() if seconds == 0 else time.sleep(seconds)
+
+        if __name__ == "__main__":
+            with mock.patch.object(torch, "get_num_threads", lambda: 2), worker_pool(2):
+                pids = set(parallel_map(job, [(0,), (0,), (0,), (0,)], 2))
+                print(" ".join(map(str, sorted(pids))), flush=True)
+                parallel_map(job, [(600,), (600,)], 2)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert pids and all(_alive(p) for p in pids)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids), pids
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
