@@ -89,7 +89,9 @@ def check_q_sample(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_
     n = eps.numel()
     assert x_t.shape == x0.shape and x_t.dtype == x0.dtype
     assert abs(float(eps.mean())) < 6 / math.sqrt(n), float(eps.mean())
-    assert abs(float(eps.var()) - 1) < 0.01, float(eps.var())
+    # six standard errors each (the sample variance of n normals has standard error sqrt(2 / n)): a fixed 0.01 was
+    # 2.6 errors at the latent shape and failed about one call in a hundred on a correct kernel
+    assert abs(float(eps.var()) - 1) < 6 * math.sqrt(2 / n), float(eps.var())
 
 
 def q_sample_min_bytes(x0: torch.Tensor) -> int:
