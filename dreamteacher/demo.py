@@ -245,6 +245,7 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
     def config(run_dir: Path, *extra: str):
         return pretrain_config(s, teacher_dir, run_dir, [*overrides, *extra])
 
+    processes = worker_split(s.workers)[0]
     measured: dict[str, float] = {}
     # interpreter: 20 steps, logged every 10
     k = 20
@@ -266,9 +267,8 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
         per_step, setup = _log_rate(Path(summary["out_dir"]) / "log.jsonl", summary["wall"])
         measured[f"pretrain {name} s/step"], measured[f"pretrain {name} setup s"] = per_step, setup
         per_run.append(setup + s.pretrain_steps * per_step)
-    parallel = worker_split(s.workers)[0] > 1
-    if parallel:
-        seconds["pretrain (feature + mixed, at once)"] = max(per_run)
+    if processes > 1:
+        seconds[PRETRAIN_AT_ONCE] = max(per_run)
     else:
         seconds["pretrain feature"], seconds["pretrain mixed"] = per_run
     if s.speed_minutes > 0:  # two loops of a fixed wall-clock budget each, plus their calibrations
@@ -276,7 +276,6 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
                                 measured["pretrain feature s/step"])
 
     # evaluation: per protocol, one run at two step counts (both at once when the groups run at once)
-    processes = worker_split(s.workers)[0]
     n_backbones = 3 + (2 if s.speed_minutes > 0 else 0)
     total_eval = 0.0
     for protocol in s.protocols:
@@ -296,6 +295,10 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
     shutil.rmtree(cal, ignore_errors=True)
     took = time.perf_counter() - began
     return {"seconds": seconds, "total": sum(seconds.values()), "measured": measured, "took": took}
+
+
+#: The phase name (in the expected times and the measured ones) of the two pretraining runs run at once.
+PRETRAIN_AT_ONCE = "pretrain (feature + mixed, at once)"
 
 
 def _minutes(seconds: float) -> str:
@@ -357,14 +360,14 @@ def _run_demo(out: Path, s: DemoSettings, overrides: Sequence[str], say: Callabl
     machine = {**machine_info(), "workers": processes, "threads_per_run": threads}
     expected: dict[str, float] = {}
 
-    def left_after(names: Sequence[str]) -> float:
-        return sum(v for k, v in expected.items() if k not in names and k not in times)
+    def left() -> float:  # the expected seconds of the phases not done yet
+        return sum(v for k, v in expected.items() if k not in times)
 
     def phase(name: str, began: float) -> None:
         times[name] = time.perf_counter() - began
         what = f" (expected {_minutes(expected[name])})" if name in expected else ""
-        left = f", about {_minutes(left_after([name]))} left" if expected else ""
-        say(f"      {name}: {times[name]:.0f} s{what}; {time.perf_counter() - start:.0f} s so far{left}")
+        rest = f", about {_minutes(left())} left" if expected else ""
+        say(f"      {name}: {times[name]:.0f} s{what}; {time.perf_counter() - start:.0f} s so far{rest}")
 
     # 1. teacher
     t0 = time.perf_counter()
@@ -441,7 +444,7 @@ def _run_demo(out: Path, s: DemoSettings, overrides: Sequence[str], say: Callabl
         finally:
             if bar is not None:
                 bar.close()
-        phase_name = "pretrain (feature + mixed, at once)"
+        phase_name = PRETRAIN_AT_ONCE
     else:
         summaries = []
         for k, (name, extra) in enumerate(kinds, 3):
