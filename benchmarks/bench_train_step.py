@@ -9,7 +9,8 @@ Group ``train-step``, providers side by side in one run, same models and weights
 * ``lean``: :mod:`dreamteacher.train`'s step: ``dtkernels.q_sample`` noise, taps resized to the student strides in
   the hook and an early exit after the last tap, inference mode, the loop's memory format (NCHW on CPU),
   convolutions on 1x1 maps as matrix products on CPU (``dreamteacher.perf.single_pixel_convs_as_linear``),
-  ``dtkernels.fused_feat_loss``, fused AdamW, ``zero_grad(set_to_none=True)``.
+  ``dtkernels.fused_feat_loss``, fused AdamW with the clip folded into it (``dreamteacher.optim.clip_and_step``),
+  ``zero_grad(set_to_none=True)``.
 
 * ``lean_bf16``: the lean step with the student + regressor forward under bf16 autocast, what ``run.amp=auto``
   runs on a CPU with native bfloat16 (``lean`` is ``run.amp=off``).
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 import dtkernels
 from dreamteacher.demo import DemoSettings
 from dreamteacher.model import DistillationModel, select_taps
+from dreamteacher.optim import clip_and_step
 from dreamteacher.perf import single_pixel_convs_as_linear
 from dreamteacher.regressor import FeatureRegressor
 from dreamteacher.student import StudentBackbone
@@ -174,8 +176,7 @@ class LeanStep:
         t3 = clock()
         loss.backward()
         t4 = clock()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
+        clip_and_step(self.optimizer, self.model.parameters(), 1.0)  # the clip folded into the fused step
         self.optimizer.zero_grad(set_to_none=True)
         t5 = clock()
         if timed:

@@ -12,7 +12,7 @@ from dtkernels._compat import foreach_lerp_
 
 from .config import PretrainConfig
 
-__all__ = ["Lamb", "ModuleEMA", "build_optimizer", "warmup_cosine"]
+__all__ = ["Lamb", "ModuleEMA", "build_optimizer", "clip_and_step", "warmup_cosine"]
 
 
 class Lamb(torch.optim.Optimizer):
@@ -71,6 +71,35 @@ def fused_adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params: Any, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_(params, max_norm)`` then ``optimizer.step()``; returns the total gradient norm (before
+    clipping, like ``clip_grad_norm_``).
+
+    With a fused AdamW the clip coefficient goes into the step instead of a pass over the gradients: the fused
+    kernel divides every gradient by ``optimizer.grad_scale`` as it reads it (the attribute ``GradScaler`` uses to
+    hand it the loss scale), so setting it to ``1 / coef`` clips for free. That saves one read and one write of every
+    gradient per step, measurable on the CPU where a small model's step is bound by parameter-sized memory traffic
+    (benchmarks/README.md, pretraining step). Same values up to rounding (``g / (1 / c)`` instead of ``g * c``); a
+    non-finite norm poisons the step exactly as ``clip_grad_norm_`` does (coefficient 0 or NaN). Any other optimizer,
+    or one that already has a ``grad_scale`` (a float16 ``GradScaler`` step in flight), is clipped the usual way.
+    """
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = nn.utils.get_total_norm(grads, 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grad_norm_'s coefficient, bit for bit
+    fold = optimizer.defaults.get("fused") and getattr(optimizer, "grad_scale", None) is None and grads
+    if not fold:
+        nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        optimizer.step()
+        return total
+    optimizer.grad_scale = coef.reciprocal()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+    return total
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:

@@ -35,7 +35,7 @@ import dtkernels
 from .config import ConfigError, PretrainConfig, UserError, config_to_dict
 from .losses import eager_feat_loss, eager_soft_ce
 from .model import DistillationModel, _channels_last, build_source, build_student
-from .optim import build_optimizer, warmup_cosine
+from .optim import build_optimizer, clip_and_step, warmup_cosine
 from .regressor import FeatureRegressor
 from .runtime import (
     StopFlag,
@@ -327,10 +327,14 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                     loss_sum += loss.detach() / accum
                 if scaler.is_enabled():
                     scaler.unscale_(optimizer)  # clip the true gradients
-                if cfg.run.clip_grad > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.run.clip_grad)
-                scaler.step(optimizer)  # skips the step when a float16 gradient overflowed
-                scaler.update()
+                    if cfg.run.clip_grad > 0:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.run.clip_grad)
+                    scaler.step(optimizer)  # skips the step when a float16 gradient overflowed
+                    scaler.update()
+                elif cfg.run.clip_grad > 0:
+                    clip_and_step(optimizer, model.parameters(), cfg.run.clip_grad)  # the clip folded into the step
+                else:
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

@@ -394,6 +394,51 @@ def test_fused_adamw_takes_the_same_steps_as_pytorchs_default_adamw():
         assert not torch.equal(pa.detach(), p0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("scale", [0.05, 30.0])  # total norm under and over max_norm
+def test_clip_and_step_matches_clip_grad_norm_then_step(fused, scale):
+    """Folding the clip coefficient into the fused step takes the steps of clip_grad_norm_ + step (to rounding), with
+    a float64 reference trajectory, whether the norm is clipped or not; a non-fused optimizer takes the usual path;
+    the optimizer is left without a grad_scale (a later GradScaler step must not see ours)."""
+    from dreamteacher.optim import clip_and_step, fused_adamw
+
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(9, 3, 3, 3), (17,), (5, 7), (4, 1, 1, 1)]
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[scale * torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(5)]
+    ours = [p.float().requires_grad_() for p in start]
+    ref = [p.clone().requires_grad_() for p in start]
+    opt = (fused_adamw if fused else torch.optim.AdamW)(ours, lr=1e-2, weight_decay=1e-2)
+    assert bool(opt.defaults.get("fused")) == fused
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=1e-2)
+    for step_grads in grads:
+        for p, r, g in zip(ours, ref, step_grads):
+            p.grad, r.grad = g.float(), g.clone()
+        total = clip_and_step(opt, ours, 1.0)
+        total_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt_ref.step()
+        torch.testing.assert_close(total.double(), total_ref, rtol=1e-5, atol=0)
+        assert not hasattr(opt, "grad_scale")
+    for p, r, p0 in zip(ours, ref, start):
+        torch.testing.assert_close(p.detach().double(), r.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.detach().double(), p0)
+
+
+def test_clip_and_step_propagates_a_non_finite_norm():
+    """An Inf gradient poisons the step as clip_grad_norm_ does (the weight with the Inf becomes NaN), never
+    silently skipped: the total norm returned is Inf."""
+    from dreamteacher.optim import clip_and_step, fused_adamw
+
+    a, b = torch.randn(8, 3).requires_grad_(), torch.randn(5).requires_grad_()
+    a.grad, b.grad = torch.randn(8, 3), torch.randn(5)
+    a.grad[2, 1] = float("inf")
+    opt = fused_adamw([a, b], lr=1e-2)
+    assert opt.defaults.get("fused")
+    total = clip_and_step(opt, [a, b], 1.0)
+    assert torch.isinf(total)
+    assert torch.isnan(a.detach()).any()
+
+
 def test_pretrain_with_lamb_runs_and_learns(teacher_dir, tmp_path):
     cfg = load_config(None, tiny_overrides(teacher_dir, tmp_path, **{"data.length": 4, "run.steps": 10,
                                                                      "optim.name": "lamb", "optim.lr": 3e-3,
