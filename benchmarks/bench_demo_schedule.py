@@ -2,7 +2,9 @@
 an equal share of the threads each (``DemoSettings.workers``), for the demo's two kinds of run:
 
 * ``pretrain``: the demo's pretraining run (shipped ``shapes32`` teacher, resnet18 + FPN/PPM regressor of width 128,
-  batch 16 at 32x32, ``run.amp=auto``), feature and mixed distillation, ``--steps`` steps each;
+  batch 16 at 32x32, ``run.amp=auto``), feature and mixed distillation, ``--steps`` steps each; at once also with
+  the teacher's targets shared (``data.share_targets``: each run computes every other micro-batch's targets and
+  reads the rest from the other, what the demo does);
 * ``probe``: the demo's probe run (resnet18 backbone frozen, FPN head, batch 8, 128 labels), ``--probe-steps`` steps,
   four runs (one evaluation group: three seeds and the grid's second value).
 
@@ -36,15 +38,18 @@ except ImportError:  # a source tree that was never installed
     sys.path.insert(0, str(REPO_ROOT))
 
 
-def pretrain_job(out: str, steps: int, mixed_interpreter: str | None) -> float:
-    """Seconds of one demo pretraining run of ``steps`` steps (feature distillation, or mixed with the interpreter)."""
-    from dreamteacher.demo import DemoSettings, pretrain_config
+def pretrain_job(out: str, steps: int, mixed_interpreter: str | None, share: tuple[str, int] | None = None) -> float:
+    """Seconds of one demo pretraining run of ``steps`` steps (feature distillation, or mixed with the interpreter);
+    ``share``: (directory, index) of two runs sharing the teacher's targets."""
+    from dreamteacher.demo import DemoSettings, pretrain_config, share_args
     from dreamteacher.teacher_training import shipped_teacher
     from dreamteacher.train import pretrain
 
     extra = ["--run.progress=false", "--run.ckpt_every=100000"]
     if mixed_interpreter is not None:
         extra.append(f"--label.interpreter={mixed_interpreter}")
+    if share is not None:
+        extra += share_args(Path(share[0]), share[1], 2)
     began = time.perf_counter()
     pretrain(pretrain_config(DemoSettings(pretrain_steps=steps), shipped_teacher("shapes32"), Path(out), extra))
     return time.perf_counter() - began
@@ -113,25 +118,33 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from dreamteacher.runtime import machine_info
 
-    rows: dict[str, dict[int, list[float]]] = {"pretrain": {1: [], 2: []}, "probe": {1: [], 2: []}}
+    rows: dict[str, dict[int | str, list[float]]] = {"pretrain": {1: [], 2: [], "2s": []}, "probe": {1: [], 2: []}}
     with tempfile.TemporaryDirectory() as tmp:
         interp = interpreter(Path(tmp))
         for r in range(args.rounds):
             for workers in (1, 2):
                 jobs = [(f"{tmp}/r{r}w{workers}f", args.steps, None), (f"{tmp}/r{r}w{workers}m", args.steps, interp)]
                 rows["pretrain"][workers].append(schedule(pretrain_job, jobs, workers))
+                if workers == 2:
+                    share = f"{tmp}/r{r}share"
+                    jobs = [(f"{tmp}/r{r}sf", args.steps, None, (share, 0)),
+                            (f"{tmp}/r{r}sm", args.steps, interp, (share, 1))]
+                    rows["pretrain"]["2s"].append(schedule(pretrain_job, jobs, workers))
                 jobs = [(args.probe_steps, seed, lr) for seed, lr in ((0, 1e-2), (0, 3e-2), (1, 1e-2), (2, 1e-2))]
                 rows["probe"][workers].append(schedule(probe_job, jobs, workers))
     gather = gather_ms()
     m = machine_info()
     print(f"{m['cpu']} ({' '.join(m['isa'])}), {m['threads']} threads, torch {m['torch']}; medians of "
           f"{args.rounds} rounds\n")
-    print("| runs | one after the other, every thread (s) | two at once, one thread share each (s) | speed-up |")
-    print("|---|---:|---:|---:|")
+    print("| runs | one after the other, every thread (s) | two at once, one thread share each (s) | speed-up | "
+          "at once, teacher's targets shared (s) | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
     what = {"pretrain": f"2 pretraining runs x {args.steps} steps", "probe": f"4 probe runs x {args.probe_steps} steps"}
     for name, by in rows.items():
         one, two = statistics.median(by[1]), statistics.median(by[2])
-        print(f"| {what[name]} | {one:.1f} | {two:.1f} | {one / two:.2f}x |")
+        shared = (f"{statistics.median(by['2s']):.1f} | {one / statistics.median(by['2s']):.2f}x" if by.get("2s")
+                  else "- | -")
+        print(f"| {what[name]} | {one:.1f} | {two:.1f} | {one / two:.2f}x | {shared} |")
     print(f"\nprobe batch gather: per-row loop {gather['loop_ms']:.3f} ms/step, bank index_select "
           f"{gather['bank_ms']:.3f} ms/step ({gather['loop_ms'] / gather['bank_ms']:.1f}x)")
     if args.json:

@@ -168,6 +168,18 @@ class DataConfig:
     crop_ratio: list[float] = opt([0.75, 1.3333333333333333], "data.augment: range of the crop's aspect ratio "
                                                              "(width / height, drawn log-uniformly)")
     flip_prob: float = opt(0.5, "data.augment: probability of a horizontal flip", minimum=0.0)
+    share_targets: str = opt("", "a directory where runs that differ only on the student's side (losses, label "
+                                 "distillation, optimizer) and run at the same time split the teacher's work: run "
+                                 "data.share_index of data.share_count computes the targets (images and teacher "
+                                 "features) of every share_count-th micro-batch and writes them there; the others "
+                                 "read them. Exact: a run shares only with runs of the same teacher, data, seed, "
+                                 "batch, student strides and thread count, so it trains on the targets it would "
+                                 "compute itself (dreamteacher.model.SharedTargets). Empty: every run computes its own")
+    share_index: int = opt(0, "data.share_targets: this run's index among the sharing runs", minimum=0)
+    share_count: int = opt(1, "data.share_targets: how many runs share (1: none)", minimum=1)
+    share_wait: float = opt(120.0, "data.share_targets: seconds to wait for another run's targets before computing "
+                                   "them here and every later one too (a partner that died or never started)",
+                            minimum=0.0, exclusive=True)
 
 
 @dataclass
@@ -370,6 +382,12 @@ def _validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"run.ema_decay: expected a decay in [0, 1) (0: off), got {cfg.run.ema_decay}")
     if cfg.data.flip_prob > 1.0:
         raise ConfigError(f"data.flip_prob: expected a probability in [0, 1], got {cfg.data.flip_prob}")
+    if cfg.data.share_index >= cfg.data.share_count:
+        raise ConfigError(f"data.share_index: expected an index below data.share_count={cfg.data.share_count}, got "
+                          f"{cfg.data.share_index}")
+    if cfg.data.share_targets and cfg.data.cache:
+        raise ConfigError(f"data.share_targets: the targets of data.cache ({cfg.data.cache!r}) are read from disk, "
+                          "there is no teacher work to share; drop one of them")
     if cfg.teacher.kind == "generator":
         if cfg.data.augment:
             raise ConfigError("data.augment: teacher.kind=generator distils the generator's features of the very "

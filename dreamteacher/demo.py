@@ -7,7 +7,8 @@ Phases:
 2. interpreter: a feature interpreter on the teacher's features of the smallest label budget's images (seed 0), and
    its held-out mIoU, the teacher's own quality;
 3. pretraining by feature distillation (OUT/pretrain_feature) and 4. by mixed distillation (OUT/pretrain_mixed),
-   same steps, same data, same seed;
+   same steps, same data, same seed; with two workers both at once, splitting the teacher's work
+   (``data.share_targets``: the targets are the same in both, so each computes every other step's);
 5. evaluation: scratch vs both pretrained backbones, each label budget, several seeds, by full fine-tuning and by a
    frozen-backbone probe; learning rates chosen per row on the labelled pool's validation split;
 6. pictures: PCA of teacher vs student features with masks, and loss curves.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -188,6 +190,19 @@ def _log_rate(log: Path, wall: float) -> tuple[float, float]:
     return per_step, max(wall - last["time"], 0.0) + first["time"] - per_step * first["step"]
 
 
+#: Seconds a pretraining run at once waits for its partner's targets before computing them itself (the partner is
+#: normally a step behind at most; a run that stopped early, e.g. at a time cap, must not hold the other long).
+SHARE_WAIT_S = 30.0
+
+
+def share_args(root: Path, index: int, count: int) -> list[str]:
+    """Overrides that make the demo's pretraining runs at once split the teacher's work (``data.share_targets``): the
+    feature and the mixed run compute the same targets at every step, so each computes every other micro-batch's and
+    reads the rest from the other (exact: :class:`~dreamteacher.model.SharedTargets`)."""
+    return [f"--data.share_targets={root}", f"--data.share_index={index}", f"--data.share_count={count}",
+            f"--data.share_wait={SHARE_WAIT_S:g}"]
+
+
 def _timed_pretrain(cfg) -> dict[str, Any]:
     """:func:`~dreamteacher.train.pretrain` and its wall-clock seconds (a worker job of the calibration)."""
     from .train import pretrain
@@ -233,7 +248,6 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
     Returns:
         ``{"seconds": {phase: expected s}, "total": s, "measured": {what: s per step / setup}, "took": s}``.
     """
-    import shutil
 
     from .evaluate import parallel_map, worker_split
     from .interpreter import train_interpreter
@@ -259,8 +273,9 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
     # pretraining: both runs, as many at once as the demo runs them
     short = ["--run.steps=16", "--run.log_every=4", "--run.max_minutes=0", "--run.ckpt_every=100000",
              "--run.progress=false"]
-    jobs = [(config(cal / "pretrain_feature", *short),),
-            (config(cal / "pretrain_mixed", *short, f"--label.interpreter={interp['path']}"),)]
+    share = (lambda i: share_args(cal / "shared_targets", i, 2)) if processes > 1 else (lambda i: [])
+    jobs = [(config(cal / "pretrain_feature", *short, *share(0)),),
+            (config(cal / "pretrain_mixed", *short, f"--label.interpreter={interp['path']}", *share(1)),)]
     done = parallel_map(_timed_pretrain, jobs, s.workers)
     per_run = []
     for name, summary in zip(("feature", "mixed"), done):
@@ -417,8 +432,11 @@ def _run_demo(out: Path, s: DemoSettings, overrides: Sequence[str], say: Callabl
     t0 = time.perf_counter()
     if processes > 1:
         say(f"[3-4/6] pretrain, feature and mixed distillation at once ({threads} thread(s) each): resnet18 + "
-            f"FPN/PPM regressor ({s.width} channels), {s.pretrain_steps} steps of {s.pretrain_batch} images each{cap}")
-        cfgs = [config(out / f"pretrain_{name}", *extra, "--run.progress=false") for name, extra in kinds]
+            f"FPN/PPM regressor ({s.width} channels), {s.pretrain_steps} steps of {s.pretrain_batch} images each{cap}; "
+            "the teacher's targets are the same in both, so each run computes every other step's and reads the rest "
+            "from the other (data.share_targets)")
+        cfgs = [config(out / f"pretrain_{name}", *extra, "--run.progress=false",
+                       *share_args(out / "shared_targets", i, len(kinds))) for i, (name, extra) in enumerate(kinds)]
         bar = None
         if s.progress:
             from .runtime import progress_bar
@@ -444,6 +462,7 @@ def _run_demo(out: Path, s: DemoSettings, overrides: Sequence[str], say: Callabl
         finally:
             if bar is not None:
                 bar.close()
+            shutil.rmtree(out / "shared_targets", ignore_errors=True)
         phase_name = PRETRAIN_AT_ONCE
     else:
         summaries = []

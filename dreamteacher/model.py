@@ -5,6 +5,8 @@ the interpreter, the pictures and the benchmarks."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,6 +293,119 @@ class GeneratorTargets:
         images, feats = self.teacher(batch, generator=torch.Generator().manual_seed(seed))
         # A float32 copy outside inference mode: the student's autograd saves its input.
         return images.to(dtype=torch.float32).clone(memory_format=self.memory_format), feats
+
+
+class SharedTargets:
+    """Targets computed by one of several runs at the same time and read by the others (``data.share_targets``).
+
+    Runs that differ only on the student's side (the demo's feature and mixed distillation; ablations of the loss)
+    compute the very same targets at every micro-batch: the teacher, the data order, the noise and the augmentation
+    are all functions of the config and the micro-batch's key. Run ``index`` of ``count`` computes the targets of the
+    micro-batches whose number is ``index`` modulo ``count`` and writes them to ``root/<identity>/<key>.safetensors``
+    (written to a temporary name and renamed, so a reader never sees half a file); for the others it waits until the
+    file appears and reads it. Each run's teacher work drops to ``1/count``, and it trains on exactly what it would
+    have computed: ``identity`` (:func:`share_identity`) covers the teacher's weights and settings, the data config,
+    the seed, the batch, the student's strides, the device, the thread count and the versions, so runs that would
+    compute different bits never meet in one directory.
+
+    A partner that has not written a file after ``wait`` seconds (it died, was never started, or resumed far from
+    this run) is given up on with a warning: from then on this run computes every micro-batch itself, reading a
+    partner's file only when it is already there. A file that cannot be read is computed here. Nothing wrong is ever
+    trained on; a missing partner only costs time. Each run deletes its own files 64 micro-batches after writing them
+    (the others are past them by then) and leaves its last ones for a partner still behind; a directory holds at most
+    ``64 * count`` files per identity.
+    """
+
+    #: micro-batches a written file is kept before its writer deletes it
+    KEEP = 64
+
+    def __init__(self, inner: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]], root: str | Path, *,
+                 identity: str, index: int, count: int, wait: float, device: torch.device,
+                 memory_format: torch.memory_format, world_size: int = 1) -> None:
+        if not 0 <= index < count:
+            raise ValueError(f"index: expected 0 <= index < count={count}, got {index}")
+        self.inner, self.index, self.count, self.wait = inner, index, count, float(wait)
+        self.device, self.memory_format, self.world_size = device, memory_format, world_size
+        self.dir = Path(root) / identity[:24]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.computed = self.read = 0
+        self.alone_from: int | None = None  # the micro-batch key from which every target is computed here
+        self._written: list[Path] = []
+
+    def _path(self, seed: int) -> Path:
+        return self.dir / f"{seed:020d}.safetensors"
+
+    def _load(self, path: Path) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            blob = load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            logger.warning("data.share_targets: %s could not be read (%s); computing its targets here", path, e)
+            return None
+        n = len(blob) - 1
+        images = blob["images"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return images, [blob[f"targets.{i}"].to(self.device, non_blocking=True) for i in range(n)]
+
+    def _compute(self, batch: Any, seed: int, write: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        images, targets = self.inner(batch, seed=seed)
+        self.computed += 1
+        if write:
+            from safetensors.torch import save_file
+
+            path = self._path(seed)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            save_file({"images": images.detach().cpu().contiguous(),
+                       **{f"targets.{i}": t.detach().cpu().contiguous() for i, t in enumerate(targets)}}, str(tmp))
+            os.replace(tmp, path)
+            self._written.append(path)
+            if len(self._written) > self.KEEP:
+                self._written.pop(0).unlink(missing_ok=True)
+        return images, targets
+
+    def __call__(self, batch: Any, *, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        owner = (seed // self.world_size) % self.count
+        if owner == self.index:
+            return self._compute(batch, seed, write=True)
+        path = self._path(seed)
+        if self.alone_from is None:
+            deadline = time.monotonic() + self.wait
+            while not path.exists() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if not path.exists():
+                self.alone_from = seed
+                logger.warning("data.share_targets: run %d of %d wrote no targets for %s in %g s (data.share_wait); "
+                               "computing every micro-batch here from now on", owner, self.count, path.name, self.wait)
+        if path.exists():
+            got = self._load(path)
+            if got is not None:
+                self.read += 1
+                return got
+        return self._compute(batch, seed, write=False)
+
+    def stats(self) -> dict[str, Any]:
+        return {"computed": self.computed, "read": self.read, "alone_from_key": self.alone_from,
+                "dir": str(self.dir)}
+
+
+def share_identity(cfg: PretrainConfig, teacher: Any, device: torch.device, world_size: int, rank: int) -> str:
+    """sha256 of everything that decides a micro-batch's targets (see :class:`SharedTargets`): runs with equal
+    identities compute equal bits at equal keys."""
+    import hashlib
+    import json
+
+    from .config import config_to_dict
+
+    data = {k: v for k, v in config_to_dict(cfg)["data"].items()
+            if not k.startswith("share_") and k not in ("num_workers", "prefetch_factor")}
+    extraction = teacher.extraction_config() if hasattr(teacher, "extraction_config") else None
+    record = {"teacher": teacher.identity(), "extraction": extraction, "teacher_config": config_to_dict(cfg)["teacher"],
+              "data": data, "seed": cfg.run.seed, "batch_size": cfg.run.batch_size,
+              "accumulation": cfg.run.accumulation, "student": cfg.model.student, "reductions": cfg.model.reductions,
+              "device": device.type, "threads": torch.get_num_threads(), "world_size": world_size, "rank": rank,
+              "torch": torch.__version__, "format": 1}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass

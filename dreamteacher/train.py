@@ -122,6 +122,18 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
     source = build_source(cfg, device, strides, memory_format)
     teacher, order = source.teacher, source.order
+    shared = None
+    if cfg.data.share_targets and cfg.data.share_count > 1:
+        from .model import SharedTargets, share_identity
+
+        shared = SharedTargets(source.targets, cfg.data.share_targets,
+                               identity=share_identity(cfg, teacher, device, env.world_size, env.rank),
+                               index=cfg.data.share_index, count=cfg.data.share_count, wait=cfg.data.share_wait,
+                               device=device, memory_format=memory_format, world_size=env.world_size)
+        source.targets = shared
+        logger.info("data.share_targets: run %d of %d, computing every %s micro-batch's targets, reading the others' "
+                    "from %s", cfg.data.share_index, cfg.data.share_count,
+                    "other" if cfg.data.share_count == 2 else f"{cfg.data.share_count}th", shared.dir)
     if env.is_main:  # which teacher blocks feed which student level (with data.cache: as the cache recorded them)
         from .teachers.taps import describe_tap
 
@@ -387,6 +399,10 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         if tb is not None:
             tb.close()
     summary["step"] = step
+    if shared is not None:
+        summary["shared_targets"] = shared.stats()
+        logger.info("data.share_targets: %d micro-batches' targets computed here, %d read from the other runs",
+                    shared.computed, shared.read)
     if env.is_main:
         backbone = out / "backbone.pth"
         torch.save(student.backbone_state_dict(), backbone)
