@@ -40,7 +40,7 @@ from .data import (
     validation_indices,
 )
 from .optim import fused_adamw, warmup_cosine
-from .perf import single_pixel_convs_as_linear
+from .perf import pointwise_convs_as_linear, single_pixel_convs_as_linear
 from .regressor import conv_bn_relu
 from .serialization import CONVERT_HINT, LoadError, load_file
 from .student import StudentBackbone
@@ -371,14 +371,29 @@ def finetune(model: SegmentationModel, images: torch.Tensor, masks: torch.Tensor
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, num_classes: int, *,
                    ignore_index: int | None = 255, batch_size: int = 64,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
-    """Confusion matrix of ``model``'s argmax predictions over ``images [N, 3, H, W]`` / ``masks [N, H, W]``."""
+                   device: str | torch.device = "cpu", backbone_features: list | None = None) -> torch.Tensor:
+    """Confusion matrix of ``model``'s argmax predictions over ``images [N, 3, H, W]`` / ``masks [N, H, W]``.
+
+    ``backbone_features``: a :class:`SegmentationModel` whose backbone is frozen (the probe) gives the same maps for
+    every head, so they can be computed once (:func:`backbone_batches`, the same batches) and only the head run."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for i in range(0, images.shape[0], batch_size):
-        pred = model(images[i:i + batch_size].to(device)).argmax(1).cpu()
-        cm += confusion_matrix(pred, masks[i:i + batch_size], num_classes, ignore_index)
+    for k, i in enumerate(range(0, images.shape[0], batch_size)):
+        if backbone_features is None:
+            logits = model(images[i:i + batch_size].to(device))
+        else:
+            logits = model.decode(backbone_features[k], images.shape[-2:])
+        cm += confusion_matrix(logits.argmax(1).cpu(), masks[i:i + batch_size], num_classes, ignore_index)
     return cm
+
+
+@torch.inference_mode()
+def backbone_batches(model: SegmentationModel, images: torch.Tensor, *, batch_size: int = 64,
+                     device: str | torch.device = "cpu") -> list:
+    """``model.backbone``'s maps of ``images`` in eval mode, batch by batch as :func:`evaluate_model` computes them
+    (so its ``backbone_features`` give bit for bit the predictions of the whole model)."""
+    model.backbone.eval()
+    return [model.backbone(images[i:i + batch_size].to(device)) for i in range(0, images.shape[0], batch_size)]
 
 
 @dataclass
@@ -408,7 +423,10 @@ class _EvalContext:
 
 
 def _one_run(ctx: _EvalContext, protocol: str, name: str, n_labels: int, seed: int,
-             run_lr: float) -> tuple[dict, nn.Module]:
+             run_lr: float, frozen: dict | None = None) -> tuple[dict, nn.Module]:
+    """One training run and its test (and validation) mIoU. ``frozen``: a dict shared by the runs of one group, where
+    a probe run keeps the frozen backbone's maps of the test and validation images (the same for every head on the
+    same backbone weights: every run of a pretrained backbone, the runs of one seed for scratch)."""
     start = time.perf_counter()
     images, masks = _stack(ctx.train_set, labelled_indices(n_labels, seed, len(ctx.train_set)))
     torch.manual_seed(seed)  # head init (and the whole init for scratch) depends on the seed only
@@ -417,16 +435,29 @@ def _one_run(ctx: _EvalContext, protocol: str, name: str, n_labels: int, seed: i
         load_backbone(model.backbone, ctx.backbones[name])
     if torch.device(ctx.device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    else:  # exact; oneDNN's weight gradient of convolutions on 1x1 maps is slow (dreamteacher.perf)
+    else:  # oneDNN's weight gradient of convolutions on 1x1 maps is slow; the head's 1x1 convolutions at batch 8
+        # leave oneDNN for a slower im2col path (dreamteacher.perf)
         single_pixel_convs_as_linear(model)
+        pointwise_convs_as_linear(model.lateral)
+        pointwise_convs_as_linear(model.classifier)
     losses = finetune(model, images, masks, steps=ctx.steps, batch_size=ctx.batch_size, lr=run_lr, seed=seed,
                       ignore_index=ctx.ignore_index, device=ctx.device, protocol=protocol)
+    maps = {"test": None, "val": None}
+    if protocol == "probe" and frozen is not None:
+        weights = (name, seed if ctx.backbones[name] is None else None)  # scratch: the seed draws the backbone
+        for split, split_images in (("test", ctx.test_images), ("val", ctx.val_images)):
+            if split_images is not None:
+                if (*weights, split) not in frozen:
+                    frozen[(*weights, split)] = backbone_batches(model, split_images, device=ctx.device)
+                maps[split] = frozen[(*weights, split)]
     iou, miou = iou_from_confusion(evaluate_model(model, ctx.test_images, ctx.test_masks, ctx.num_classes,
-                                                  ignore_index=ctx.ignore_index, device=ctx.device))
+                                                  ignore_index=ctx.ignore_index, device=ctx.device,
+                                                  backbone_features=maps["test"]))
     val_miou = None
     if ctx.val_images is not None:
         val_miou = iou_from_confusion(evaluate_model(model, ctx.val_images, ctx.val_masks, ctx.num_classes,
-                                                     ignore_index=ctx.ignore_index, device=ctx.device))[1]
+                                                     ignore_index=ctx.ignore_index, device=ctx.device,
+                                                     backbone_features=maps["val"]))[1]
     run = {"protocol": protocol, "backbone": name, "labels": n_labels, "seed": seed, "lr": run_lr,
            "miou": miou, "fg_miou": foreground_miou(iou, ctx.background_index), "iou": iou, "val_miou": val_miou,
            "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:])}
@@ -452,11 +483,12 @@ def _run_group(ctx: _EvalContext, protocol: str, name: str, n_labels: int, on_ru
     so groups can run in separate processes. ``on_run(run)`` is called after each run."""
     grid, seeds = ctx.grid, ctx.seeds
     runs, selection = [], None
+    frozen: dict = {}  # the probe's frozen-backbone maps of the test and validation images, shared by the runs
     chosen, rest = grid[0], seeds
     if len(grid) > 1:  # the choice reads only the validation split
         trials = []
         for v in grid:
-            trials.append(_one_run(ctx, protocol, name, n_labels, seeds[0], v))
+            trials.append(_one_run(ctx, protocol, name, n_labels, seeds[0], v, frozen))
             if on_run is not None:
                 on_run(trials[-1][0])
         best = max(range(len(grid)), key=lambda i: (trials[i][0]["val_miou"], -i))
@@ -466,7 +498,7 @@ def _run_group(ctx: _EvalContext, protocol: str, name: str, n_labels: int, on_ru
         runs.append(_keep(ctx, *trials[best]))
         rest = seeds[1:]
     for seed in rest:
-        run, model = _one_run(ctx, protocol, name, n_labels, seed, chosen)
+        run, model = _one_run(ctx, protocol, name, n_labels, seed, chosen, frozen)
         runs.append(_keep(ctx, run, model))
         if on_run is not None:
             on_run(run)

@@ -17,6 +17,12 @@ the same numbers as one matrix product (benchmarks/README.md). A convolution who
 product: with zero padding, the single output pixel sees the input pixel through one kernel tap only, every other tap
 multiplies padding. :class:`SinglePixelConv2d` computes exactly that when its input is 1×1 and is an ordinary
 ``nn.Conv2d`` otherwise.
+
+**Pointwise convolutions at small batches** (:func:`pointwise_convs_as_linear`). A 1×1 convolution is a matrix
+product over channels at every pixel. PyTorch's CPU convolution leaves oneDNN for its own im2col path when a 1×1
+convolution sees fewer than 16 images on one thread, which is the evaluation probe's case (its FPN head's laterals and
+classifier at batch 8); :class:`PointwiseConv2d` runs them as ``F.linear`` over the channel dimension instead
+(benchmarks/README.md, probe step). Same values up to float summation order.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["keep_freed_memory", "SinglePixelConv2d", "single_pixel_convs_as_linear"]
+__all__ = ["keep_freed_memory", "PointwiseConv2d", "SinglePixelConv2d", "pointwise_convs_as_linear",
+           "single_pixel_convs_as_linear"]
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -142,5 +149,35 @@ def single_pixel_convs_as_linear(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is nn.Conv2d:
             module.__class__ = SinglePixelConv2d
+            count += 1
+    return count
+
+
+class PointwiseConv2d(SinglePixelConv2d):
+    """A 1×1 convolution (stride 1, no padding, one group) run as ``F.linear`` over the channel dimension:
+    ``[N, C, H, W]`` is read as ``[N, H, W, C]`` (a view), multiplied by the ``[C_out, C]`` weight and handed back as
+    ``[N, C_out, H, W]`` in channels-last strides (a view again), which the following ops take as they are. Any other
+    kernel, stride, padding or grouping, and a 1×1 input, run :class:`SinglePixelConv2d`'s forward. Parameters and
+    ``state_dict`` are those of ``nn.Conv2d``."""
+
+    def _pointwise(self) -> bool:
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1
+                and self.dilation == (1, 1) and self.padding in ((0, 0), "valid"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-2:] == (1, 1) or not self._pointwise():
+            return super().forward(x)
+        w = self.weight.view(self.out_channels, self.in_channels)
+        return F.linear(x.permute(0, 2, 3, 1), w, self.bias).permute(0, 3, 1, 2)
+
+
+def pointwise_convs_as_linear(module: nn.Module) -> int:
+    """Turn every plain ``nn.Conv2d`` or :class:`SinglePixelConv2d` with a 1×1 kernel, stride 1, no padding and one
+    group in ``module`` into a :class:`PointwiseConv2d`, in place; returns how many. Worth it on the CPU for 1×1
+    convolutions at small batches (see the module docstring); elsewhere oneDNN's convolution is the better choice."""
+    count = 0
+    for m in module.modules():
+        if type(m) in (nn.Conv2d, SinglePixelConv2d) and PointwiseConv2d._pointwise(m):
+            m.__class__ = PointwiseConv2d
             count += 1
     return count

@@ -225,6 +225,34 @@ def test_parallel_groups_give_the_runs_of_one_process(tmp_path, monkeypatch):
         evaluate_backbones({"scratch": None}, train, test, budgets=[3], seeds=[0], workers=0)
 
 
+def test_probe_runs_share_the_frozen_backbones_test_maps_and_give_the_same_numbers(tmp_path, monkeypatch):
+    """A probe group computes its frozen backbone's maps of the test and validation images once per backbone weights
+    (once for a pretrained backbone, once per seed for scratch) and every run's numbers are bit for bit those of
+    running the whole model on the images, as before; fine-tuning (the backbone trains) never reuses them."""
+    import dreamteacher.evaluate as ev
+
+    torch.manual_seed(3)
+    path = tmp_path / "pre.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in StudentBackbone("resnet18").backbone_state_dict().items()}, str(path))
+    train, test = ProceduralShapes(64, 32, seed=1), ProceduralShapes(70, 32, seed=2)  # 70: two test batches
+    val = ProceduralShapes(6, 32, seed=3)
+    kwargs = dict(budgets=[5], seeds=[0, 1], steps=3, batch_size=2, width=8, lr=[1e-3, 3e-3], val_set=val,
+                  protocols=["probe", "finetune"], progress=False)
+    calls = []
+    real = ev.backbone_batches
+    monkeypatch.setattr(ev, "backbone_batches", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    shared = evaluate_backbones({"scratch": None, "pretrained": str(path)}, train, test, **kwargs)
+    # probe: pretrained once (test + val), scratch once per seed (2 x (test + val)); finetune: never
+    assert sorted(calls) == sorted([70, 6] * 3)
+    monkeypatch.setattr(ev, "backbone_batches", lambda *a, **k: None)  # every run through the whole model
+    alone = evaluate_backbones({"scratch": None, "pretrained": str(path)}, train, test, **kwargs)
+    keys = ("protocol", "backbone", "labels", "seed", "lr", "miou", "val_miou", "final_loss", "iou")
+    assert [[r[k] for k in keys] for r in shared["runs"]] == [[r[k] for k in keys] for r in alone["runs"]]
+    assert len(shared["runs"]) == 2 * 2 * 2  # protocols x backbones x seeds (the grid's other value not kept)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 def test_worker_processes_do_not_outlive_a_killed_parent(tmp_path):
     """A demo killed outright (SIGKILL, no chance to shut its pool down) takes its worker processes with it."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from dreamteacher.perf import SinglePixelConv2d, single_pixel_convs_as_linear
+from dreamteacher.perf import PointwiseConv2d, SinglePixelConv2d, single_pixel_convs_as_linear
 
 # A step that allocates and frees buffers the way a training step does: with glibc's defaults the freed heap top is
 # trimmed (returned to the kernel) and every page faults back in on the next step.
@@ -227,3 +227,71 @@ def test_single_pixel_conv_compiles_without_graph_breaks():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
         fast.zero_grad(set_to_none=True)
         ref.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------------ PointwiseConv2d
+def _pointwise(cin, cout, bias=True, dtype=torch.float64, **kw):
+    torch.manual_seed(cin * 100 + cout)
+    conv = nn.Conv2d(cin, cout, 1, bias=bias, **kw)
+    fast = PointwiseConv2d(cin, cout, 1, bias=bias, **kw)
+    fast.load_state_dict(conv.state_dict())
+    return conv.to(dtype), fast.to(dtype)
+
+
+@pytest.mark.parametrize("cin,cout,size,bias", [(64, 64, (8, 8), True), (257, 6, (5, 3), True),
+                                                (3, 17, (2, 7), False), (9, 4, (1, 1), True)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_pointwise_conv_matches_conv2d_in_float64(cin, cout, size, bias, layout, monkeypatch):
+    """Values and every gradient (input, weight, bias) against nn.Conv2d in float64, with an upstream gradient that
+    is not 1, for contiguous, channels-last and sliced (non-contiguous) inputs; the linear path runs no
+    convolution (a 1x1 input takes the single-pixel path, also not a convolution)."""
+    conv, fast = _pointwise(cin, cout, bias)
+    x = torch.randn(3, cin, size[0] + (2 if layout == "strided" else 0), size[1], dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[:, :, 1:-1]
+    torch.manual_seed(2)
+    grad_out = torch.randn(3, cout, *size, dtype=torch.float64) * 3
+    y_ref, g_ref = _forward_backward(conv, x, grad_out)
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda *a: pytest.fail("the pointwise path ran a convolution"))
+    y, g = _forward_backward(fast, x, grad_out)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert len(g) == len(g_ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_pointwise_conv_float32_against_float64_and_nan_propagates():
+    conv64, fast = _pointwise(64, 6, dtype=torch.float64)
+    fast = fast.float()
+    x = torch.randn(8, 64, 8, 8, dtype=torch.float64)
+    grad_out = torch.randn(8, 6, 8, 8, dtype=torch.float64)
+    y_ref, g_ref = _forward_backward(conv64, x, grad_out)
+    y, g = _forward_backward(fast, x.float(), grad_out.float())
+    for a, b in zip([y] + g, [y_ref] + g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    x = x.float()
+    x[1, 3, 2, 2] = float("nan")
+    out = fast(x)
+    assert torch.isnan(out[1, :, 2, 2]).all() and torch.isfinite(out[0]).all()
+
+
+def test_pointwise_convs_as_linear_converts_only_pointwise_convs():
+    """The evaluation head: its laterals and classifier (1x1) convert, its 3x3 fuse does not; a strided or padded 1x1
+    convolution does not; state_dict keys and values stay."""
+    from dreamteacher.evaluate import SegmentationModel
+    from dreamteacher.perf import pointwise_convs_as_linear
+
+    model = SegmentationModel("resnet18", 6, width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    single_pixel_convs_as_linear(model)
+    n = pointwise_convs_as_linear(model.lateral) + pointwise_convs_as_linear(model.classifier)
+    assert n == 5
+    assert all(type(m) is PointwiseConv2d for m in model.lateral) and type(model.classifier) is PointwiseConv2d
+    assert type(model.fuse[0]) is not PointwiseConv2d
+    other = nn.Sequential(nn.Conv2d(4, 4, 1, stride=2), nn.Conv2d(4, 4, 1, padding=1), nn.Conv2d(4, 4, 1, groups=2))
+    assert pointwise_convs_as_linear(other) == 0 and all(type(m) is nn.Conv2d for m in other)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
