@@ -13,7 +13,20 @@ from dreamteacher import cli
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
 
 
-def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def small_splits(monkeypatch):
+    """The demo's held-out test and validation splits cut to 32 images each (the demo's own are 256): every
+    evaluation run of these tests tests on both, and at 256 that was most of their time."""
+    from torch.utils.data import Subset
+
+    import dreamteacher.evaluate as ev
+
+    splits, validation = ev.builtin_splits, ev.builtin_validation_split
+    monkeypatch.setattr(ev, "builtin_splits", lambda size, n_test=256: splits(size, min(n_test, 32)))
+    monkeypatch.setattr(ev, "builtin_validation_split", lambda size: Subset(validation(size), range(32)))
+
+
+def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys, monkeypatch, small_splits):
     import dreamteacher.teacher_training as tt
 
     monkeypatch.setattr(tt, "DEMO_UNET", tt.TINY_UNET)  # the demo's teacher, shrunk for a test
@@ -65,7 +78,7 @@ def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys
     assert (tmp_path / "features.png").is_file() and (tmp_path / "curves.png").is_file()
 
 
-def test_ablate_runs_every_variant_at_tiny_size(tmp_path, capsys, monkeypatch):
+def test_ablate_runs_every_variant_at_tiny_size(tmp_path, capsys, monkeypatch, small_splits):
     import dreamteacher.teacher_training as tt
 
     monkeypatch.setattr(tt, "DEMO_UNET", tt.TINY_UNET)
@@ -93,7 +106,7 @@ def test_ablate_runs_every_variant_at_tiny_size(tmp_path, capsys, monkeypatch):
     assert "at_weight: 0.0" in cfg
 
 
-def test_demo_runs_at_once_and_marks_what_a_time_cap_cut(tmp_path, capsys, monkeypatch):
+def test_demo_runs_at_once_and_marks_what_a_time_cap_cut(tmp_path, capsys, monkeypatch, small_splits):
     """Two workers (a two-core share, one thread each): both pretraining runs and the evaluation groups run in
     spawned processes. A time cap that stops the pretraining runs early is marked in the table, in the results and
     in the final message, never passed off as the full settings' table."""
@@ -105,6 +118,11 @@ def test_demo_runs_at_once_and_marks_what_a_time_cap_cut(tmp_path, capsys, monke
     assert code == 0
     printed = capsys.readouterr().out
     assert "feature and mixed distillation at once (1 thread(s) each)" in printed
+    assert "each run computes every other step's and reads the rest from the other" in printed
+    assert not (tmp_path / "shared_targets").exists()  # the exchanged targets are removed after the phase
+    for name in ("feature", "mixed"):  # the sharing settings each run ran with
+        cfg = (tmp_path / f"pretrain_{name}" / "config.yaml").read_text()
+        assert "share_count: 2" in cfg and f"share_index: {int(name == 'mixed')}" in cfg
     results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
     ran = results["config"]["ran"]
     assert ran["machine"]["workers"] == 2 and ran["machine"]["threads_per_run"] == 1
@@ -118,7 +136,7 @@ def test_demo_runs_at_once_and_marks_what_a_time_cap_cut(tmp_path, capsys, monke
     assert len(results["runs"]) == 3 * 2  # 3 backbones x 2 budgets x 1 seed, probe only
 
 
-def test_demo_estimate_only_says_the_time_of_every_phase_and_stops(tmp_path, capsys):
+def test_demo_estimate_only_says_the_time_of_every_phase_and_stops(tmp_path, capsys, small_splits):
     code = cli.main(["demo", "--out", str(tmp_path), "--steps", "50", "--batch-size", "4", "--labels", "2", "4",
                      "--seeds", "0", "1", "--interpreter-steps", "40", "--probe-steps", "100", "--eval-steps", "10",
                      "--protocol", "finetune", "probe", "--num-workers", "0", "--estimate-only", "--no-progress",
