@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from .config import ConfigError, PretrainConfig, UserError, options_named
 from .regressor import FeatureRegressor
@@ -328,9 +329,27 @@ class SharedTargets:
         self.device, self.memory_format, self.world_size = device, memory_format, world_size
         self.dir = Path(root) / identity[:24]
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.computed = self.read = 0
+        self.computed = self.read = self.loaded = 0
         self.alone_from: int | None = None  # the micro-batch key from which every target is computed here
         self._written: list[Path] = []
+        self._ahead: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # this run's next targets, computed early
+        #: set by :meth:`load_lazily`: the loader then yields dataset indices, and only a micro-batch whose targets
+        #: are computed here loads its images (the others' images come with their targets)
+        self.materialize: Callable[[Any], Any] | None = None
+
+    def load_lazily(self, dataset: Any) -> Any:
+        """A stand-in for ``dataset`` to build the loader from: same length (so the same sampler order), items are
+        their indices; a micro-batch computed here is then loaded as the loader would have loaded it (the same
+        items, default collation), and one read from another run is never loaded at all. For loading in the main
+        process (``data.num_workers=0``), where the skipped half is pure saving."""
+        from torch.utils.data import default_collate
+
+        def materialize(indices: Any) -> Any:
+            self.loaded += 1
+            return default_collate([dataset[int(i)] for i in indices])
+
+        self.materialize = materialize
+        return _Indices(len(dataset))
 
     def _path(self, seed: int) -> Path:
         return self.dir / f"{seed:020d}.safetensors"
@@ -349,6 +368,8 @@ class SharedTargets:
         return images, [blob[f"targets.{i}"].to(self.device, non_blocking=True) for i in range(n)]
 
     def _compute(self, batch: Any, seed: int, write: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.materialize is not None:
+            batch = self.materialize(batch)
         images, targets = self.inner(batch, seed=seed)
         self.computed += 1
         if write:
@@ -364,8 +385,22 @@ class SharedTargets:
                 self._written.pop(0).unlink(missing_ok=True)
         return images, targets
 
-    def __call__(self, batch: Any, *, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        owner = (seed // self.world_size) % self.count
+    def _owner(self, seed: int) -> int:
+        return (seed // self.world_size) % self.count
+
+    def __call__(self, batch: Any, *, seed: int, upcoming: tuple[Any, int] | None = None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The targets of ``batch`` (key ``seed``). ``upcoming``: the next micro-batch and its key; when this run
+        owns it, its targets are computed now, before this micro-batch's are returned, so that the other runs (in
+        step with this one) find them written when they get there instead of waiting for the forward."""
+        if upcoming is not None and self._owner(upcoming[1]) == self.index and upcoming[1] not in self._ahead:
+            self._ahead[upcoming[1]] = self._compute(upcoming[0], upcoming[1], write=True)
+        ahead = self._ahead.pop(seed, None)
+        for stale in [k for k in self._ahead if upcoming is None or k != upcoming[1]]:
+            del self._ahead[stale]  # computed ahead for a key that did not come next (never the case in the loop)
+        if ahead is not None:
+            return ahead
+        owner = self._owner(seed)
         if owner == self.index:
             return self._compute(batch, seed, write=True)
         path = self._path(seed)
@@ -385,8 +420,21 @@ class SharedTargets:
         return self._compute(batch, seed, write=False)
 
     def stats(self) -> dict[str, Any]:
-        return {"computed": self.computed, "read": self.read, "alone_from_key": self.alone_from,
-                "dir": str(self.dir)}
+        return {"computed": self.computed, "read": self.read, "loaded": self.loaded if self.materialize else None,
+                "alone_from_key": self.alone_from, "dir": str(self.dir)}
+
+
+class _Indices(Dataset):
+    """``range(n)`` as a dataset (:meth:`SharedTargets.load_lazily`)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
 
 
 def share_identity(cfg: PretrainConfig, teacher: Any, device: torch.device, world_size: int, rank: int) -> str:

@@ -62,6 +62,29 @@ logger = logging.getLogger("dreamteacher")
 __all__ = ["pretrain"]
 
 
+class _Lookahead:
+    """The loop's batch iterator with one micro-batch of lookahead (``data.share_targets`` computes the next one's
+    targets ahead). ``take()`` returns the next batch and the data position (epoch, consumed) right after it was
+    drawn, which is what a checkpoint must save even when a later batch has been peeked (a resume then draws the
+    peeked batch again)."""
+
+    def __init__(self, batches, position) -> None:
+        self._batches, self._position, self._peeked = batches, position, None
+
+    def _pull(self):
+        batch = next(self._batches)
+        return batch, self._position()
+
+    def peek(self):
+        if self._peeked is None:
+            self._peeked = self._pull()
+        return self._peeked[0]
+
+    def take(self):
+        item, self._peeked = (self._peeked or self._pull()), None
+        return item
+
+
 def _check_resume_config(state: dict, cfg: PretrainConfig, resume: Any) -> None:
     """Refuse to resume a checkpoint into another student (its weights cannot be loaded), naming the key."""
     old = state["config"].get("model", {}) if isinstance(state["config"].get("model"), dict) else {}
@@ -213,7 +236,9 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     if dataset is not None:
         from .data import build_loader
 
-        loader = build_loader(dataset, cfg.run.batch_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
+        lazy = shared is not None and cfg.data.num_workers == 0 and not cfg.data.cache
+        loader = build_loader(shared.load_lazily(dataset) if lazy else dataset, cfg.run.batch_size,
+                              seed=cfg.run.seed, num_workers=cfg.data.num_workers,
                               prefetch_factor=cfg.data.prefetch_factor)
         if len(loader.sampler) < 1 or loader.sampler.num_samples < cfg.run.batch_size:
             raise UserError(f"run.batch_size: data.source has {len(dataset)} images, fewer than one batch of "
@@ -253,7 +278,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         if env.is_main:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
+                "scheduler": scheduler.state_dict(), "step": step, "epoch": position[0], "consumed": position[1],
                 "world_size": env.world_size, "num_samples": num_samples, "cache": cache_id, "rng": _rng_states(),
                 "config": config_to_dict(cfg), "scaler": scaler.state_dict(),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
@@ -289,7 +314,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
 
         pbar = progress_bar(cfg.run.steps, "pretrain", "step", initial=step)
     summary = {"out_dir": str(out), "checkpoint": str(ckpt_path), "interrupted": False, "loss": None}
-    data = batches()
+    data = _Lookahead(batches(), lambda: (epoch, consumed))
+    position = (epoch, consumed)  # the data position after the last micro-batch trained on (what a checkpoint saves)
     model.train()
     start_time = last_time = time.perf_counter()
     last_step = step
@@ -317,7 +343,14 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                     # view drawn from the same key), the generator teacher (latents from the key), or the feature
                     # cache's stored ones (their noise and views were drawn when it was written).
                     noise_key = ((cfg.run.seed * 1_000_003 + step * accum + micro) * env.world_size + env.rank)
-                    images, targets = source.targets(next(data), seed=noise_key % 2**63)
+                    batch, position = data.take()
+                    if shared is not None and (step + 1 < cfg.run.steps or micro + 1 < accum):
+                        # the next micro-batch too (its key is this one's + world size), so the run that owns it
+                        # computes its targets a step before anyone needs them: nobody waits on a teacher forward
+                        images, targets = shared(batch, seed=noise_key % 2**63,
+                                                 upcoming=(data.peek(), (noise_key + env.world_size) % 2**63))
+                    else:
+                        images, targets = source.targets(batch, seed=noise_key % 2**63)
                     sync = (train_model.no_sync() if env.distributed and micro < accum - 1
                             else contextlib.nullcontext())
                     with sync:
@@ -365,7 +398,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                               "mse": parts.mse.tolist(), "at": parts.at.tolist(),
                               "lr": scheduler.get_last_lr()[0],
                               "images_per_s": images_per_step * (step - last_step) / (now - last_time),
-                              "epoch": epoch, "time": now - start_time}
+                              "epoch": position[0], "time": now - start_time}
                     if interpreter is not None:
                         record["ld"] = ld_sum.item() / (step - last_step)
                     summary["loss"] = record["loss"]

@@ -50,7 +50,8 @@ SIDES = ([], ["--loss.at_weight=3.0", "--optim.lr=3e-3"])
 
 def test_two_runs_at_once_share_the_teacher_and_train_as_alone(teacher_dir, tmp_path):
     """Two runs at once (one thread each, the demo's way) with data.share_targets end with the weights of the same
-    two runs without sharing, bit for bit, and each computed only its half of the targets (the other half read)."""
+    two runs without sharing, bit for bit, and each computed only its half of the targets (the other half read) and
+    loaded only that half's images (data.num_workers=0: the loader yields indices, the dataset is read on demand)."""
     if worker_split(2)[0] < 2:
         pytest.skip("needs two threads to run two runs at once")
     share = tmp_path / "share"
@@ -63,6 +64,7 @@ def test_two_runs_at_once_share_the_teacher_and_train_as_alone(teacher_dir, tmp_
         assert "shared_targets" not in a
         stats = s["shared_targets"]
         assert (stats["computed"], stats["read"], stats["alone_from_key"]) == (STEPS // 2, STEPS // 2, None)
+        assert stats["loaded"] == STEPS // 2  # loading in the main process: a batch read from the other is not loaded
         assert_same_weights(weights(a), weights(s))
     assert not torch.equal(*(weights(s)["conv1.weight"] for s in shared))  # the two sides did differ
     # the files left are the last ones each run wrote, readable by a partner still behind; no temporaries
@@ -86,7 +88,8 @@ def test_a_missing_partner_costs_time_not_correctness(teacher_dir, tmp_path, cap
 
     # the same run again, now with a partner's files present but damaged: read fails, computed here
     run0 = pretrain(config(teacher_dir, tmp_path / "run0", f"--data.share_targets={share}", "--data.share_index=0",
-                           "--data.share_count=2", "--data.share_wait=0.3"))
+                           "--data.share_count=2", "--data.share_wait=0.3", "--data.num_workers=1"))
+    assert run0["shared_targets"]["loaded"] is None  # a loader worker process loads every batch, as without sharing
     # its partner (the lonely run) had finished, leaving its own micro-batches' files: read, not recomputed
     assert (run0["shared_targets"]["computed"], run0["shared_targets"]["read"]) == (STEPS // 2, STEPS // 2)
     assert_same_weights(weights(ref), weights(run0))
@@ -123,3 +126,33 @@ def test_runs_of_another_teacher_setting_never_read_each_others_targets(teacher_
 def test_share_settings_are_checked(extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, extra)
+
+
+def test_a_sharing_run_resumes_exactly_although_it_drew_a_batch_ahead(teacher_dir, tmp_path, monkeypatch):
+    """A sharing run draws the next micro-batch before training on the current one (to compute its targets ahead);
+    its checkpoints record the data position of the batch trained on, so a resume from step 2 (12 images, batch 4:
+    the run crosses an epoch boundary at step 3) ends with the uninterrupted run's weights, bit for bit."""
+    import shutil
+
+    import dreamteacher.train as train_mod
+
+    saved = []
+    original = train_mod.save_checkpoint
+
+    def keep_every_checkpoint(path, state):
+        out = original(path, state)
+        copy = Path(path).with_name(f"step{state['step']}.pt")
+        shutil.copy(out, copy)
+        saved.append(copy)
+        return out
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", keep_every_checkpoint)
+    share = ["--data.length=12", "--run.ckpt_every=2", f"--data.share_targets={tmp_path / 'share'}",
+             "--data.share_index=0", "--data.share_count=2", "--data.share_wait=0.05"]
+    full = pretrain(config(teacher_dir, tmp_path / "full", *share))
+    assert [p.name for p in saved][:2] == ["step2.pt", "step4.pt"]
+    state = torch.load(saved[0], weights_only=False)
+    assert (state["epoch"], state["consumed"]) == (0, 2)  # the batches trained on, not the one drawn ahead
+    resumed = pretrain(config(teacher_dir, tmp_path / "resumed", *share), resume=saved[0])
+    assert resumed["step"] == full["step"] == STEPS
+    assert_same_weights(weights(full), weights(resumed))
