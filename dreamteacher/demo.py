@@ -75,8 +75,8 @@ class DemoSettings:
     eval_batch: int = 8
     n_test: int = 256
     #: DataLoader worker processes of the pretraining runs. 0: the main process loads, and with the teacher's targets
-    #: shared it loads only the batches whose targets it computes (two runs at once on 2 cores: a loader process
-    #: per run only competed for them; 1.5-4% faster over 300 steps, benchmarks/README.md)
+    #: shared it loads only the batches whose targets it computes (two runs at once on 2 cores: a loader process per
+    #: run only competed for them; measured in benchmarks/README.md, "The same work with less")
     num_workers: int = 0
     #: independent runs at once (the two pretraining runs; the evaluation's (protocol, backbone, budget) groups),
     #: each in its own process with an equal share of the threads: on a 2-core CPU two one-thread runs finish

@@ -304,7 +304,9 @@ class SharedTargets:
     are all functions of the config and the micro-batch's key. Run ``index`` of ``count`` computes the targets of the
     micro-batches whose number is ``index`` modulo ``count`` and writes them to ``root/<identity>/<key>.safetensors``
     (written to a temporary name and renamed, so a reader never sees half a file); for the others it waits until the
-    file appears and reads it. Each run's teacher work drops to ``1/count``, and it trains on exactly what it would
+    file appears and reads it. Given the next micro-batch (``upcoming``), a run computes that one's targets a step
+    ahead when it owns it, so runs in step find each other's files already written instead of waiting for a
+    teacher forward. Each run's teacher work drops to ``1/count``, and it trains on exactly what it would
     have computed: ``identity`` (:func:`share_identity`) covers the teacher's weights and settings, the data config,
     the seed, the batch, the student's strides, the device, the thread count and the versions, so runs that would
     compute different bits never meet in one directory.
@@ -395,9 +397,7 @@ class SharedTargets:
         step with this one) find them written when they get there instead of waiting for the forward."""
         if upcoming is not None and self._owner(upcoming[1]) == self.index and upcoming[1] not in self._ahead:
             self._ahead[upcoming[1]] = self._compute(upcoming[0], upcoming[1], write=True)
-        ahead = self._ahead.pop(seed, None)
-        for stale in [k for k in self._ahead if upcoming is None or k != upcoming[1]]:
-            del self._ahead[stale]  # computed ahead for a key that did not come next (never the case in the loop)
+        ahead = self._ahead.pop(seed, None)  # the loop's keys come in order: at most one entry is ever kept
         if ahead is not None:
             return ahead
         owner = self._owner(seed)
