@@ -84,3 +84,25 @@ def tiny_overrides(teacher_dir, out, values: dict) -> list[str]:
             "model.student": "test_resnet", "model.width": 16, "run.batch_size": 4, "run.log_every": 1,
             "run.out_dir": out, "run.progress": False, "schedule.warmup_steps": 1}
     return [f"--{k}={v}" for k, v in {**base, **values}.items()]
+
+
+def keep_every_checkpoint(monkeypatch, suffix: str = ".pt") -> list:
+    """Make ``dreamteacher.train`` keep a copy of every checkpoint it saves (``step{N}{suffix}`` beside it), for
+    resume tests; returns the list the copies' paths are appended to, in order."""
+    import shutil
+    from pathlib import Path
+
+    import dreamteacher.train as train_mod
+
+    saved: list = []
+    original = train_mod.save_checkpoint
+
+    def keep(path, state):
+        written = original(path, state)
+        copy = Path(path).with_name(f"step{state['step']}{suffix}")
+        shutil.copy(written, copy)
+        saved.append(copy)
+        return written
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", keep)
+    return saved

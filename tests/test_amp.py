@@ -7,12 +7,11 @@ Tiny everything: an untrained 3-level DDPM teacher, timm's test_resnet at 32x32,
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_teacher, tiny_overrides
+from helpers import keep_every_checkpoint, save_tiny_teacher, tiny_overrides
 
 import dtkernels
 from dreamteacher.config import ConfigError, load_config
@@ -74,17 +73,7 @@ def test_the_student_runs_in_the_asked_dtype(teacher_dir, tmp_path, monkeypatch,
 def test_fp16_runs_resume_bitwise_with_their_gradient_scale(teacher_dir, tmp_path, monkeypatch):
     import dreamteacher.train as train_mod
 
-    saved = []
-    original = train_mod.save_checkpoint
-
-    def keep(path, state):
-        written = original(path, state)
-        copy = Path(path).with_name(f"step{state['step']}.kept")
-        shutil.copy(written, copy)
-        saved.append(copy)
-        return written
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", keep)
+    saved = keep_every_checkpoint(monkeypatch, suffix=".kept")
     extra = {"run.steps": 4, "run.ckpt_every": 2, "run.amp": "fp16"}
     train_mod.pretrain(load_config(None, overrides(teacher_dir, tmp_path / "full", **extra)))
     train_mod.pretrain(load_config(None, overrides(teacher_dir, tmp_path / "resumed", **extra)), resume=saved[0])

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_teacher, tiny_overrides
+from helpers import keep_every_checkpoint, save_tiny_teacher, tiny_overrides
 
 from dreamteacher.config import ConfigError, load_config
 from dreamteacher.data import crop_flip, crop_flip_params, random_resized_crop_flip
@@ -144,17 +143,7 @@ def test_the_teacher_sees_exactly_the_students_augmented_image(teacher_dir, tmp_
 def test_augmented_runs_resume_bitwise(teacher_dir, tmp_path, monkeypatch):
     import dreamteacher.train as train_mod
 
-    saved = []
-    original = train_mod.save_checkpoint
-
-    def keep(path, state):
-        written = original(path, state)
-        copy = Path(path).with_name(f"step{state['step']}.kept")
-        shutil.copy(written, copy)
-        saved.append(copy)
-        return written
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", keep)
+    saved = keep_every_checkpoint(monkeypatch, suffix=".kept")
     extra = {"run.steps": 4, "run.ckpt_every": 2}
     train_mod.pretrain(load_config(None, overrides(teacher_dir, tmp_path / "full", **extra)))
     train_mod.pretrain(load_config(None, overrides(teacher_dir, tmp_path / "resumed", **extra)), resume=saved[0])

@@ -6,12 +6,11 @@ Tiny everything: an untrained 3-level DDPM teacher, timm's test_resnet at 32x32,
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_teacher, tiny_overrides
+from helpers import keep_every_checkpoint, save_tiny_teacher, tiny_overrides
 from torch import nn
 
 from dreamteacher import cli
@@ -66,17 +65,7 @@ def test_the_average_follows_the_warmed_up_decay():
 def test_pretraining_keeps_resumes_and_exports_the_average(teacher_dir, tmp_path, monkeypatch, capsys):
     import dreamteacher.train as train_mod
 
-    saved = []
-    original = train_mod.save_checkpoint
-
-    def keep(path, state):
-        written = original(path, state)
-        copy = Path(path).with_name(f"step{state['step']}.kept")
-        shutil.copy(written, copy)
-        saved.append(copy)
-        return written
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", keep)
+    saved = keep_every_checkpoint(monkeypatch, suffix=".kept")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     summary = train_mod.pretrain(load_config(None, overrides(teacher_dir, full)))
     train_mod.pretrain(load_config(None, overrides(teacher_dir, resumed)), resume=saved[0])

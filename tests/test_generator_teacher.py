@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import keep_every_checkpoint
 
 import dtkernels
 from dreamteacher import cli
@@ -125,21 +126,10 @@ def test_pretrain_from_a_torchscript_generator(tmp_path):
 
 
 def test_generator_runs_resume_bitwise(tmp_path, monkeypatch):
-    import shutil
 
     import dreamteacher.train as train_mod
 
-    saved = []
-    original = train_mod.save_checkpoint
-
-    def keep(path, state):
-        written = original(path, state)
-        copy = Path(path).with_name(f"step{state['step']}.kept")
-        shutil.copy(written, copy)
-        saved.append(copy)
-        return written
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", keep)
+    saved = keep_every_checkpoint(monkeypatch, suffix=".kept")
     train_mod.pretrain(load_config(None, overrides(tmp_path / "full", **{"run.steps": 4, "run.ckpt_every": 2})))
     train_mod.pretrain(load_config(None, overrides(tmp_path / "resumed", **{"run.steps": 4, "run.ckpt_every": 2})),
                        resume=saved[0])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import keep_every_checkpoint
 
 from dreamteacher import cli
 from dreamteacher.config import load_config
@@ -139,21 +140,9 @@ def test_an_interpreter_of_other_features_is_refused(interpreter_file, teacher_d
 
 
 def test_resume_with_the_label_term_gives_the_same_next_losses(interpreter_file, teacher_dir, tmp_path, monkeypatch):
-    import shutil
 
-    import dreamteacher.train as train_mod
 
-    saved = []
-    original = train_mod.save_checkpoint
-
-    def keep_every_checkpoint(path, state):
-        out = original(path, state)
-        copy = Path(path).with_name(f"step{state['step']}.pt")
-        shutil.copy(out, copy)
-        saved.append(copy)
-        return out
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", keep_every_checkpoint)
+    saved = keep_every_checkpoint(monkeypatch)
     extra = {"label.interpreter": interpreter_file, "run.steps": 4, "run.ckpt_every": 2, "data.length": 12}
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     pretrain(load_config(None, tiny(teacher_dir, full, **extra)))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import keep_every_checkpoint
 
 from dreamteacher import cli
 from dreamteacher.config import UserError, load_config
@@ -328,19 +329,8 @@ def test_cli_augment_stores_augmented_views_and_pretrain_must_ask_for_them(teach
 
 # ---------------------------------------------------------------------------------------------------- resume
 def test_resume_in_the_middle_of_a_cached_epoch_is_bitwise_exact(cache, tmp_path, monkeypatch, no_teacher):
-    import dreamteacher.train as train_mod
 
-    saved = []
-    original = train_mod.save_checkpoint
-
-    def keep_every_checkpoint(path, state):
-        out = original(path, state)
-        copy = Path(path).with_name(f"step{state['step']}.pt")
-        shutil.copy(out, copy)
-        saved.append(copy)
-        return out
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", keep_every_checkpoint)
+    saved = keep_every_checkpoint(monkeypatch)
     full = tmp_path / "full"
     pretrain(load_config(None, overrides(cache, full, **{"run.steps": 5, "run.ckpt_every": 2})))
     assert [p.name for p in saved][:2] == ["step2.pt", "step4.pt"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import keep_every_checkpoint
 
 from dreamteacher.config import ConfigError, load_config
 from dreamteacher.demo import _timed_pretrain
@@ -132,21 +133,9 @@ def test_a_sharing_run_resumes_exactly_although_it_drew_a_batch_ahead(teacher_di
     """A sharing run draws the next micro-batch before training on the current one (to compute its targets ahead);
     its checkpoints record the data position of the batch trained on, so a resume from step 2 (12 images, batch 4:
     the run crosses an epoch boundary at step 3) ends with the uninterrupted run's weights, bit for bit."""
-    import shutil
 
-    import dreamteacher.train as train_mod
 
-    saved = []
-    original = train_mod.save_checkpoint
-
-    def keep_every_checkpoint(path, state):
-        out = original(path, state)
-        copy = Path(path).with_name(f"step{state['step']}.pt")
-        shutil.copy(out, copy)
-        saved.append(copy)
-        return out
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", keep_every_checkpoint)
+    saved = keep_every_checkpoint(monkeypatch)
     share = ["--data.length=12", "--run.ckpt_every=2", f"--data.share_targets={tmp_path / 'share'}",
              "--data.share_index=0", "--data.share_count=2", "--data.share_wait=0.05"]
     full = pretrain(config(teacher_dir, tmp_path / "full", *share))

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import keep_every_checkpoint
 
 from dreamteacher import cli
 from dreamteacher.config import ConfigError, PretrainConfig, config_from_dict, load_config
@@ -222,19 +222,8 @@ def test_loss_decreases_on_a_fixed_batch(teacher_dir, tmp_path):
 
 
 def test_resume_gives_the_same_next_losses(teacher_dir, tmp_path, monkeypatch):
-    import dreamteacher.train as train_mod
 
-    saved = []
-    original = train_mod.save_checkpoint
-
-    def keep_every_checkpoint(path, state):
-        out = original(path, state)
-        copy = Path(path).with_name(f"step{state['step']}.pt")
-        shutil.copy(out, copy)
-        saved.append(copy)
-        return out
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", keep_every_checkpoint)
+    saved = keep_every_checkpoint(monkeypatch)
     full = tmp_path / "full"
     pretrain(load_config(None, tiny_overrides(teacher_dir, full, **{"run.ckpt_every": 2, "data.length": 12})))
     assert [p.name for p in saved] == ["step2.pt", "step4.pt"]
