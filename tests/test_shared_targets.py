@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import keep_every_checkpoint
+from helpers import keep_every_checkpoint, save_tiny_teacher
 
 from dreamteacher.config import ConfigError, load_config
 from dreamteacher.demo import _timed_pretrain
 from dreamteacher.evaluate import parallel_map, worker_split
-from dreamteacher.teacher_training import TINY_UNET, train_teacher
 from dreamteacher.train import pretrain
 
 STEPS = 6
@@ -21,10 +20,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    train_teacher(out, image_size=32, unet=TINY_UNET, steps=2, batch_size=4, num_workers=0, log_every=1,
-                  progress=False)
-    return out
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def config(teacher_dir: Path, out: Path, *extra: str):
