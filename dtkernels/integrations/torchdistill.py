@@ -288,8 +288,8 @@ class DreamTeacherFeatLoss(nn.Module):
     """:func:`dtkernels.fused_feat_loss` over configured student / teacher io paths (DreamTeacher's feature loss).
 
     ``sum_l w_l * (mse_weight * mse_l + at_weight * at_l) / sum_l w_l`` over the pairs, ``w_l`` the pairs' weights
-    (see the README's definition of ``fused_feat_loss``). Each student feature map must have its teacher's shape
-    (put a regressor or 1x1 adapter in the student for that: torchdistill's ``adaptations`` / ``sequential``).
+    (see the definition of ``fused_feat_loss`` in docs/api.md). Each student feature map must have its teacher's
+    shape (put a regressor or 1x1 adapter in the student for that: torchdistill's ``adaptations`` / ``sequential``).
 
     Args:
         feat_pairs: ``{name: {student: {io, path}, teacher: {io, path}, weight: w}}``; weights ``>= 0`` with a
