@@ -59,6 +59,7 @@ namespace dtkernels {
 enum class Whitening : int64_t { kNone = 0, kChannel = 1, kSample = 2 };
 enum class AtMode : int64_t { kPaper = 0, kMeanSq = 1 };
 enum class Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+enum class Activation : int64_t { kNone = 0, kSilu = 1 };
 
 template <typename E>
 struct ModeInfo;
@@ -76,6 +77,11 @@ template <>
 struct ModeInfo<Reduction> {
   static constexpr Reduction kLast = Reduction::kSum;
   static constexpr const char* kExpected = "Reduction (dtkernels.modes.Reduction: none, mean, sum)";
+};
+template <>
+struct ModeInfo<Activation> {
+  static constexpr Activation kLast = Activation::kSilu;
+  static constexpr const char* kExpected = "Activation (dtkernels.modes.Activation: none, silu)";
 };
 
 // The enum member with value `value`; `op` and `what` name the op and the argument in the error.

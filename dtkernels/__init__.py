@@ -6,7 +6,16 @@ reference in :mod:`dtkernels.reference`. :func:`backends` says which are availab
 
 from . import modes, reference
 from ._dispatch import backends, get_backend, set_backend, use_backend
-from .functional import FeatLossParts, at_loss, attention_map, fused_feat_loss, ln_mse_loss, q_sample, soft_ce
+from .functional import (
+    FeatLossParts,
+    at_loss,
+    attention_map,
+    fused_feat_loss,
+    group_norm_act,
+    ln_mse_loss,
+    q_sample,
+    soft_ce,
+)
 from .modules import FusedFeatLoss, SoftCrossEntropy
 
 __all__ = [
@@ -18,6 +27,7 @@ __all__ = [
     "FusedFeatLoss",
     "soft_ce",
     "q_sample",
+    "group_norm_act",
     "SoftCrossEntropy",
     "backends",
     "get_backend",

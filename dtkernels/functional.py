@@ -13,12 +13,14 @@ from typing import NamedTuple
 import torch
 
 from . import _dispatch, reference
-from .modes import AtMode, Reduction, Whitening
+from .modes import Activation, AtMode, Reduction, Whitening
 from .ops import feat_loss as _feat_loss_op
+from .ops import group_norm_act as _group_norm_act_op
 from .ops import q_sample as _q_sample_op
 from .ops import soft_ce as _soft_ce_op
 
-__all__ = ["FeatLossParts", "fused_feat_loss", "ln_mse_loss", "at_loss", "attention_map", "soft_ce", "q_sample"]
+__all__ = ["FeatLossParts", "fused_feat_loss", "ln_mse_loss", "at_loss", "attention_map", "soft_ce", "q_sample",
+           "group_norm_act"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -318,3 +320,74 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, no
     if return_noise:
         return x_t, (noise if noise is not None else eps)
     return x_t
+
+
+def _check_per_channel(t: object, name: str, shape: tuple[int, ...], what: str, x: torch.Tensor) -> None:
+    """An optional parameter of group_norm_act: a floating tensor of ``shape`` on x's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor {what} or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape} {what}, got {tuple(t.shape)}")
+    allowed = (x.dtype, reference.compute_dtype(x))
+    if t.dtype not in allowed:
+        names = " or ".join(dict.fromkeys(str(d).removeprefix("torch.") for d in allowed))
+        raise TypeError(f"{name}: expected the dtype of x or its compute dtype ({names}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected the device of x ({x.device}), got {t.device}")
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, *, eps: float = 1e-5, scale: torch.Tensor | None = None,
+                   shift: torch.Tensor | None = None, act: str | None = "silu") -> torch.Tensor:
+    """``act(group_norm(x, num_groups, weight, bias, eps) * (1 + scale) + shift)`` in one inference-only op.
+
+    The normalization + conditioning + activation of a diffusion UNet's residual block (ADM's ``out_layers`` with
+    ``use_scale_shift_norm``; diffusers' ``ResnetBlock2D`` with ``time_embedding_norm="scale_shift"``; without
+    ``scale`` / ``shift``, any ``GroupNorm`` followed by ``SiLU``), reading ``x`` from memory once. Statistics (mean,
+    biased variance, ``eps`` inside the square root) are in float32 (float64 for float64 ``x``) whatever x's dtype.
+
+    Inference only: no gradient is defined. An input that requires grad while grad mode is on is refused (use
+    ``torch.no_grad()`` / ``torch.inference_mode()``, or ``torch.nn.functional.group_norm`` when training).
+
+    Args:
+        x: ``[B, C, *spatial]`` (at least 2-D; NCHW, channels_last or a strided view: the output keeps the layout of
+            ``torch.empty_like(x)``), float32 / bfloat16 / float16 / float64.
+        num_groups: ``G``, a positive divisor of ``C``.
+        weight, bias: optional ``[C]`` GroupNorm affine parameters, in x's dtype or float32 (float64 for float64).
+        eps: ``> 0``.
+        scale, shift: optional ``[B, C]`` per-sample, per-channel conditioning (dtypes as ``weight``).
+        act: ``"silu"`` or None.
+
+    Returns:
+        ``[B, C, *spatial]`` in x's dtype.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor [B, C, *spatial], got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x: expected a floating dtype (float32, float16, bfloat16 or float64), got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x: expected a tensor [B, C, *spatial] with at least 2 dimensions, got {x.dim()}-D with "
+                         f"shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    batch, channels = x.shape[0], x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"num_groups: expected a positive integer, got {num_groups!r}")
+    if channels % num_groups != 0:
+        raise ValueError(f"num_groups: expected a divisor of the {channels} channels of x, got {num_groups}")
+    _check_per_channel(weight, "weight", (channels,), "[C]", x)
+    _check_per_channel(bias, "bias", (channels,), "[C]", x)
+    _check_per_channel(scale, "scale", (batch, channels), "[B, C]", x)
+    _check_per_channel(shift, "shift", (batch, channels), "[B, C]", x)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+    mode = Activation.from_arg(act)
+    if torch.is_grad_enabled():
+        for name, t in (("x", x), ("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"group_norm_act: {name} requires grad, but the op is inference-only (no "
+                                   "gradient is defined); call it under torch.no_grad() / torch.inference_mode(), "
+                                   "or use torch.nn.functional.group_norm when training")
+    return _group_norm_act_op.group_norm_act(x, num_groups, weight, bias, scale, shift, float(eps), int(mode))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Whitening", "AtMode", "Reduction"]
+__all__ = ["Whitening", "AtMode", "Reduction", "Activation"]
 
 
 class _Mode(enum.IntEnum):
@@ -21,8 +21,9 @@ class _Mode(enum.IntEnum):
 
     @property
     def arg(self) -> str | None:
-        """The name public functions accept for this member (``None`` for :attr:`Whitening.NONE`)."""
-        return None if self.name == "NONE" and type(self) is Whitening else self.name.lower()
+        """The name public functions accept for this member (``None`` for :attr:`Whitening.NONE` and
+        :attr:`Activation.NONE`)."""
+        return None if self.name == "NONE" and type(self) in (Whitening, Activation) else self.name.lower()
 
     @classmethod
     def args(cls) -> tuple[str | None, ...]:
@@ -53,6 +54,7 @@ _EXPECTED = {
     "Whitening": "whiten: expected one of 'channel', 'sample' or None",
     "AtMode": "at_mode: expected 'paper' or 'mean_sq'",
     "Reduction": "reduction: expected 'mean', 'sum' or 'none'",
+    "Activation": "act: expected 'silu' or None",
 }
 
 
@@ -77,3 +79,10 @@ class Reduction(_Mode):
     NONE = 0  # the per-position map
     MEAN = 1  # over (valid) positions
     SUM = 2
+
+
+class Activation(_Mode):
+    """The activation ``group_norm_act`` applies after the normalization (and the scale / shift)."""
+
+    NONE = 0  # identity (public name: None)
+    SILU = 1  # x * sigmoid(x)

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .modes import AtMode, Reduction, Whitening
+from .modes import Activation, AtMode, Reduction, Whitening
 
 __all__ = [
     "AT_NORM_EPS",
@@ -62,6 +62,8 @@ __all__ = [
     "philox_normal",
     "q_sample",
     "q_sample_op",
+    "group_norm_act",
+    "group_norm_act_op",
 ]
 
 #: Lower bound on the L2 norm of an attention map, as in ``torch.nn.functional.normalize``.
@@ -455,3 +457,56 @@ def q_sample_op(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
         e = torch.empty_like(x0)
         e.copy_(eps.view(x0.shape))
         return x_t, e
+
+
+# --------------------------------------------------------------------------------------------------------------
+# group_norm_act: the teacher's GroupNorm + scale/shift + SiLU (inference only)
+# --------------------------------------------------------------------------------------------------------------
+#
+# out = act(GN(x) * (1 + scale[b, c]) + shift[b, c]), GN(x) = (x - mean_bg) / sqrt(var_bg + eps) * weight_c + bias_c,
+# with mean and biased variance over the channels of group g = c // (C / G) and every spatial position of sample b.
+# This is ADM's ResBlock out_layers with use_scale_shift_norm (diffusers: ResnetBlock2D, time_embedding_norm=
+# "scale_shift") and, without scale / shift, every GroupNorm + SiLU pair of the UNet. Statistics in float32 (float64
+# for float64 input), the output rounded once to x's dtype.
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, *, eps: float = 1e-5, scale: torch.Tensor | None = None,
+                   shift: torch.Tensor | None = None, act: str | None = "silu") -> torch.Tensor:
+    """``act(group_norm(x) * (1 + scale) + shift)``, written with ``F.group_norm`` and ``F.silu``.
+
+    Args:
+        x: ``[B, C, *spatial]``.
+        num_groups: ``G``, dividing ``C``.
+        weight, bias: optional ``[C]`` affine parameters of the GroupNorm.
+        eps: added to the biased variance inside the square root.
+        scale, shift: optional ``[B, C]`` (broadcast over the spatial positions).
+        act: ``"silu"`` or None.
+
+    Returns:
+        ``[B, C, *spatial]`` in x's dtype (math in float32, float64 for float64 input).
+    """
+    dt = compute_dtype(x)
+    w = None if weight is None else weight.to(dt)
+    b = None if bias is None else bias.to(dt)
+    y = F.group_norm(x.to(dt), num_groups, w, b, eps)
+    view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        y = y * (1.0 + scale.to(dt).reshape(view))
+    if shift is not None:
+        y = y + shift.to(dt).reshape(view)
+    mode = Activation.from_arg(act)
+    if mode is Activation.SILU:
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+def group_norm_act_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      scale: torch.Tensor | None, shift: torch.Tensor | None, eps: float, act: int) -> torch.Tensor:
+    """Reference of ``dtkernels::group_norm_act`` (``act`` an :class:`~dtkernels.modes.Activation` value): the
+    output has the layout of ``torch.empty_like(x)``."""
+    with torch.no_grad():
+        y = group_norm_act(x, num_groups, weight, bias, eps=eps, scale=scale, shift=shift, act=Activation(act).arg)
+        out = torch.empty_like(x)
+        out.copy_(y)
+        return out

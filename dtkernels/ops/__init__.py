@@ -5,6 +5,6 @@ in ``csrc/<op>.cpp`` (CPU) and ``dtkernels/triton/<op>.py`` (CUDA), the specific
 ARCHITECTURE.md lists one op's files.
 """
 
-from . import feat_loss, q_sample, soft_ce
+from . import feat_loss, group_norm_act, q_sample, soft_ce
 
-__all__ = ["feat_loss", "soft_ce", "q_sample"]
+__all__ = ["feat_loss", "soft_ce", "q_sample", "group_norm_act"]

@@ -1,0 +1,411 @@
+// CPU kernel of dtkernels::group_norm_act (inference only): the specification is
+// dtkernels.reference.group_norm_act_op,
+//
+//     out[b, c, s] = act((x[b, c, s] - mean[b, g]) * rstd[b, g] * w[c] + bias[c]) * (1 + scale[b, c]) + shift[b, c]),
+//     g = c / (C / G), rstd = 1 / sqrt(var + eps), mean and biased var over the group's channels and all positions s,
+//
+// written as one fused pass per element with per-channel coefficients (computed in double, rounded once):
+//
+//     out = act((x - mean) * a[b, c] + d[b, c]),  a = rstd * w * (1 + scale),  d = bias * (1 + scale) + shift.
+//
+// x - mean first (not x * a + (d - mean * a)): no cancellation between two large terms when |mean| >> std.
+//
+// Statistics: x is read in chunks that fit in L1 (kChunk elements); each chunk's mean and centred sum of squares are
+// computed by two passes over the chunk (the second from L1) in the accumulation type (float; double for double),
+// with the centring point's rounding corrected (M2 -= (sum of deviations)^2 / n); chunks are merged in a fixed
+// order with Chan et al.'s pairwise update in double. So the variance is sound for data whose mean is large
+// against its spread (no E[x^2] - E[x]^2), and the result does not depend on the thread count.
+//
+// Layouts, each without a copy (x viewed as [B, C, S], the spatial dimensions flattened; any rank >= 2):
+//   * rows: x and out have unit spatial stride (NCHW-contiguous, or channel-sliced views of it). at::parallel_for
+//     over (b, g) tiles; a tile's statistics pass reads its cpg rows from memory, its write pass re-reads them from
+//     L2 / L3 (a group of [2, 256, 256, 256] is 2 MiB), so DRAM sees x once and out once.
+//   * pixels: x and out have unit channel stride (channels_last). A group's channels are interleaved with the
+//     others' in every pixel, so per sample: the statistics of blocks of pixels (in parallel; per-channel two-pass
+//     moments of the block, folded into per-group moments), merged per group in block order, then the write pass
+//     over pixel blocks (in parallel). x is read twice; the second read hits L3 only when a sample fits there.
+//   * anything else (spatially sliced views): computed on a contiguous copy, then copied into empty_like(x).
+// Large outputs (kStreamBytes) are written with streaming stores (no read-for-ownership, no cache pollution).
+//
+// SiLU is y / (1 + exp(-y)) with Sleef's expf (1 ulp); NaN and Inf propagate as in the reference (an Inf or NaN in a
+// group makes its statistics, and so the group's output, NaN).
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "utils.h"
+
+namespace dtkernels {
+namespace {
+
+constexpr const char* kOp = "group_norm_act";
+
+constexpr int64_t kChunk = 2048;              // elements of one two-pass statistics chunk (8 KiB of float: L1)
+constexpr int64_t kPixelBlockElems = 8192;    // channels_last: pixels per block = ceil(kPixelBlockElems / C)
+constexpr int64_t kStreamBytes = int64_t(8) << 20;  // outputs at least this large: streaming stores
+
+// Running moments (count, mean, centred sum of squares), merged with Chan et al.'s update in a fixed order.
+struct Moments {
+  double n = 0.0, mean = 0.0, m2 = 0.0;
+  void merge(double nb, double mean_b, double m2_b) {
+    if (nb == 0.0) return;
+    if (n == 0.0) {
+      n = nb;
+      mean = mean_b;
+      m2 = m2_b;
+      return;
+    }
+    const double total = n + nb;
+    const double delta = mean_b - mean;
+    mean += delta * (nb / total);
+    m2 += m2_b + delta * delta * (n * nb / total);
+    n = total;
+  }
+};
+
+template <typename T>
+using V = AccVec<T>;
+
+// Mean and centred sum of squares of p[0, n), n <= kChunk: two passes, the second from L1.
+template <typename T>
+inline void chunk_moments(const T* p, int64_t n, double& mean, double& m2) {
+  using A = acc_type_t<T>;
+  constexpr int64_t kW = V<T>::size();
+  V<T> s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    s0 += load_acc(p + i);
+    s1 += load_acc(p + i + kW);
+    s2 += load_acc(p + i + 2 * kW);
+    s3 += load_acc(p + i + 3 * kW);
+  }
+  for (; i + kW <= n; i += kW) s0 += load_acc(p + i);
+  if (i < n) s1 += load_acc(p + i, n - i);  // lanes past n are zero
+  const A mu = static_cast<A>(hsum((s0 + s1) + (s2 + s3)) / static_cast<double>(n));
+  const V<T> vmu(mu);
+  V<T> q0(A(0)), q1(A(0)), d0(A(0)), d1(A(0));
+  i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    const V<T> a = load_acc(p + i) - vmu;
+    const V<T> b = load_acc(p + i + kW) - vmu;
+    d0 += a;
+    d1 += b;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+  }
+  for (; i + kW <= n; i += kW) {
+    const V<T> a = load_acc(p + i) - vmu;
+    d0 += a;
+    q0 = at::vec::fmadd(a, a, q0);
+  }
+  if (i < n) {
+    const V<T> a = keep_first(load_acc(p + i, n - i) - vmu, n - i);
+    d1 += a;
+    q1 = at::vec::fmadd(a, a, q1);
+  }
+  const double nd = static_cast<double>(n);
+  const double dev = hsum(d0 + d1);  // sum of (x - mu): mu is the rounded mean
+  mean = static_cast<double>(mu) + dev / nd;
+  m2 = std::max(hsum(q0 + q1) - dev * dev / nd, 0.0);
+}
+
+template <typename T>
+inline V<T> activate(const V<T>& y, Activation act) {
+  using A = acc_type_t<T>;
+  if (act == Activation::kSilu) return y / (V<T>(A(1)) + y.neg().exp());
+  return y;
+}
+
+// out[0, n) = act((x - mean) * a + d); streaming stores where allowed (the head up to the first aligned vector and
+// the tail use ordinary stores).
+template <typename T>
+inline void apply_span(const T* x, T* out, int64_t n, const V<T>& vm, const V<T>& va, const V<T>& vd,
+                       Activation act, bool stream) {
+  constexpr int64_t kW = V<T>::size();
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    if (stream) {
+      constexpr uintptr_t kAlign = sizeof(T) * kW;
+      const uintptr_t addr = reinterpret_cast<uintptr_t>(out);
+      if (addr % sizeof(T) == 0) {
+        int64_t head = static_cast<int64_t>(((kAlign - addr % kAlign) % kAlign) / sizeof(T));
+        head = std::min(head, n);
+        if (head > 0) {
+          store_acc(out, activate<T>(at::vec::fmadd(load_acc(x, head) - vm, va, vd), act), head);
+          i = head;
+        }
+        for (; i + kW <= n; i += kW) {
+          stream_store(out + i, activate<T>(at::vec::fmadd(load_acc(x + i) - vm, va, vd), act));
+        }
+      }
+    }
+  }
+  for (; i + kW <= n; i += kW) store_acc(out + i, activate<T>(at::vec::fmadd(load_acc(x + i) - vm, va, vd), act));
+  if (i < n) store_acc(out + i, activate<T>(at::vec::fmadd(load_acc(x + i, n - i) - vm, va, vd), act), n - i);
+}
+
+// x viewed as [B, C, S]: the strides of b, c and the flattened spatial index.
+struct View3 {
+  int64_t sb, sc, ss;
+};
+
+// The stride of the flattened spatial dimensions of t [B, C, *spatial], when they flatten (size-1 dims ignored).
+std::optional<int64_t> spatial_stride(const at::Tensor& t) {
+  int64_t st = -1, expect = -1;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (st < 0) {
+      st = t.stride(d);
+      expect = st * t.size(d);
+    } else {
+      if (t.stride(d) != expect) return std::nullopt;
+      expect *= t.size(d);
+    }
+  }
+  return st < 0 ? 1 : st;
+}
+
+// The per-channel parameters as double host arrays ([C] or [B * C]); empty when absent.
+std::vector<double> as_doubles(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return {};
+  const at::Tensor c = t->to(at::kDouble).contiguous();
+  return std::vector<double>(c.const_data_ptr<double>(), c.const_data_ptr<double>() + c.numel());
+}
+
+struct Params {
+  std::vector<double> w, bias, scale, shift;
+  double eps;
+};
+
+// (a, d) of channel c of sample b: a = rstd * w * (1 + scale), d = bias * (1 + scale) + shift.
+inline std::pair<double, double> channel_coefs(const Params& P, int64_t b, int64_t c, int64_t C, double rstd) {
+  const double w = P.w.empty() ? 1.0 : P.w[c];
+  const double bi = P.bias.empty() ? 0.0 : P.bias[c];
+  const double s1 = 1.0 + (P.scale.empty() ? 0.0 : P.scale[b * C + c]);
+  const double sh = P.shift.empty() ? 0.0 : P.shift[b * C + c];
+  return {rstd * w * s1, bi * s1 + sh};
+}
+
+inline double rstd_of(const Moments& mo, double eps) { return 1.0 / std::sqrt(mo.m2 / mo.n + eps); }
+
+// The kernels subtract the mean rounded to the accumulation type, m = A(mean), and fold the rounding error into the
+// offset: (x - mean) a + d == (x - m) a + (d - (mean - m) a). Without it, a mean that is large against the spread
+// (1000 + 0.01 randn) would shift every output by up to half an ulp of the mean times a.
+template <typename A>
+inline A folded_offset(double mean, A m, double a, double d) {
+  return static_cast<A>(d - (mean - static_cast<double>(m)) * a);
+}
+
+// NCHW-like: unit spatial stride for x and out. One (b, g) tile: statistics, then the write pass.
+template <typename T>
+void run_rows(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, View3 xv, View3 ov, const Params& P,
+              Activation act, bool stream) {
+  using A = acc_type_t<T>;
+  const int64_t cpg = C / G;
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / G, g = tile % G;
+      Moments mo;
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+        const T* row = x + b * xv.sb + c * xv.sc;
+        for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
+          const int64_t n = std::min(kChunk, S - s0);
+          double mean, m2;
+          chunk_moments<T>(row + s0, n, mean, m2);
+          mo.merge(static_cast<double>(n), mean, m2);
+        }
+      }
+      const double rstd = rstd_of(mo, P.eps);
+      const A m = static_cast<A>(mo.mean);
+      const V<T> vm(m);
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+        const auto [a, d] = channel_coefs(P, b, c, C, rstd);
+        const V<T> va(static_cast<A>(a)), vd(folded_offset<A>(mo.mean, m, a, d));
+        apply_span<T>(x + b * xv.sb + c * xv.sc, out + b * ov.sb + c * ov.sc, S, vm, va, vd, act, stream);
+      }
+    }
+    if (stream) stream_fence();  // this thread's streaming stores, before the region's join
+  });
+}
+
+// channels_last-like: unit channel stride for x and out; pixel p of sample b at b * sb + p * ss.
+template <typename T>
+void run_pixels(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, View3 xv, View3 ov,
+                const Params& P, Activation act, bool stream) {
+  using A = acc_type_t<T>;
+  constexpr int64_t kW = V<T>::size();
+  const int64_t cpg = C / G;
+  const int64_t P_blk = std::max<int64_t>(1, (kPixelBlockElems + C - 1) / C);
+  const int64_t nblk = (S + P_blk - 1) / P_blk;
+  const bool aligned_rows = (C * static_cast<int64_t>(sizeof(T))) % (kW * static_cast<int64_t>(sizeof(T))) == 0;
+  std::vector<double> part_mean(nblk * G), part_m2(nblk * G);
+  std::vector<A> m(C), a(C), d(C);  // sample b's per-channel coefficients: out = act((x - m) * a + d)
+  std::vector<Moments> groups(G);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* xb = x + b * xv.sb;
+    T* ob = out + b * ov.sb;
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> sum(C), dev(C), sq(C);
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t p0 = k * P_blk, np = std::min(P_blk, S - p0);
+        std::fill(sum.begin(), sum.end(), A(0));
+        for (int64_t p = p0; p < p0 + np; ++p) {
+          const T* row = xb + p * xv.ss;
+          int64_t c = 0;
+          for (; c + kW <= C; c += kW) (V<T>::loadu(sum.data() + c) + load_acc(row + c)).store(sum.data() + c);
+          if (c < C) (V<T>::loadu(sum.data() + c, C - c) + load_acc(row + c, C - c)).store(sum.data() + c, C - c);
+        }
+        const A inv = A(1) / static_cast<A>(np);
+        for (int64_t c = 0; c < C; ++c) sum[c] *= inv;  // now the channel means over the block (rounded)
+        std::fill(dev.begin(), dev.end(), A(0));
+        std::fill(sq.begin(), sq.end(), A(0));
+        for (int64_t p = p0; p < p0 + np; ++p) {
+          const T* row = xb + p * xv.ss;
+          int64_t c = 0;
+          for (; c + kW <= C; c += kW) {
+            const V<T> dx = load_acc(row + c) - V<T>::loadu(sum.data() + c);
+            (V<T>::loadu(dev.data() + c) + dx).store(dev.data() + c);
+            at::vec::fmadd(dx, dx, V<T>::loadu(sq.data() + c)).store(sq.data() + c);
+          }
+          if (c < C) {
+            const int64_t r = C - c;
+            const V<T> dx = load_acc(row + c, r) - V<T>::loadu(sum.data() + c, r);
+            (V<T>::loadu(dev.data() + c, r) + dx).store(dev.data() + c, r);
+            at::vec::fmadd(dx, dx, V<T>::loadu(sq.data() + c, r)).store(sq.data() + c, r);
+          }
+        }
+        // Fold the block's channels into per-group moments (each channel: np values).
+        const double npd = static_cast<double>(np);
+        for (int64_t g = 0; g < G; ++g) {
+          Moments mo;
+          for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+            const double dv = static_cast<double>(dev[c]);
+            mo.merge(npd, static_cast<double>(sum[c]) + dv / npd,
+                     std::max(static_cast<double>(sq[c]) - dv * dv / npd, 0.0));
+          }
+          part_mean[k * G + g] = mo.mean;
+          part_m2[k * G + g] = mo.m2;
+        }
+      }
+    });
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        Moments mo;
+        for (int64_t k = 0; k < nblk; ++k) {
+          const double np = static_cast<double>(std::min(P_blk, S - k * P_blk) * cpg);
+          mo.merge(np, part_mean[k * G + g], part_m2[k * G + g]);
+        }
+        groups[g] = mo;
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      const Moments& mo = groups[c / cpg];
+      const auto [ac, dc] = channel_coefs(P, b, c, C, rstd_of(mo, P.eps));
+      m[c] = static_cast<A>(mo.mean);
+      a[c] = static_cast<A>(ac);
+      d[c] = folded_offset<A>(mo.mean, m[c], ac, dc);
+    }
+    const bool dense = xv.ss == C && ov.ss == C;
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t p0 = k * P_blk, np = std::min(P_blk, S - p0);
+        for (int64_t p = p0; p < p0 + np; ++p) {
+          const T* row = xb + p * xv.ss;
+          T* orow = ob + p * ov.ss;
+          int64_t c = 0;
+          const bool st = stream && dense && aligned_rows;
+          for (; c + kW <= C; c += kW) {
+            const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c) - V<T>::loadu(m.data() + c),
+                                                      V<T>::loadu(a.data() + c), V<T>::loadu(d.data() + c)),
+                                       act);
+            if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+              if (st && reinterpret_cast<uintptr_t>(orow + c) % (kW * sizeof(T)) == 0) {
+                stream_store(orow + c, y);
+                continue;
+              }
+            }
+            store_acc(orow + c, y);
+          }
+          if (c < C) {
+            const int64_t r = C - c;
+            const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c, r) - V<T>::loadu(m.data() + c, r),
+                                                      V<T>::loadu(a.data() + c, r), V<T>::loadu(d.data() + c, r)),
+                                       act);
+            store_acc(orow + c, y, r);
+          }
+        }
+      }
+      if (stream) stream_fence();
+    });
+  }
+}
+
+void check_param(const std::optional<at::Tensor>& t, const char* what, at::IntArrayRef shape, const at::Tensor& x) {
+  if (!t.has_value() || !t->defined()) return;
+  CHECK_CPU(kOp, *t, what);
+  DTK_CHECK(kOp, t->sizes() == shape, what, " must have shape ", shape, ", got ", t->sizes());
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  DTK_CHECK(kOp, t->scalar_type() == x.scalar_type() || t->scalar_type() == acc, what,
+            " must have the dtype of x (", x.scalar_type(), ") or ", acc, ", got ", t->scalar_type());
+}
+
+at::Tensor group_norm_act_cpu(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& shift, double eps, int64_t act_value) {
+  CHECK_DEFINED(kOp, x, "x");
+  CHECK_CPU(kOp, x, "x");
+  CHECK_FLOATING(kOp, x, "x");
+  DTK_CHECK(kOp, x.dim() >= 2, "x must have shape [B, C, *spatial], got ", x.sizes());
+  CHECK_NONEMPTY(kOp, x, "x");
+  const int64_t B = x.size(0), C = x.size(1);
+  DTK_CHECK(kOp, num_groups > 0 && C % num_groups == 0, "num_groups must be a positive divisor of the ", C,
+            " channels of x, got ", num_groups);
+  check_param(weight, "weight", {C}, x);
+  check_param(bias, "bias", {C}, x);
+  check_param(scale, "scale", {B, C}, x);
+  check_param(shift, "shift", {B, C}, x);
+  DTK_CHECK(kOp, eps > 0.0, "eps must be > 0, got ", eps);
+  const Activation act = to_mode<Activation>(kOp, "act", act_value);
+  const int64_t G = num_groups;
+  const int64_t S = x.numel() / (B * C);
+
+  Params P{as_doubles(weight), as_doubles(bias), as_doubles(scale), as_doubles(shift), eps};
+  at::Tensor out = at::empty_like(x);
+  advise_huge_pages(out);
+  const bool stream = static_cast<int64_t>(out.numel()) * out.element_size() >= kStreamBytes;
+
+  DTK_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dtkernels::group_norm_act", [&] {
+    using T = scalar_t;
+    const auto xs = spatial_stride(x), os = spatial_stride(out);
+    if (xs && os) {
+      const View3 xv{x.stride(0), x.stride(1), *xs}, ov{out.stride(0), out.stride(1), *os};
+      if (xv.ss == 1 && ov.ss == 1) {
+        run_rows<T>(x.const_data_ptr<T>(), out.data_ptr<T>(), B, C, S, G, xv, ov, P, act, stream);
+        return;
+      }
+      if (xv.sc == 1 && ov.sc == 1) {
+        run_pixels<T>(x.const_data_ptr<T>(), out.data_ptr<T>(), B, C, S, G, xv, ov, P, act, stream);
+        return;
+      }
+    }
+    // Any other layout: compute on a contiguous copy, then copy into empty_like(x).
+    const at::Tensor xc = x.contiguous();
+    at::Tensor oc = at::empty_like(xc, at::MemoryFormat::Contiguous);
+    const View3 v{C * S, S, 1};
+    run_rows<T>(xc.const_data_ptr<T>(), oc.data_ptr<T>(), B, C, S, G, v, v, P, act, stream);
+    out.copy_(oc);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dtkernels, CPU, m) { m.impl("group_norm_act", &group_norm_act_cpu); }
+
+}  // namespace dtkernels
