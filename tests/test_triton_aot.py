@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Every shipped configuration of every Triton module: feat_loss 202, soft_ce 296, q_sample 28 (x 2 arches); about
 # 5 minutes on 2 cores with a cold Triton cache.
-MODULES = ["feat_loss", "soft_ce", "q_sample"]
+MODULES = ["feat_loss", "soft_ce", "q_sample", "group_norm_act"]
 
 
 def test_modules_match_aot():

@@ -32,7 +32,7 @@ __all__ = ["ARCHES", "MODULES", "signature_from_kinds", "compile_config", "main"
 
 ARCHES = (80, 90)
 #: The Triton modules with shipped configurations (one per op).
-MODULES = ("feat_loss", "soft_ce", "q_sample")
+MODULES = ("feat_loss", "soft_ce", "q_sample", "group_norm_act")
 
 def signature_from_kinds(fn, kinds: list[tuple[str, str]], roles: dict[str, str], unit_axis: str | None,
                          cfg_constexprs: dict) -> tuple[dict, dict, dict]:
