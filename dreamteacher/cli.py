@@ -16,6 +16,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from .faults import (
+    EXIT_CACHE_MISMATCH,
+    EXIT_CODES,
+    EXIT_CORRUPT_SHARDS,
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    EXIT_WRITE_FAILED,
+)
+
 logger = logging.getLogger("dreamteacher")
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -225,10 +235,15 @@ def run_cache_features(args: argparse.Namespace) -> int:
                                        progress=not args.no_progress)
     except CacheMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return EXIT_CACHE_MISMATCH
     except CorruptShardError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 4
+        return EXIT_CORRUPT_SHARDS
+    if manifest.get("stopped_by"):
+        done = len(manifest["shards"])
+        print(f"cache-features stopped by {manifest['stopped_by']}: {done} of {manifest['num_shards']} shards "
+              f"written and kept, the shard in progress discarded; rerun the same command to resume")
+        return EXIT_PREEMPTED if manifest["stopped_by"] in ("SIGTERM", "SIGUSR1") else 0
     size = sum(s["bytes"] for s in manifest["shards"])
     views = f" x {args.views} views" if args.views > 1 else ""
     print(f"cache {args.out}: {manifest['num_images']} images{views} in {manifest['num_shards']} shards, "
@@ -318,11 +333,15 @@ def run_train_teacher(args: argparse.Namespace) -> int:
                                device=args.device, progress=not args.no_progress)
     except TeacherDiverged as e:
         print(f"error: {e}; no teacher was written to {args.out}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED
     losses = (f", epsilon MSE {result['first_loss']:.4f} (first logged window) -> {result['last_loss']:.4f} (last)"
               if result["first_loss"] is not None else "")
     print(f"teacher {result['path']}: {result['steps']} steps{losses}; saved the {result['saved']} weights "
           f"(fixed-batch epsilon MSE {result['fixed_batch_loss']:.4f}); log {args.out}/log.jsonl")
+    if result.get("signal") in ("SIGTERM", "SIGUSR1"):
+        print(f"stopped by {result['signal']} at step {result['steps']} (train-teacher has no resume: the teacher "
+              f"saved is the one of that step); exit code {EXIT_PREEMPTED}")
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -370,6 +389,7 @@ def _pretrain_config(args: argparse.Namespace):
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from .config import ConfigError, options_named
+    from .faults import Diverged, WriteFailed
     from .train import pretrain
 
     try:
@@ -379,11 +399,35 @@ def run_pretrain(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with options_named({"checkpoint": "--resume"}):  # everything else main() reports as `error:` too
-        summary = pretrain(cfg, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    status = Path(cfg.run.out_dir) / "status.json"
+    try:
+        with options_named({"checkpoint": "--resume"}):  # everything else main() reports as `error:` too
+            summary = pretrain(cfg, resume=resume)
+    except (Diverged, WriteFailed) as e:
+        if main_rank:
+            _write_status(status, "diverged" if isinstance(e, Diverged) else "write_failed",
+                          EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_WRITE_FAILED)
+        raise
+    # a scheduler's stop (SIGTERM, SIGUSR1): the checkpoint is written; a job script requeues on this code
+    code = EXIT_PREEMPTED if summary.get("signal") in ("SIGTERM", "SIGUSR1") else 0
+    if main_rank:
         _print_pretrain_summary(summary)
-    return 0
+        _write_status(status, "preempted" if code else "finished", code, step=summary["step"],
+                      signal=summary.get("signal"), checkpoint=summary["checkpoint"])
+    return code
+
+
+def _write_status(path: Path, state: str, code: int, **fields) -> None:
+    """``OUT/status.json``: how the run ended, for a job script under torchrun (which exits 1 when it is signalled,
+    whatever its workers returned). Best effort: a full disk must not hide the error being reported."""
+    import json
+
+    try:
+        path.write_text(json.dumps({"state": state, "step": fields.pop("step", None), "exit_code": code, **fields},
+                                   allow_nan=False) + "\n")
+    except OSError as e:
+        logger.warning("could not write %s (%s)", path, e.strerror or e)
 
 
 def _print_pretrain_summary(summary: dict) -> None:
@@ -1052,8 +1096,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dreamteacher",
-                                     description="DreamTeacher-style generative pretraining: teacher features, "
-                                                 "distillation, evaluation.")
+                     description="DreamTeacher-style generative pretraining: teacher features, distillation, "
+                                 "evaluation.",
+                     epilog="exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+                            + "\n(docs/reliability.md)", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc at its defaults (by default every command makes it keep freed memory "
@@ -1078,6 +1124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         keep_freed_memory()
     from .config import UserError
+    from .faults import Diverged, WriteFailed
 
     try:
         return args._run(args)
@@ -1085,4 +1132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A mistake in what was asked for (ConfigError, LoadError, ... raised where it is found, naming the option):
         # one line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except Diverged as e:  # stopped before a non-finite state was written anywhere
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except WriteFailed as e:  # a full disk or quota: what failed, what is intact, how to continue
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED

@@ -505,11 +505,37 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
 
 
 def _worker_init(worker_id: int) -> None:
-    # Ctrl-C goes to the whole process group: the main process stops the run at a step boundary and shuts the
-    # workers down itself; a worker that died on SIGINT would turn that into a DataLoader error instead.
-    import signal
+    """Loader workers outlive the stop signals that are meant for the main process.
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Ctrl-C goes to the whole process group, and so does a scheduler's SIGTERM (SLURM signals every process of the
+    job step): the main process stops the run at a step boundary, writes its checkpoint and shuts the workers down
+    itself. A worker that died on the signal would turn that into a DataLoader error and the checkpoint would be
+    lost. SIGINT and SIGUSR1 are ignored. SIGTERM is ignored unless the parent sent it: the parent's ``terminate()``
+    (multiprocessing's exit handler, which then joins its daemon workers) must still end the worker, or the process
+    would hang at exit. The sender is read with ``sigwaitinfo`` on a thread; without it (not Linux), SIGTERM keeps
+    its default action.
+    """
+    import signal
+    import threading
+
+    for name in ("SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
+        return
+    parent = os.getppid()
+
+    def wait_for_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:  # the parent's terminate(): end as SIGTERM does by default
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # this thread takes the next one
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    # A forked worker inherits the main process's handler (StopFlag's); the default action is what ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by the thread: only sigwaitinfo sees it
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
 
 
 def build_loader(dataset: Dataset, batch_size: int, *, seed: int = 0, num_workers: int = 0, prefetch_factor: int = 2,

@@ -3,11 +3,13 @@ written (see :func:`export_backbone`)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
 
 from .config import UserError, config_from_dict
+from .faults import _os_error_of, check_finite_state, guarded_write
 from .runtime import load_checkpoint
 from .serialization import (
     save_plain,
@@ -67,7 +69,10 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
                             "run.ema_decay=0); export without --ema, or pretrain with --run.ema_decay=0.999")
     student.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
     sd = student.export_state_dict()
+    check_finite_state(sd.items(), what=f"{ckpt}{' (EMA)' if ema else ''}",
+                       hint="The run that wrote it diverged; export an earlier checkpoint (run.keep_checkpoints).")
     report = student.check_export(sd, check_features=check_features)
+    full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".safetensors":
@@ -82,8 +87,16 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
                 raise
         else:
             save_plain(out, sd)
-    except OSError as e:  # a read-only or missing place, a file where a folder should be, a full disk
-        raise UserError(f"out: cannot write {out} ({e.strerror or e}); give a writable file path") from e
+    except (OSError, RuntimeError) as e:  # torch.save's writer reports an OSError as a RuntimeError
+        cause = _os_error_of(e)
+        if cause is None:
+            raise
+        if cause.errno in full:  # the disk, a quota or the file-size limit: nothing is wrong with the path itself
+            with guarded_write(out, what="backbone export", intact=f"The checkpoint {ckpt} is untouched",
+                               then="free space and run the same command again"):
+                raise
+        # a read-only or missing place, a file where a folder should be
+        raise UserError(f"out: cannot write {out} ({cause.strerror or cause}); give a writable file path") from e
     logger.info("exported %s (%s, %d tensors, out_indices %s) from %s", out, student.name, len(sd),
                 list(student.out_indices), ckpt)
     if details is not None:

@@ -78,12 +78,19 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a fsynced temporary and a rename; a failed write (a full disk) becomes
+    :class:`~dreamteacher.faults.WriteFailed` naming the file, with the temporary removed."""
+    from .faults import guarded_write
+
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with guarded_write(path, what="cache file", needed=len(data), cleanup=[tmp],
+                       intact="Finished shards are kept and listed in the manifest",
+                       then="free space and rerun the same command: it resumes"):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:
@@ -398,17 +405,27 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
     if not todo:
         logger.info("%s: all %d shards present, nothing to do", root, num_shards)
 
+    from .data import _worker_init
+
     loader = DataLoader(samples, batch_sampler=batches, num_workers=num_workers,
-                        persistent_workers=False, pin_memory=False)
+                        persistent_workers=False, pin_memory=False,
+                        worker_init_fn=_worker_init if num_workers > 0 else None)
     from .runtime import progress_bar
 
     bar = progress_bar(total, "cache-features", "img", disable=not progress)  # one "img" = one stored view
+    from .runtime import StopFlag
+
+    stop = StopFlag().__enter__()  # Ctrl-C, SIGTERM, SIGUSR1: stop between batches; the shard in progress is dropped
     images_acc: list[torch.Tensor] = []
     feats_acc: list[list[torch.Tensor]] = [[] for _ in levels]
     idx_acc: list[torch.Tensor] = []
     t0 = time.perf_counter()
     try:
         for (k, b, last), batch_idx, images in zip(plan, batches, loader):
+            if stop.requested:
+                logger.warning("%s: stopped by %s; %d of %d shards written, the shard in progress discarded (a "
+                               "rerun resumes)", root, stop.signal, len(finished), num_shards)
+                break
             stored = images  # uint8, as _Views returns them
             feats = teacher(to_unit_range(stored), seed=_batch_seed(seed, k, b))
             if len(feats) != len(levels):
@@ -441,6 +458,7 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
                 if on_shard_written is not None:
                     on_shard_written(k, entry)
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
     elapsed = time.perf_counter() - t0
     if total:
@@ -448,7 +466,8 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
                     len(todo), total / elapsed)
     manifest["complete"] = len(finished) == num_shards
     _write_manifest(root, manifest)
-    return manifest
+    # what stopped the run (a signal's name), for the caller only: not part of the cache
+    return {**manifest, "stopped_by": stop.signal} if stop.requested else manifest
 
 
 def _write_shard(root: Path, index: int, images: list[torch.Tensor], samples: list[torch.Tensor],

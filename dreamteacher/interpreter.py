@@ -9,7 +9,6 @@ output (``dtkernels.soft_ce``, tau 4). Labels train only the interpreter.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .faults import Diverged, check_finite_state, json_line
 
 logger = logging.getLogger("dreamteacher")
 
@@ -254,9 +255,12 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
             losses.append(float(loss.detach()))
             if (step + 1) % 10 == 0 or step + 1 == steps:
                 window = losses[-10:]
-                log.write(json.dumps({"step": step + 1, "loss": sum(window) / len(window),
-                                      "time": time.perf_counter() - start}) + "\n")
+                log.write(json_line({"step": step + 1, "loss": sum(window) / len(window),
+                                     "time": time.perf_counter() - start}))
                 log.flush()
+                if not math.isfinite(window[-1]):
+                    raise Diverged(f"train-interpreter diverged at step {step + 1}: the loss is {window[-1]}; lower "
+                                   f"its learning rate ({lr:g}); no interpreter was written")
             if bar is not None:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update(1)
@@ -277,6 +281,8 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
                 cm += confusion_matrix(pred.cpu(), yb, num_classes, ignore_index)
         iou, miou = iou_from_confusion(cm)
         fg_miou = foreground_miou(iou)
+    check_finite_state(model.state_dict().items(), what="the trained interpreter",
+                       hint=f"Lower its learning rate ({lr:g}); no interpreter was written.")
     record = {"kind": "dreamteacher.interpreter", "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
               "config": model.config, "class_names": class_names, "labels": labels, "label_seed": label_seed,
               "image_size": cfg.data.image_size, "teacher": _teacher_record(cfg, teacher, order), "test_miou": miou,

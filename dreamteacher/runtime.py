@@ -289,26 +289,60 @@ def _write_param_checksum(model: nn.Module, out: Path, rank: int) -> None:
 
 
 class StopFlag:
-    """First SIGINT (Ctrl-C): finish the current step, save a checkpoint, exit cleanly. Second: stop at once."""
+    """Stop at the next step boundary, save a checkpoint and exit cleanly, on:
+
+    * SIGINT (Ctrl-C): a second one stops at once (KeyboardInterrupt; the last checkpoint stays intact);
+    * SIGTERM, SIGUSR1: a scheduler's preemption (SLURM, Kubernetes and torchrun all stop a job with SIGTERM after a
+      grace period; SLURM's ``--signal=USR1@SECONDS`` warns ahead of the time limit). Repeats are ignored: torchrun
+      forwards the SIGTERM it receives to workers that already got one, and the checkpoint must still be written.
+
+    :attr:`signal` names the first signal (``"SIGTERM"``); :attr:`preempted` says whether it was a scheduler's, for
+    which the command exits with :data:`dreamteacher.faults.EXIT_PREEMPTED` so that a job script can requeue.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def preempted(self) -> bool:
+        return self.signal in ("SIGTERM", "SIGUSR1")
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+            if name == "SIGINT":
+                raise KeyboardInterrupt
+            return
+        self.requested, self.signal = True, name
+        if name == "SIGINT":
+            logger.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        else:
+            logger.warning("%s: stopping after this step and saving a checkpoint; then exiting with code %d (rerun "
+                           "with --resume auto to continue)", name, _exit_preempted())
 
     def __enter__(self) -> StopFlag:
-        with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C raises as usual
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:  # SIGUSR1 does not exist on Windows
+                continue
+            with contextlib.suppress(ValueError):  # not the main thread: no handler, signals act as usual
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+def _exit_preempted() -> int:
+    from .faults import EXIT_PREEMPTED
+
+    return EXIT_PREEMPTED
 
 
 class _PlainProgress:

@@ -235,7 +235,15 @@ def save_plain(path: str | os.PathLike, obj: Any) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as e:
+                # torch's C++ writer reports a failed write as "unexpected pos ..."; keep the real cause (no space
+                # left, file too large) for faults.guarded_write to name
+                if writer.error is not None:
+                    e.os_error = writer.error
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -243,6 +251,23 @@ def save_plain(path: str | os.PathLike, obj: Any) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class _RecordingWriter:
+    """A binary file's ``write`` that remembers the ``OSError`` it raised (torch.save hides it behind its own)."""
+
+    def __init__(self, f) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):  # the rest of the file's interface (flush, tell, ...) as it is
+        return getattr(self._f, name)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:

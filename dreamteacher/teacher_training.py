@@ -24,6 +24,7 @@ from torch import nn
 import dtkernels
 from dtkernels import _compat
 
+from .faults import Diverged, guarded_write, json_line
 from .optim import warmup_cosine
 from .runtime import StopFlag
 
@@ -41,7 +42,7 @@ DEMO_UNET = dict(block_out_channels=(16, 32, 64, 64, 128), layers_per_block=1, n
                  down_block_types=("DownBlock2D",) * 5, up_block_types=("UpBlock2D",) * 5)
 
 
-class TeacherDiverged(RuntimeError):
+class TeacherDiverged(Diverged):
     """Teacher training diverged; no teacher was written."""
 
 
@@ -146,8 +147,14 @@ def _save_teacher_atomically(unet: nn.Module, scheduler, out: Path, meta: dict) 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    DiffusionTeacher(unet, scheduler).save_pretrained(tmp)
-    (tmp / "teacher.json").write_text(json.dumps(meta, indent=1) + "\n")
+    try:
+        with guarded_write(tmp, what="teacher", intact=f"The teacher already in {out} (if any) is intact",
+                           then="free space and run the command again"):
+            DiffusionTeacher(unet, scheduler).save_pretrained(tmp)
+            (tmp / "teacher.json").write_text(json.dumps(meta, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for name in ("unet", "scheduler"):
         shutil.rmtree(out / name, ignore_errors=True)
     for child in tmp.iterdir():
@@ -236,9 +243,8 @@ def train_teacher(out_dir: str | os.PathLike, *, dataset=None, image_size: int =
                         n = (step - 1) % log_every + 1
                         history.append(window.item() / n)
                         window.zero_()
-                        log.write(json.dumps({"step": step, "loss": history[-1], "lr": sched.get_last_lr()[0],
-                                              "images_per_s": n * batch_size / (now - last),
-                                              "time": now - start}) + "\n")
+                        log.write(json_line({"step": step, "loss": history[-1], "lr": sched.get_last_lr()[0],
+                                             "images_per_s": n * batch_size / (now - last), "time": now - start}))
                         log.flush()
                         monitor.update(step, history[-1])
                         if pbar is not None:
@@ -274,7 +280,7 @@ def train_teacher(out_dir: str | os.PathLike, *, dataset=None, image_size: int =
             "best_loss": monitor.best if history else None, "fixed_batch_loss": check,
             "saved": "ema" if ema is not None else "raw", "interrupted": stop.requested}
     _save_teacher_atomically(saved, scheduler, out, meta)
-    return {"path": str(out), **meta}
+    return {"path": str(out), **meta, "signal": stop.signal}
 
 
 # ------------------------------------------------------------------------------------------------ shipped teachers

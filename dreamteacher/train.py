@@ -18,8 +18,8 @@ Nothing in the package imports this module: what the loop shares with other comm
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import math
 import os
 import random
 import time
@@ -33,6 +33,16 @@ from torch import nn
 import dtkernels
 
 from .config import ConfigError, PretrainConfig, UserError, config_to_dict
+from .faults import (
+    Diverged,
+    WriteFailed,
+    check_finite_state,
+    check_free_space,
+    first_nonfinite,
+    guarded_write,
+    json_line,
+    state_bytes,
+)
 from .losses import eager_feat_loss, eager_soft_ce
 from .model import DistillationModel, _channels_last, build_source, build_student
 from .optim import build_optimizer, clip_and_step, warmup_cosine
@@ -49,12 +59,14 @@ from .runtime import (
     load_checkpoint,
     save_checkpoint,
     setup_distributed,
+    step_checkpoint_name,
     tensorboard_writer,
 )
 from .serialization import (
     CHECKPOINT_KIND,
     CHECKPOINT_VERSION,
     remove_stale_temporaries,
+    save_plain,
 )
 
 logger = logging.getLogger("dreamteacher")
@@ -271,23 +283,60 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
             _truncate_log(out / "log.jsonl", step)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     log_file = open(out / "log.jsonl", "a") if env.is_main else None  # noqa: SIM115 -- closed in finally
+    saved: list = [resume, step] if resume is not None else []  # the newest checkpoint on disk and its step
+
+    def intact() -> str:
+        return (f"The previous checkpoint {saved[0]} (step {saved[1]}) is intact" if saved
+                else "No checkpoint had been written yet")
+
+    def divergence_hint() -> str:
+        clip = (f"lower run.clip_grad (now {cfg.run.clip_grad:g})" if cfg.run.clip_grad > 0
+                else "enable run.clip_grad (e.g. --run.clip_grad=1.0)")
+        return f"Lower optim.lr (now {cfg.optim.lr:g}) or {clip}."
+
+    # model + AdamW/LAMB's two moments + EMA: what one checkpoint holds; last.pt, the kept step files and the
+    # temporary of the next write are on disk at once
+    ckpt_bytes = state_bytes(model.state_dict().values()) + 2 * state_bytes(
+        p for p in model.parameters() if p.requires_grad) + (state_bytes(model.state_dict().values()) if ema else 0)
+    if env.is_main:
+        check_free_space(ckpt_path.parent if ckpt_path.parent.is_dir() else out, each=ckpt_bytes,
+                         files=max(cfg.run.keep_checkpoints, 1) + 1, what="run.out_dir checkpoints")
     tb = (tensorboard_writer(out / "tensorboard", purge_step=step + 1 if resuming else None)
           if env.is_main and cfg.run.tensorboard else None)
 
     def checkpoint() -> None:
+        # Never a checkpoint of non-finite weights: last.pt keeps the last finite state. Every rank checks (the
+        # replicas are identical), so every rank stops at the same step without a collective.
+        check_finite_state([*model.state_dict().items(), *(ema.state_dict().items() if ema is not None else ())],
+                           what=f"the weights at step {step}", hint=f"{divergence_hint()} {intact()}")
+        failed = None
         if env.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "epoch": position[0], "consumed": position[1],
-                "world_size": env.world_size, "num_samples": num_samples, "cache": cache_id, "rng": _rng_states(),
-                "config": config_to_dict(cfg), "scaler": scaler.state_dict(),
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-                "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
-            if cfg.run.keep_checkpoints > 0:
-                for old in keep_step_checkpoint(ckpt_path, step, cfg.run.keep_checkpoints):
-                    logger.debug("removed %s (run.keep_checkpoints=%d)", old, cfg.run.keep_checkpoints)
-        if env.distributed:
-            dist.barrier()
+            try:
+                with guarded_write(ckpt_path, what="checkpoint", intact=intact(), needed=ckpt_bytes,
+                                   then="free space, then rerun with --resume auto"):
+                    save_checkpoint(ckpt_path, {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step, "epoch": position[0],
+                        "consumed": position[1], "world_size": env.world_size, "num_samples": num_samples,
+                        "cache": cache_id, "rng": _rng_states(), "config": config_to_dict(cfg),
+                        "scaler": scaler.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
+                        "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
+                saved[:] = [ckpt_path, step]
+                if cfg.run.keep_checkpoints > 0:
+                    with guarded_write(ckpt_path.with_name(step_checkpoint_name(step)), what="step checkpoint",
+                                       intact=intact(), then="free space, then rerun with --resume auto"):
+                        for old in keep_step_checkpoint(ckpt_path, step, cfg.run.keep_checkpoints):
+                            logger.debug("removed %s (run.keep_checkpoints=%d)", old, cfg.run.keep_checkpoints)
+            except WriteFailed as e:
+                failed = e
+        if env.distributed:  # the barrier, carrying whether rank 0's write failed, so that no rank waits on it
+            flag = torch.tensor(float(failed is not None), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and failed is None:
+                raise WriteFailed(f"rank 0 could not write the checkpoint {ckpt_path} at step {step} (its error says "
+                                  f"why); {intact()}", path=ckpt_path)
+        if failed is not None:
+            raise failed
 
     loss_kwargs = dict(mse_weight=cfg.loss.mse_weight, at_weight=cfg.loss.at_weight, at_p=cfg.loss.at_p,
                        at_mode=cfg.loss.at_mode, whiten=cfg.loss.whiten, eps=cfg.loss.eps,
@@ -313,7 +362,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
         from .runtime import progress_bar
 
         pbar = progress_bar(cfg.run.steps, "pretrain", "step", initial=step)
-    summary = {"out_dir": str(out), "checkpoint": str(ckpt_path), "interrupted": False, "loss": None}
+    summary = {"out_dir": str(out), "checkpoint": str(ckpt_path), "interrupted": False, "signal": None,
+               "loss": None}
     data = _Lookahead(batches(), lambda: (epoch, consumed))
     position = (epoch, consumed)  # the data position after the last micro-batch trained on (what a checkpoint saves)
     model.train()
@@ -335,7 +385,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                 elif env.distributed:
                     want = False
                 if want:
-                    summary["interrupted"] = True
+                    summary["interrupted"], summary["signal"] = True, stop.signal
                     break
                 for micro in range(accum):
                     # Targets: the online teacher (one-step noising in dtkernels.q_sample keyed by (seed, step,
@@ -406,8 +456,18 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                     ld_sum.zero_()
                     last_time, last_step = now, step
                     if log_file is not None:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
+                        with guarded_write(out / "log.jsonl", what="log", intact=intact(),
+                                           then="free space, then rerun with --resume auto"):
+                            log_file.write(json_line(record))
+                            log_file.flush()
+                    # Divergence: decided on the loss, which under DDP is the ranks' mean, so every rank stops here;
+                    # the part named is this rank's (the last micro-batch's levels).
+                    if not (math.isfinite(record["loss"]) and math.isfinite(record.get("ld", 0.0))):
+                        bad = first_nonfinite({"mse": record["mse"], "at": record["at"],
+                                               "ld": record.get("ld")}) or "loss (on another rank)"
+                        raise Diverged(f"pretrain diverged at step {step}: the {bad} is not finite (loss "
+                                       f"{record['loss']}). {divergence_hint()} {intact()}; nothing was written "
+                                       "from the diverged weights")
                     if tb is not None:
                         for name in ("loss", "ld", "lr", "images_per_s"):
                             if name in record:
@@ -438,14 +498,18 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
                     shared.computed, shared.read)
     if env.is_main:
         backbone = out / "backbone.pth"
-        torch.save(student.backbone_state_dict(), backbone)
+        export_hint = f"free space, then run `dreamteacher export {ckpt_path} --out {backbone}`"
+        with guarded_write(backbone, what="backbone export", intact=intact(), then=export_hint):
+            save_plain(backbone, student.backbone_state_dict())
         summary["backbone"] = str(backbone)
         if ema is not None:
             import copy
 
             averaged = copy.deepcopy(student)
             averaged.load_state_dict({k.removeprefix("student."): v for k, v in ema.state_dict().items()})
-            torch.save(averaged.backbone_state_dict(), out / "backbone_ema.pth")
+            with guarded_write(out / "backbone_ema.pth", what="EMA backbone export", intact=intact(),
+                               then=export_hint + " --ema"):
+                save_plain(out / "backbone_ema.pth", averaged.backbone_state_dict())
             summary["backbone_ema"] = str(out / "backbone_ema.pth")
     if env.distributed:
         _write_param_checksum(model, out, env.rank)
