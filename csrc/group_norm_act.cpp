@@ -259,63 +259,97 @@ void run_rows(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, Vi
   });
 }
 
-// channels_last-like: unit channel stride for x and out; pixel p of sample b at b * sb + p * ss.
+// Strips of kStrip vectors of channels: the channels_last passes keep a strip's accumulators (or coefficients) in
+// registers while they walk a block's pixels, instead of loading and storing a per-channel array for every vector.
+constexpr int64_t kStrip = 4;
+
+// Lanes of vector j of the strip starting at channel c0 (0 past the last channel).
+template <typename T>
+inline int64_t strip_lanes(int64_t C, int64_t c0, int64_t j) {
+  return std::clamp<int64_t>(C - (c0 + j * V<T>::size()), 0, V<T>::size());
+}
+
+template <typename T>
+inline V<T> load_lanes(const T* p, int64_t n) {
+  using A = acc_type_t<T>;
+  if (n == V<T>::size()) return load_acc(p);
+  return n > 0 ? load_acc(p, n) : V<T>(A(0));
+}
+
+// channels_last-like: unit channel stride for x and out; pixel p of sample b at b * sb + p * ss. Per sample: the
+// moments of blocks of pixels (per channel: two passes over the block, from L1 / L2, folded into per-group moments),
+// merged per group in block order, then the write pass over the blocks.
 template <typename T>
 void run_pixels(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, View3 xv, View3 ov,
                 const Params& P, Activation act, bool stream) {
   using A = acc_type_t<T>;
   constexpr int64_t kW = V<T>::size();
+  constexpr int64_t kStripC = kStrip * kW;
   const int64_t cpg = C / G;
   const int64_t P_blk = std::max<int64_t>(1, (kPixelBlockElems + C - 1) / C);
   const int64_t nblk = (S + P_blk - 1) / P_blk;
-  const bool aligned_rows = (C * static_cast<int64_t>(sizeof(T))) % (kW * static_cast<int64_t>(sizeof(T))) == 0;
+  const int64_t C_pad = (C + kStripC - 1) / kStripC * kStripC;
+  const bool dense = xv.ss == C && ov.ss == C;
   std::vector<double> part_mean(nblk * G), part_m2(nblk * G);
-  std::vector<A> m(C), a(C), d(C);  // sample b's per-channel coefficients: out = act((x - m) * a + d)
+  std::vector<A> m(C_pad), a(C_pad), d(C_pad);  // sample b's coefficients: out = act((x - m) * a + d)
   std::vector<Moments> groups(G);
   for (int64_t b = 0; b < B; ++b) {
     const T* xb = x + b * xv.sb;
     T* ob = out + b * ov.sb;
     at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> sum(C), dev(C), sq(C);
+      std::vector<A> mean(C_pad), dev(C_pad), sq(C_pad);
       for (int64_t k = begin; k < end; ++k) {
         const int64_t p0 = k * P_blk, np = std::min(P_blk, S - p0);
-        std::fill(sum.begin(), sum.end(), A(0));
-        for (int64_t p = p0; p < p0 + np; ++p) {
-          const T* row = xb + p * xv.ss;
-          int64_t c = 0;
-          for (; c + kW <= C; c += kW) (V<T>::loadu(sum.data() + c) + load_acc(row + c)).store(sum.data() + c);
-          if (c < C) (V<T>::loadu(sum.data() + c, C - c) + load_acc(row + c, C - c)).store(sum.data() + c, C - c);
-        }
         const A inv = A(1) / static_cast<A>(np);
-        for (int64_t c = 0; c < C; ++c) sum[c] *= inv;  // now the channel means over the block (rounded)
-        std::fill(dev.begin(), dev.end(), A(0));
-        std::fill(sq.begin(), sq.end(), A(0));
-        for (int64_t p = p0; p < p0 + np; ++p) {
-          const T* row = xb + p * xv.ss;
-          int64_t c = 0;
-          for (; c + kW <= C; c += kW) {
-            const V<T> dx = load_acc(row + c) - V<T>::loadu(sum.data() + c);
-            (V<T>::loadu(dev.data() + c) + dx).store(dev.data() + c);
-            at::vec::fmadd(dx, dx, V<T>::loadu(sq.data() + c)).store(sq.data() + c);
+        for (int64_t c0 = 0; c0 < C; c0 += kStripC) {
+          int64_t n[kStrip];
+          for (int64_t j = 0; j < kStrip; ++j) n[j] = strip_lanes<T>(C, c0, j);
+          V<T> s[kStrip];
+          for (int64_t j = 0; j < kStrip; ++j) s[j] = V<T>(A(0));
+          for (int64_t p = p0; p < p0 + np; ++p) {
+            const T* row = xb + p * xv.ss + c0;
+            for (int64_t j = 0; j < kStrip; ++j) s[j] += load_lanes(row + j * kW, n[j]);
           }
-          if (c < C) {
-            const int64_t r = C - c;
-            const V<T> dx = load_acc(row + c, r) - V<T>::loadu(sum.data() + c, r);
-            (V<T>::loadu(dev.data() + c, r) + dx).store(dev.data() + c, r);
-            at::vec::fmadd(dx, dx, V<T>::loadu(sq.data() + c, r)).store(sq.data() + c, r);
+          V<T> mu[kStrip], dv[kStrip], q[kStrip];
+          for (int64_t j = 0; j < kStrip; ++j) {
+            mu[j] = s[j] * V<T>(inv);  // the channel means over the block (rounded; corrected below by dv)
+            dv[j] = V<T>(A(0));
+            q[j] = V<T>(A(0));
+          }
+          for (int64_t p = p0; p < p0 + np; ++p) {
+            const T* row = xb + p * xv.ss + c0;
+            for (int64_t j = 0; j < kStrip; ++j) {
+              const V<T> e = keep_first(load_lanes(row + j * kW, n[j]) - mu[j], n[j]);
+              dv[j] += e;
+              q[j] = at::vec::fmadd(e, e, q[j]);
+            }
+          }
+          for (int64_t j = 0; j < kStrip; ++j) {
+            mu[j].store(mean.data() + c0 + j * kW);
+            dv[j].store(dev.data() + c0 + j * kW);
+            q[j].store(sq.data() + c0 + j * kW);
           }
         }
-        // Fold the block's channels into per-group moments (each channel: np values).
-        const double npd = static_cast<double>(np);
+        // Fold the block's channels into per-group moments. Every channel has np values, so the parallel formula
+        // needs no division per channel (a Chan update per channel cost more than the block's passes): mean_g =
+        // sum_c mean_c / cpg, M2_g = sum_c M2_c + np sum_c (mean_c - mean_g)^2, where mean_c and M2_c are corrected
+        // for the rounded centre (mean_c = mu_c + dev_c / np, M2_c = sq_c - dev_c^2 / np).
+        const double npd = static_cast<double>(np), inv_np = 1.0 / npd, inv_cpg = 1.0 / static_cast<double>(cpg);
         for (int64_t g = 0; g < G; ++g) {
-          Moments mo;
+          double msum = 0.0, m2sum = 0.0;
           for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-            const double dv = static_cast<double>(dev[c]);
-            mo.merge(npd, static_cast<double>(sum[c]) + dv / npd,
-                     std::max(static_cast<double>(sq[c]) - dv * dv / npd, 0.0));
+            const double e = static_cast<double>(dev[c]);
+            msum += static_cast<double>(mean[c]) + e * inv_np;
+            m2sum += std::max(static_cast<double>(sq[c]) - e * e * inv_np, 0.0);
           }
-          part_mean[k * G + g] = mo.mean;
-          part_m2[k * G + g] = mo.m2;
+          const double mg = msum * inv_cpg;
+          double spread = 0.0;
+          for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+            const double dm = static_cast<double>(mean[c]) + static_cast<double>(dev[c]) * inv_np - mg;
+            spread += dm * dm;
+          }
+          part_mean[k * G + g] = mg;
+          part_m2[k * G + g] = m2sum + npd * spread;
         }
       }
     });
@@ -336,31 +370,44 @@ void run_pixels(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, 
       a[c] = static_cast<A>(ac);
       d[c] = folded_offset<A>(mo.mean, m[c], ac, dc);
     }
-    const bool dense = xv.ss == C && ov.ss == C;
     at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t p0 = k * P_blk, np = std::min(P_blk, S - p0);
+        if (dense) {  // the block is one contiguous span of np * C elements, channels repeating every C
+          // Strip by strip would write partial cache lines; with whole rows the span is written in order.
+          for (int64_t p = p0; p < p0 + np; ++p) {
+            const T* row = xb + p * C;
+            T* orow = ob + p * C;
+            int64_t c = 0;
+            for (; c + kW <= C; c += kW) {
+              const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c) - V<T>::loadu(m.data() + c),
+                                                        V<T>::loadu(a.data() + c), V<T>::loadu(d.data() + c)),
+                                         act);
+              if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+                if (stream && reinterpret_cast<uintptr_t>(orow + c) % (kW * sizeof(T)) == 0) {
+                  stream_store(orow + c, y);
+                  continue;
+                }
+              }
+              store_acc(orow + c, y);
+            }
+            if (c < C) {
+              const int64_t r = C - c;
+              const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c, r) - V<T>::loadu(m.data() + c),
+                                                        V<T>::loadu(a.data() + c), V<T>::loadu(d.data() + c)),
+                                         act);
+              store_acc(orow + c, y, r);
+            }
+          }
+          continue;
+        }
         for (int64_t p = p0; p < p0 + np; ++p) {
           const T* row = xb + p * xv.ss;
           T* orow = ob + p * ov.ss;
-          int64_t c = 0;
-          const bool st = stream && dense && aligned_rows;
-          for (; c + kW <= C; c += kW) {
-            const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c) - V<T>::loadu(m.data() + c),
+          for (int64_t c = 0; c < C; c += kW) {
+            const int64_t r = std::min(kW, C - c);
+            const V<T> y = activate<T>(at::vec::fmadd(load_lanes(row + c, r) - V<T>::loadu(m.data() + c),
                                                       V<T>::loadu(a.data() + c), V<T>::loadu(d.data() + c)),
-                                       act);
-            if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-              if (st && reinterpret_cast<uintptr_t>(orow + c) % (kW * sizeof(T)) == 0) {
-                stream_store(orow + c, y);
-                continue;
-              }
-            }
-            store_acc(orow + c, y);
-          }
-          if (c < C) {
-            const int64_t r = C - c;
-            const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c, r) - V<T>::loadu(m.data() + c, r),
-                                                      V<T>::loadu(a.data() + c, r), V<T>::loadu(d.data() + c, r)),
                                        act);
             store_acc(orow + c, y, r);
           }
