@@ -118,6 +118,14 @@ def test_float32_parameters_with_low_precision_x(backend, dtype):
     check_against_reference(x, 4, *make_params(2, 32, torch.float32))
 
 
+def test_strided_parameters(backend):
+    """weight / bias / scale / shift as views with other strides (a transposed [C, B] scale, every other element)."""
+    x = make_x((3, 16, 5, 4))
+    w, bias, scale, shift = make_params(3, 32)
+    scale_t = scale[:, :16].t().contiguous().t()  # [3, 16] with strides (1, 3)
+    check_against_reference(x, 4, w[::2], bias[1::2], scale_t, shift[:, ::2])
+
+
 @pytest.mark.parametrize("shape,layout", [((2, 24), "contiguous"), ((2, 24, 33), "contiguous"),
                                           ((2, 24, 3, 4, 5), "contiguous"), ((2, 24, 3, 4, 5), "channels_last_3d"),
                                           ((1, 8, 1, 1), "contiguous"), ((2, 3, 1, 129), "channels_last")])
