@@ -288,6 +288,13 @@ def add_train_teacher(subparsers) -> argparse.ArgumentParser:
                    help="also save the (EMA) teacher every this many steps, so a long run is usable before it ends "
                         "(0: only at the end)")
     p.add_argument("--device", default="auto", help="torch device (auto: cuda when available, else cpu)")
+    p.add_argument("--ckpt-every", type=_non_negative_int, default=0,
+                   help="write the training state to OUT/checkpoints/last.pt every this many steps (0: only when "
+                        "the run stops early: Ctrl-C, SIGTERM, SIGUSR1, --max-minutes)")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue exactly from a training checkpoint, or 'auto': OUT/checkpoints/last.pt when it "
+                        "exists, else a fresh start (for rerunning a preempted job as is); the other options must be "
+                        "the checkpoint's")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -330,7 +337,8 @@ def run_train_teacher(args: argparse.Namespace) -> int:
                                min_lr_ratio=args.min_lr_ratio, clip_grad=args.clip_grad, ema_decay=args.ema_decay,
                                num_train_timesteps=args.timesteps, seed=args.seed, num_workers=args.num_workers,
                                log_every=args.log_every, max_minutes=args.max_minutes, save_every=args.save_every,
-                               device=args.device, progress=not args.no_progress)
+                               device=args.device, progress=not args.no_progress, ckpt_every=args.ckpt_every,
+                               resume=args.resume)
     except TeacherDiverged as e:
         print(f"error: {e}; no teacher was written to {args.out}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -339,8 +347,8 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     print(f"teacher {result['path']}: {result['steps']} steps{losses}; saved the {result['saved']} weights "
           f"(fixed-batch epsilon MSE {result['fixed_batch_loss']:.4f}); log {args.out}/log.jsonl")
     if result.get("signal") in ("SIGTERM", "SIGUSR1"):
-        print(f"stopped by {result['signal']} at step {result['steps']} (train-teacher has no resume: the teacher "
-              f"saved is the one of that step); exit code {EXIT_PREEMPTED}")
+        print(f"stopped by {result['signal']} at step {result['steps']}: the teacher of that step is saved and the "
+              f"training state is in {args.out}/checkpoints/last.pt; rerun with --resume auto to continue")
         return EXIT_PREEMPTED
     return 0
 

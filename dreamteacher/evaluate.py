@@ -442,6 +442,16 @@ def _one_run(ctx: _EvalContext, protocol: str, name: str, n_labels: int, seed: i
         pointwise_convs_as_linear(model.classifier)
     losses = finetune(model, images, masks, steps=ctx.steps, batch_size=ctx.batch_size, lr=run_lr, seed=seed,
                       ignore_index=ctx.ignore_index, device=ctx.device, protocol=protocol)
+    if not (all(map(math.isfinite, losses)) and all(bool(torch.isfinite(p).all()) for p in model.parameters())):
+        # A diverged model still predicts (the argmax of NaN logits): its score would be a finite, meaningless
+        # number in the table. It gets none, is never chosen by the grid and is counted as diverged.
+        logger.warning("evaluate %s %s, %d labels, seed %d, lr %g: diverged (a non-finite loss or weights); no score "
+                       "is recorded for it", protocol, name, n_labels, seed, run_lr)
+        run = {"protocol": protocol, "backbone": name, "labels": n_labels, "seed": seed, "lr": run_lr,
+               "miou": math.nan, "fg_miou": math.nan, "iou": [math.nan] * ctx.num_classes,
+               "val_miou": math.nan if ctx.val_images is not None else None, "diverged": True,
+               "seconds": time.perf_counter() - start, "final_loss": math.nan}
+        return run, model
     maps = {"test": None, "val": None}
     if protocol == "probe" and frozen is not None:
         weights = (name, seed if ctx.backbones[name] is None else None)  # scratch: the seed draws the backbone
@@ -467,6 +477,8 @@ def _one_run(ctx: _EvalContext, protocol: str, name: str, n_labels: int, seed: i
 
 
 def _keep(ctx: _EvalContext, run: dict, model: nn.Module) -> dict:
+    if run.get("diverged"):  # never saved as a result
+        return run
     if ctx.save_models is not None and (ctx.save_seeds is None or run["seed"] in ctx.save_seeds):
         path = Path(ctx.save_models) / f"{run['protocol']}_{run['backbone']}_{run['labels']}labels_seed{run['seed']}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -491,7 +503,8 @@ def _run_group(ctx: _EvalContext, protocol: str, name: str, n_labels: int, on_ru
             trials.append(_one_run(ctx, protocol, name, n_labels, seeds[0], v, frozen))
             if on_run is not None:
                 on_run(trials[-1][0])
-        best = max(range(len(grid)), key=lambda i: (trials[i][0]["val_miou"], -i))
+        # a diverged value (NaN) ranks below every score
+        best = max(range(len(grid)), key=lambda i: (_score(trials[i][0]["val_miou"]), -i))
         chosen = grid[best]
         selection = {"protocol": protocol, "backbone": name, "labels": n_labels, "seed": seeds[0], "lr": chosen,
                      "val_miou": {str(v): t[0]["val_miou"] for v, t in zip(grid, trials)}}
@@ -503,6 +516,10 @@ def _run_group(ctx: _EvalContext, protocol: str, name: str, n_labels: int, on_ru
         if on_run is not None:
             on_run(run)
     return runs, selection
+
+
+def _score(value: float | None) -> float:
+    return -math.inf if value is None or math.isnan(value) else value
 
 
 def _worker_init(threads: int, parent: int) -> None:
@@ -716,7 +733,8 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per (protocol, backbone, budget): mean and sample standard deviation over seeds (std 0 with one seed) of mIoU
-    and foreground mIoU, mean per-class IoU, mean seconds."""
+    and foreground mIoU, mean per-class IoU, mean seconds, and ``n_diverged``: the seeds that diverged, which have no
+    score and are left out of the means (the table says so in the cell)."""
     groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r.get("protocol", "finetune"), r["backbone"], r["labels"]), []).append(r)
@@ -733,7 +751,8 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                      else math.nan for col in zip(*(r["iou"] for r in rs))]
         miou_mean, miou_std = mean_std([r["miou"] for r in rs])
         fg_mean, fg_std = mean_std([r.get("fg_miou", math.nan) for r in rs])
-        out.append({"protocol": protocol, "backbone": name, "labels": n, "n_seeds": len(rs), "miou_mean": miou_mean,
+        out.append({"protocol": protocol, "backbone": name, "labels": n, "n_seeds": len(rs),
+                    "n_diverged": sum(bool(r.get("diverged")) for r in rs), "miou_mean": miou_mean,
                     "miou_std": miou_std, "fg_miou_mean": fg_mean, "fg_miou_std": fg_std, "iou_mean": per_class,
                     "lr": sorted({r.get("lr") for r in rs if r.get("lr") is not None}),
                     "seconds_mean": statistics.fmean(r["seconds"] for r in rs)})
@@ -779,9 +798,10 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         row = []
         for n in budgets:
             c = cell.get((protocol, name, n))
-            row.append(_pm(c["miou_mean"], c["miou_std"]) if c else "")
+            diverged = f" ({c['n_diverged']}/{c['n_seeds']} seeds diverged)" if c and c.get("n_diverged") else ""
+            row.append(_pm(c["miou_mean"], c["miou_std"]) + diverged if c else "")
             if fg:
-                row.append(_pm(c["fg_miou_mean"], c["fg_miou_std"]) if c else "")
+                row.append(_pm(c["fg_miou_mean"], c["fg_miou_std"]) + diverged if c else "")
         secs = statistics.fmean(cell[protocol, name, n]["seconds_mean"] for n in budgets
                                 if (protocol, name, n) in cell)
         shown = f"{name} (CUT: {cut[name]})" if name in cut else name

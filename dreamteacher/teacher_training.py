@@ -24,7 +24,7 @@ from torch import nn
 import dtkernels
 from dtkernels import _compat
 
-from .faults import Diverged, guarded_write, json_line
+from .faults import Diverged, check_finite_state, guarded_write, json_line
 from .optim import warmup_cosine
 from .runtime import StopFlag
 
@@ -162,12 +162,90 @@ def _save_teacher_atomically(unet: nn.Module, scheduler, out: Path, meta: dict) 
     tmp.rmdir()
 
 
+#: What a teacher-training checkpoint must agree on with the run that resumes it (anything else would continue a
+#: different run under the old one's name).
+_RESUME_KEYS = ("image_size", "unet", "steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "clip_grad",
+                "ema_decay", "num_train_timesteps", "seed", "num_samples")
+TEACHER_CHECKPOINT_KIND = "dreamteacher.teacher_training"
+
+
+def _resume_state(resume: str | os.PathLike | None, out: Path, record: dict) -> dict | None:
+    """The training state to continue from (``resume``: a checkpoint, or ``"auto"``: ``out/checkpoints/last.pt`` when
+    it exists), checked against this run's ``record``; None for a fresh start."""
+    from .config import UserError
+    from .serialization import load_file
+
+    if resume is None:
+        return None
+    path = out / "checkpoints" / "last.pt" if resume == "auto" else Path(resume)
+    if resume == "auto" and not path.is_file():
+        logger.info("--resume auto: no checkpoint in %s, starting fresh", path.parent)
+        return None
+    state = load_file(path, what="--resume")
+    if not isinstance(state, dict) or state.get("kind") != TEACHER_CHECKPOINT_KIND:
+        raise UserError(f"--resume: {path} is not a train-teacher checkpoint (OUT/checkpoints/last.pt)")
+    changed = [f"{k}: checkpoint {state['record'].get(k)!r}, now {record[k]!r}" for k in _RESUME_KEYS
+               if state["record"].get(k) != record[k]]
+    if changed:
+        raise UserError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); resume with the "
+                        "checkpoint's settings or start a fresh run in another --out")
+    logger.info("resumed from %s at step %d", path, state["step"])
+    return state
+
+
+class _TeacherRun:
+    """The trained objects of one teacher-training run and its position, which :meth:`state` saves and
+    :meth:`restore` loads exactly (weights, EMA, optimizer, schedule, data position, RNG, logging window)."""
+
+    def __init__(self, model, ema, optimizer, sched, monitor, record: dict, window: torch.Tensor) -> None:
+        self.model, self.ema, self.optimizer, self.sched, self.monitor = model, ema, optimizer, sched, monitor
+        self.record, self.window = record, window
+        self.step, self.epoch, self.consumed = 0, 0, 0
+        self.history: list[float] = []
+        self.pending_rng: dict | None = None  # restored once the resumed epoch's loader iterator exists
+
+    def state(self) -> dict:
+        from .runtime import _rng_states
+
+        check_finite_state([*self.model.state_dict().items(), *(self.ema.model.state_dict().items() if self.ema
+                                                                 else ())], what=f"the teacher at step {self.step}",
+                           hint="Lower the learning rate (--lr); the previous checkpoint is intact.")
+        return {"kind": TEACHER_CHECKPOINT_KIND, "record": self.record, "model": self.model.state_dict(),
+                "ema": self.ema.model.state_dict() if self.ema else None,
+                "ema_updates": self.ema.updates if self.ema else 0, "optimizer": self.optimizer.state_dict(),
+                "sched": self.sched.state_dict(), "step": self.step, "epoch": self.epoch, "consumed": self.consumed,
+                "history": list(self.history), "window": self.window.clone().cpu(), "rng": _rng_states(),
+                "monitor": [self.monitor.best, self.monitor.best_step, self.monitor.bad]}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema:
+            self.ema.model.load_state_dict(state["ema"])
+            self.ema.updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["sched"])
+        self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
+        self.history = list(state["history"])
+        self.window.copy_(state["window"])
+        self.monitor.best, self.monitor.best_step, self.monitor.bad = state["monitor"]
+        self.pending_rng = state["rng"]
+
+    def save(self, out: Path) -> None:
+        from .runtime import save_checkpoint
+
+        path = out / "checkpoints" / "last.pt"
+        with guarded_write(path, what="teacher-training checkpoint", intact="The previous checkpoint is intact",
+                           then="free space, then rerun with --resume auto"):
+            save_checkpoint(path, self.state())
+
+
 def train_teacher(out_dir: str | os.PathLike, *, dataset=None, image_size: int = 64, unet: dict | None = None,
                   steps: int = 1000, batch_size: int = 16, lr: float = 1e-3, warmup_steps: int = 100,
                   min_lr_ratio: float = 0.1, clip_grad: float = 1.0, ema_decay: float = 0.999,
                   num_train_timesteps: int = 1000, seed: int = 0, num_workers: int = 2, log_every: int = 25,
                   max_minutes: float = 0.0, save_every: int = 0, device: str = "auto", progress: bool = True,
-                  divergence: DivergenceMonitor | None = None) -> dict:
+                  divergence: DivergenceMonitor | None = None, ckpt_every: int = 0,
+                  resume: str | os.PathLike | None = None) -> dict:
     """Train a small DDPM ``UNet2DModel`` with the epsilon-prediction MSE and save its EMA where
     :meth:`DiffusionTeacher.from_pretrained` finds it (``unet/`` + ``scheduler/``, plus ``teacher.json``).
 
@@ -179,17 +257,25 @@ def train_teacher(out_dir: str | os.PathLike, *, dataset=None, image_size: int =
     of each logging window goes to ``out_dir/log.jsonl`` and through ``divergence`` (default
     :class:`DivergenceMonitor`): a diverged run raises :class:`TeacherDiverged` and saves nothing.
 
+    The training state goes to ``out_dir/checkpoints/last.pt`` every ``ckpt_every`` steps (0: never) and whenever
+    the run stops early (Ctrl-C, SIGTERM, SIGUSR1, ``max_minutes``); ``resume`` (a checkpoint, or ``"auto"``: that
+    file when it exists) continues exactly, bit for bit with a run that was never stopped.
+
     Returns:
-        ``{"path", "steps", "first_loss", "last_loss", "best_loss", "fixed_batch_loss", "interrupted"}`` (window
-        means; ``fixed_batch_loss``: :func:`fixed_batch_loss` of the saved model).
+        ``{"path", "steps", "first_loss", "last_loss", "best_loss", "fixed_batch_loss", "interrupted", "signal"}``
+        (window means; ``fixed_batch_loss``: :func:`fixed_batch_loss` of the saved model; ``signal``: the stop
+        signal's name, or None).
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
     from .data import ProceduralShapes, build_loader
+    from .runtime import _truncate_log
 
     for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if isinstance(ckpt_every, bool) or not isinstance(ckpt_every, int) or ckpt_every < 0:
+        raise ValueError(f"ckpt_every: expected a non-negative integer, got {ckpt_every!r}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a positive finite learning rate, got {lr!r}")
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -199,88 +285,117 @@ def train_teacher(out_dir: str | os.PathLike, *, dataset=None, image_size: int =
     dataset = dataset if dataset is not None else ProceduralShapes(max(steps * batch_size, 1000), image_size,
                                                                    seed=seed + 1)
     config = dict(DEMO_UNET if unet is None else unet)
+    record = {"image_size": image_size, "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+              "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps,
+              "min_lr_ratio": min_lr_ratio, "clip_grad": clip_grad, "ema_decay": ema_decay,
+              "num_train_timesteps": num_train_timesteps, "seed": seed, "num_samples": len(dataset)}
+    state = _resume_state(resume, out, record)
     model = UNet2DModel(sample_size=image_size, in_channels=3, out_channels=3, **config).to(dev)
-    ema = EMA(model, ema_decay) if ema_decay > 0 else None
     scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps)
-    alphas = scheduler.alphas_cumprod.to(dev, torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-        s, warmup=warmup_steps, total=steps, min_ratio=min_lr_ratio))
+    run = _TeacherRun(model, EMA(model, ema_decay) if ema_decay > 0 else None, optimizer,
+                      torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+                          s, warmup=warmup_steps, total=steps, min_ratio=min_lr_ratio)),
+                      divergence if divergence is not None else DivergenceMonitor(), record,
+                      torch.zeros((), device=dev))
+    if state is not None:
+        run.restore(state)
+        _truncate_log(out / "log.jsonl", run.step)
     loader = build_loader(dataset, batch_size, seed=seed, num_workers=num_workers, rank=0, world_size=1)
-    monitor = divergence if divergence is not None else DivergenceMonitor()
     pbar = None
     if progress:
         from .runtime import progress_bar
 
-        pbar = progress_bar(steps, "train-teacher", "step")
-    history: list[float] = []
-    window = torch.zeros((), device=dev)
-    start = last = time.perf_counter()
-    step, epoch = 0, 0
+        pbar = progress_bar(steps, "train-teacher", "step", initial=run.step)
+    alphas = scheduler.alphas_cumprod.to(dev, torch.float32)
     model.train()
     try:
-        with open(out / "log.jsonl", "w") as log, StopFlag() as stop:
-            while step < steps and not stop.requested:
-                loader.sampler.set_epoch(epoch)
-                for batch in loader:
-                    x0 = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(dev, non_blocking=True)
-                    t = torch.randint(0, num_train_timesteps, (x0.shape[0],), device=dev)
-                    x_t, eps = dtkernels.q_sample(x0, t, alphas, seed=int(torch.randint(0, 2**62, ()).item()),
-                                                  return_noise=True)
-                    loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)
-                    loss.backward()
-                    if clip_grad > 0:
-                        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                    optimizer.step()
-                    sched.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update(model)
-                    window += loss.detach()
-                    step += 1
-                    if step % log_every == 0 or step == steps:
-                        now = time.perf_counter()
-                        n = (step - 1) % log_every + 1
-                        history.append(window.item() / n)
-                        window.zero_()
-                        log.write(json_line({"step": step, "loss": history[-1], "lr": sched.get_last_lr()[0],
-                                             "images_per_s": n * batch_size / (now - last), "time": now - start}))
-                        log.flush()
-                        monitor.update(step, history[-1])
-                        if pbar is not None:
-                            pbar.set_postfix(loss=f"{history[-1]:.4f}", img_s=f"{n * batch_size / (now - last):.1f}")
-                        last = now
-                    if save_every > 0 and step % save_every == 0 and step < steps:
-                        snapshot = copy.deepcopy(ema.model if ema is not None else model).cpu().eval()
-                        _save_teacher_atomically(snapshot, scheduler, out, {
-                            "steps": step, "image_size": image_size, "snapshot": True,
-                            "last_loss": history[-1] if history else None})
-                    if pbar is not None:
-                        pbar.update(1)
-                    if (step >= steps or stop.requested
-                            or (max_minutes > 0 and time.perf_counter() - start > 60 * max_minutes)):
-                        break
-                else:
-                    epoch += 1
-                    continue
-                break
+        with open(out / "log.jsonl", "a" if state is not None else "w") as log, StopFlag() as stop:
+            stopped_early = _train_teacher_steps(run, loader, alphas, log, stop, pbar, out=out, steps=steps,
+                                                 batch_size=batch_size, clip_grad=clip_grad, log_every=log_every,
+                                                 save_every=save_every, ckpt_every=ckpt_every,
+                                                 max_minutes=max_minutes, scheduler=scheduler,
+                                                 image_size=image_size, num_train_timesteps=num_train_timesteps)
+            if stopped_early:  # what a rerun with --resume auto continues from
+                run.save(out)
     finally:
         if pbar is not None:
             pbar.close()
-    saved = (ema.model if ema is not None else model).cpu().eval()
+    saved = (run.ema.model if run.ema is not None else model).cpu().eval()
     check = fixed_batch_loss(saved, image_size=image_size, num_train_timesteps=num_train_timesteps)
     if not math.isfinite(check):
         raise TeacherDiverged(f"teacher training: the model to save has a non-finite loss ({check}) on a fixed "
                               f"batch; nothing was written")
-    meta = {"steps": step, "image_size": image_size, "unet": {k: list(v) if isinstance(v, tuple) else v
-                                                                for k, v in config.items()},
+    history = run.history
+    meta = {"steps": run.step, "image_size": image_size, "unet": record["unet"],
             "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
             "clip_grad": clip_grad, "ema_decay": ema_decay, "seed": seed, "num_train_timesteps": num_train_timesteps,
             "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
-            "best_loss": monitor.best if history else None, "fixed_batch_loss": check,
-            "saved": "ema" if ema is not None else "raw", "interrupted": stop.requested}
+            "best_loss": run.monitor.best if history else None, "fixed_batch_loss": check,
+            "saved": "ema" if run.ema is not None else "raw", "interrupted": stop.requested}
     _save_teacher_atomically(saved, scheduler, out, meta)
     return {"path": str(out), **meta, "signal": stop.signal}
+
+
+def _train_teacher_steps(run: _TeacherRun, loader, alphas: torch.Tensor, log, stop, pbar, *, out: Path, steps: int,
+                         batch_size: int, clip_grad: float, log_every: int, save_every: int, ckpt_every: int,
+                         max_minutes: float, scheduler, image_size: int, num_train_timesteps: int) -> bool:
+    """The step loop of :func:`train_teacher`, from ``run``'s position; returns whether it stopped early."""
+    from .runtime import _set_rng_states
+
+    model, dev = run.model, alphas.device
+    start = last = time.perf_counter()
+    while run.step < steps and not stop.requested:
+        loader.sampler.set_epoch(run.epoch)
+        loader.sampler.set_start(run.consumed * batch_size)
+        batches = iter(loader)  # draws the loader's base seed from the global RNG, as an uninterrupted run did
+        if run.pending_rng is not None:
+            _set_rng_states(run.pending_rng)
+            run.pending_rng = None
+        for batch in batches:
+            run.consumed += 1
+            x0 = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(dev, non_blocking=True)
+            t = torch.randint(0, num_train_timesteps, (x0.shape[0],), device=dev)
+            x_t, eps = dtkernels.q_sample(x0, t, alphas, seed=int(torch.randint(0, 2**62, ()).item()),
+                                          return_noise=True)
+            loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)
+            loss.backward()
+            if clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            run.optimizer.step()
+            run.sched.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            if run.ema is not None:
+                run.ema.update(model)
+            run.window += loss.detach()
+            run.step += 1
+            step = run.step
+            if step % log_every == 0 or step == steps:
+                now = time.perf_counter()
+                n = (step - 1) % log_every + 1
+                run.history.append(run.window.item() / n)
+                run.window.zero_()
+                log.write(json_line({"step": step, "loss": run.history[-1], "lr": run.sched.get_last_lr()[0],
+                                     "images_per_s": n * batch_size / (now - last), "time": now - start}))
+                log.flush()
+                run.monitor.update(step, run.history[-1])
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{run.history[-1]:.4f}", img_s=f"{n * batch_size / (now - last):.1f}")
+                last = now
+            if save_every > 0 and step % save_every == 0 and step < steps:
+                snapshot = copy.deepcopy(run.ema.model if run.ema is not None else model).cpu().eval()
+                _save_teacher_atomically(snapshot, scheduler, out, {
+                    "steps": step, "image_size": image_size, "snapshot": True,
+                    "last_loss": run.history[-1] if run.history else None})
+            if ckpt_every > 0 and step % ckpt_every == 0 and step < steps:
+                run.save(out)
+            if pbar is not None:
+                pbar.update(1)
+            if (step >= steps or stop.requested
+                    or (max_minutes > 0 and time.perf_counter() - start > 60 * max_minutes)):
+                return step < steps
+        run.epoch, run.consumed = run.epoch + 1, 0
+    return run.step < steps
 
 
 # ------------------------------------------------------------------------------------------------ shipped teachers

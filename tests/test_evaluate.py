@@ -293,3 +293,24 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_a_diverged_run_gets_no_score_is_never_chosen_and_is_counted(tmp_path):
+    """A learning rate that makes fine-tuning diverge leaves NaN weights that still predict (the argmax of NaN
+    logits): that run gets no score, is never chosen by the grid, is not saved, and the table says how many seeds
+    diverged instead of averaging fewer silently."""
+    train, test = ProceduralShapes(64, 32, seed=1), ProceduralShapes(6, 32, seed=2)
+    val = ProceduralShapes(6, 32, seed=3)
+    kwargs = dict(budgets=[3], seeds=[0, 1], steps=3, batch_size=2, width=8, val_set=val, protocols=["probe"],
+                  progress=False, save_models=tmp_path / "models")
+    results = evaluate_backbones({"scratch": None}, train, test, lr=[1e30, 1e-3], **kwargs)
+    trial = results["runs"]
+    assert results["selection"][0]["lr"] == 1e-3 and math.isnan(results["selection"][0]["val_miou"]["1e+30"])
+    assert all(r["lr"] == 1e-3 and not r.get("diverged") for r in trial)
+    results = evaluate_backbones({"scratch": None}, train, test, lr=[1e30], **kwargs)
+    assert all(r["diverged"] and math.isnan(r["miou"]) and "model" not in r for r in results["runs"])
+    summary = results["summary"][0]
+    assert summary["n_diverged"] == 2 and math.isnan(summary["miou_mean"])
+    assert "– (2/2 seeds diverged)" in markdown_table(results)
+    json_text = (write_results(results, tmp_path / "out")[0]).read_text()
+    assert json.loads(json_text, parse_constant=lambda c: pytest.fail(c))["runs"][0]["miou"] is None

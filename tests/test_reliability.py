@@ -278,19 +278,38 @@ def test_two_process_torchrun_agrees_on_the_stop(workdir, teacher_dir):
     assert len(list((out / "checkpoints").iterdir())) == 1
 
 
-def test_train_teacher_saves_and_exits_on_sigterm(workdir):
-    out = workdir / "teacher_sigterm"
-    child = Child(workdir, ["train-teacher", "--out", out, "--image-size", "16", "--channels", "8", "16", "--steps",
-                            "100000", "--batch-size", "2", "--log-every", "1", "--num-workers", "0",
-                            "--no-progress"], fault="slow-teacher-steps:0.2")
-    child.wait_until(lambda: logged_steps(out) >= 2)
+def test_train_teacher_stops_on_sigterm_and_resumes_bit_for_bit(workdir):
+    def args(out: Path) -> list:
+        return ["train-teacher", "--out", out, "--image-size", "16", "--channels", "8", "16", "--steps", "8",
+                "--batch-size", "2", "--log-every", "1", "--num-workers", "1", "--ema-decay", "0.9", "--resume",
+                "auto", "--no-progress"]
+
+    ref, out = workdir / "teacher_ref", workdir / "teacher_sigterm"
+    reference = Child(workdir, args(ref))
+    child = Child(workdir, args(out), fault="slow-teacher-steps:0.4")
+    child.wait_until(lambda: logged_steps(out) >= 3)
     child.signal_group(signal.SIGTERM)
     rc, output = child.wait()
     assert rc == EXIT_PREEMPTED, output[-3000:]
-    assert "stopped by SIGTERM" in output and "Traceback" not in output
+    assert "stopped by SIGTERM" in output and "--resume auto" in output and "Traceback" not in output
     meta = json.loads((out / "teacher.json").read_text())
-    assert meta["interrupted"] and meta["steps"] >= 2 and (out / "unet").is_dir()
+    stopped = meta["steps"]
+    assert meta["interrupted"] and 3 <= stopped < 8 and (out / "unet").is_dir()
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == stopped
     assert not list(workdir.glob(".teacher_sigterm.tmp*"))
+    rc, output = Child(workdir, args(out)).wait()
+    assert rc == 0 and f"at step {stopped}" in output, output[-3000:]
+    assert reference.wait()[0] == 0
+    exact = ("step", "loss", "lr")  # images_per_s and time are the clock's
+    assert [[r[k] for k in exact] for r in records(out)] == [[r[k] for k in exact] for r in records(ref)]
+    assert [r["step"] for r in records(out)] == list(range(1, 9))
+    from safetensors.torch import load_file
+
+    weights = [load_file(d / "unet" / "diffusion_pytorch_model.safetensors") for d in (out, ref)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+    assert json.loads((out / "teacher.json").read_text())["fixed_batch_loss"] == json.loads(
+        (ref / "teacher.json").read_text())["fixed_batch_loss"]
 
 
 def test_cache_features_stops_on_sigterm_and_resumes_to_the_same_bytes(workdir, teacher_dir):
