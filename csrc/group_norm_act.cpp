@@ -246,11 +246,15 @@ void run_rows(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, Vi
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = tile / G, g = tile % G;
+      // Rows that follow each other in memory (NCHW-contiguous) are one span of cpg * S elements, chunked as a
+      // whole: short rows (8x8 positions) would otherwise pay a chunk's fixed cost every few vectors.
+      const bool one_span = xv.sc == S || cpg == 1;
+      const int64_t n_rows = one_span ? 1 : cpg, row_len = one_span ? cpg * S : S;
       Moments mo;
-      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-        const T* row = x + b * xv.sb + c * xv.sc;
-        for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
-          const int64_t n = std::min(kChunk, S - s0);
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const T* row = x + b * xv.sb + (g * cpg + r) * xv.sc;
+        for (int64_t s0 = 0; s0 < row_len; s0 += kChunk) {
+          const int64_t n = std::min(kChunk, row_len - s0);
           double mean, m2;
           chunk_moments<T>(row + s0, n, mean, m2);
           mo.merge(static_cast<double>(n), mean, m2);
