@@ -833,8 +833,8 @@ def add_demo(subparsers) -> argparse.ArgumentParser:
                     "a frozen-backbone probe (learning rates chosen on the labelled pool's validation split), and "
                     "print the mIoU table (mean ± std), the time of every phase and where every output is. Presets: "
                     "'quick' (make demo) and 'long' (make demo-long, the evidence); the first seconds measure this "
-                    "machine's speed and print the expected time of every phase (README: the measured times). Work "
-                    "is fixed in steps, so the table does not depend on the machine's speed; a time cap "
+                    "machine's speed and print the expected time of every phase (docs/demo.md: the measured "
+                    "times). Work is fixed in steps, so the table does not depend on the machine's speed; a time cap "
                     "(--pretrain-minutes) is off unless asked for, and what it cuts is marked CUT. Options given "
                     "explicitly override the preset; extra --section.key=value options override the pretraining "
                     "config of both runs.",

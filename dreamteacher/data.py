@@ -246,7 +246,7 @@ class ProceduralShapes(Dataset):
 
     Objects keep a canonical orientation up to ``max_angle`` (radians), as the objects of the aligned datasets that
     generative pretraining is known to work on (faces, cars) do; ``max_angle=math.pi`` rotates them freely.
-    Measured on this dataset (README, "The demo"): with free rotation an interpreter on the shipped teacher's
+    Measured on this dataset (docs/demo.md, "The data"): with free rotation an interpreter on the shipped teacher's
     features confuses the classes far more, at every label budget.
 
     Args:
