@@ -153,3 +153,15 @@ def test_resume_with_the_label_term_gives_the_same_next_losses(interpreter_file,
     assert [r["step"] for r in b] == [3, 4]
     for ra, rb in zip(a[2:], b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6 and abs(ra["ld"] - rb["ld"]) <= 1e-6, (ra, rb)
+
+
+def test_a_diverging_interpreter_is_refused_and_not_written(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "interp"
+    code = cli.main(["train-interpreter", "--labels", "4", "--steps", "3", "--batch-size", "2", "--width", "16",
+                     "--lr", "1e30", "--out", str(out), "--no-progress", *tiny(teacher_dir, out)])
+    err = capsys.readouterr().err
+    assert code == 5, err  # faults.EXIT_DIVERGED
+    assert "train-interpreter diverged at step 3" in err and "no interpreter was written" in err, err
+    assert not (out / "interpreter.pt").exists()
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1], parse_constant=pytest.fail)
+    assert last["loss"] is None and last["nonfinite"] == ["loss"]
