@@ -32,7 +32,7 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dreamteacher demo --out runs/demo
 
-# The evidence: the same pipeline with larger budgets and longer runs (50 minutes on a 2-core CPU, README).
+# The evidence: the same pipeline with larger budgets and longer runs (50 minutes on a 2-core CPU, docs/demo.md).
 demo-long: $(STAMP)
 	$(BIN)/dreamteacher demo --preset long --out runs/demo-long
 

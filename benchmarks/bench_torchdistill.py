@@ -2,7 +2,7 @@
 ``FusedATLoss`` + ``FusedKDLoss`` (``dtkernels.integrations.torchdistill``), side by side in one run.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/pytest benchmarks/bench_torchdistill.py --benchmark-only`` (numbers in the
-README's "torchdistill" section).
+docs/integrations.md, section "torchdistill").
 
 Groups, each with providers ``torchdistill`` and ``dtkernels``:
 

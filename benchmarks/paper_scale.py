@@ -18,7 +18,7 @@ the conversion in another. Usage::
 
     python benchmarks/paper_scale.py --work /tmp/paper_scale [--steps 2] [--batch 2] [--only adm|sd15]
 
-It writes ``WORK/results.json`` and prints a markdown table (the README's).
+It writes ``WORK/results.json`` and prints a markdown table (docs/scale.md's).
 """
 
 from __future__ import annotations

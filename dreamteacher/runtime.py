@@ -118,8 +118,8 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_info()["flags"] & {"avx512_bf16", "amx_bf16"})
 
 
-#: ``run.amp=auto`` on CPU: bf16 autocast where the CPU multiplies bfloat16 natively (the pretraining step was faster
-#: than float32 there, measured on this project's CPU with avx512_bf16: README), float32 elsewhere.
+#: ``run.amp=auto`` on CPU: bf16 autocast where the CPU multiplies bfloat16 natively, float32 elsewhere (where
+#: oneDNN emulates bfloat16 by conversions, which cost more than they save).
 CPU_AUTO_AMP = "bf16" if cpu_has_native_bf16() else "off"
 
 

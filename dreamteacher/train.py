@@ -350,7 +350,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     logger.debug("autocast: %s", autocast_to or "off (float32)")
     if autocast_to is torch.float16 and device.type == "cpu":
         logger.warning("run.amp=fp16 on CPU: torch's CPU autocast runs float16 without native matrix products, far "
-                       "slower than bf16 or off (README)")
+                       "slower than bf16 or off")
     # float16 gradients underflow without loss scaling; the scaler is a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_to is torch.float16)
     if state is not None and state.get("scaler"):
