@@ -1,8 +1,8 @@
 """Benchmarks of ``dtkernels.group_norm_act`` (the teacher's GroupNorm + scale/shift + SiLU) on CPU, float32.
 
 Run: ``pytest benchmarks/bench_group_norm_act.py --benchmark-only --benchmark-json=.benchmarks/gna.json``, then
-``python benchmarks/bench_group_norm_act.py .benchmarks/gna.json [median|mean|min]`` prints the Markdown table of
-benchmarks/README.md.
+``python benchmarks/bench_group_norm_act.py run1.json [run2.json ...] [median|mean|min]`` prints the Markdown table of
+benchmarks/README.md (several runs: the median over runs of each cell).
 
 Groups ``group_norm_act-{shape}``. Providers, side by side:
 
@@ -171,37 +171,66 @@ def test_group_norm_act(benchmark, copy_bandwidth, shape: str, provider: str) ->
                                                       / benchmark.extra_info["alloc_copy_gbps"])
 
 
-def table(path: str, stat: str = "median") -> str:
-    """The Markdown table of a ``--benchmark-json`` file of this benchmark (``stat``: median, mean or min of the
-    rounds; on a shared 2-core machine the median is the one that survives other people's jobs)."""
+def _run_cells(path: str, stat: str) -> tuple[dict[str, dict[str, float]], float | None, list[float]]:
+    """Per shape of one run: each provider's time (ms, ``stat`` of the rounds), dtkernels' GB/s; the session's
+    preallocated copy GB/s; the load averages."""
     rows: dict[str, dict[str, dict]] = {}
     for bench in json.loads(open(path).read())["benchmarks"]:
         if str(bench.get("group", "")).startswith("group_norm_act-"):
             rows.setdefault(bench["group"].removeprefix("group_norm_act-"), {})[bench["extra_info"]["provider"]] = bench
-    lines = ["| shape | eager ms | compile ms | dtkernels ms | × eager | × compile | dtkernels GB/s | "
-             "empty_like+copy_ ms | % of empty_like+copy_ | % of preallocated copy_ |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    copy_gbps = None
-    for name in SHAPES:
-        r = rows.get(name)
-        if not r or "dtkernels" not in r:
+    cells, copy_gbps, loads = {}, None, []
+    for name, r in rows.items():
+        if not set(PROVIDERS) <= set(r):
             continue
         ms = {p: b["stats"][stat] * 1e3 for p, b in r.items()}
         info = r["dtkernels"]["extra_info"]
         copy_gbps = info.get("copy_gbps", copy_gbps)
-        gbps = info["min_bytes"] / ms["dtkernels"] / 1e6
-        lines.append(
-            f"| {name} | {ms['eager']:.2f} | {ms['compile']:.2f} | {ms['dtkernels']:.2f} | "
-            f"{ms['eager'] / ms['dtkernels']:.2f}× | {ms['compile'] / ms['dtkernels']:.2f}× | {gbps:.1f} | "
-            f"{ms['copy']:.2f} | {100 * ms['copy'] / ms['dtkernels']:.0f}% | "
-            f"{100 * gbps / copy_gbps:.0f}% |")
-    loads = [b["extra_info"].get("loadavg_1m") for r in rows.values() for b in r.values()]
-    loads = [v for v in loads if v is not None]
-    lines.append(f"\n{stat} of the timed rounds; preallocated copy_: {copy_gbps:.1f} GB/s (256 MiB, conftest.py)"
-                 + (f"; load average (1 min) during the run: median {statistics.median(loads):.2f}, max "
-                    f"{max(loads):.2f}" if loads else ""))
+        cells[name] = {**ms, "gbps": info["min_bytes"] / ms["dtkernels"] / 1e6}
+        loads += [b["extra_info"]["loadavg_1m"] for b in r.values() if "loadavg_1m" in b["extra_info"]]
+    return cells, copy_gbps, loads
+
+
+def table(paths: list[str], stat: str = "median") -> str:
+    """The Markdown table of one or more ``--benchmark-json`` files of this benchmark. Per run, ``stat`` (median,
+    mean or min) of each provider's timed rounds and the ratios within the run; with several runs, each cell is the
+    median over the runs (ratios: with their range). On a shared 2-core machine the median survives other jobs."""
+    runs = [_run_cells(p, stat) for p in paths]
+    med = statistics.median
+    lines = ["| shape | eager ms | compile ms | dtkernels ms | × eager | × compile | dtkernels GB/s | "
+             "empty_like+copy_ ms | % of empty_like+copy_ | % of preallocated copy_ |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def agg(values: list[float], fmt: str, rng: bool, unit: str = "") -> str:
+        text = format(med(values), fmt) + unit
+        if rng and len(values) > 1:
+            text += f" ({format(min(values), fmt)}–{format(max(values), fmt)})"
+        return text
+
+    for name in SHAPES:
+        per_run = [(c[name], bw) for c, bw, _ in runs if name in c]
+        if not per_run:
+            continue
+        col = {k: [c[k] for c, _ in per_run] for k in ("eager", "compile", "dtkernels", "copy", "gbps")}
+        x_eager = [c["eager"] / c["dtkernels"] for c, _ in per_run]
+        x_compile = [c["compile"] / c["dtkernels"] for c, _ in per_run]
+        frac_alloc = [100 * c["copy"] / c["dtkernels"] for c, _ in per_run]
+        frac_pre = [100 * c["gbps"] / bw for c, bw in per_run]
+        lines.append(f"| {name} | {agg(col['eager'], '.2f', False)} | {agg(col['compile'], '.2f', False)} | "
+                     f"{agg(col['dtkernels'], '.2f', False)} | {agg(x_eager, '.2f', True, '×')} | "
+                     f"{agg(x_compile, '.2f', True, '×')} | {agg(col['gbps'], '.1f', False)} | "
+                     f"{agg(col['copy'], '.2f', False)} | {agg(frac_alloc, '.0f', True, '%')} | "
+                     f"{agg(frac_pre, '.0f', True, '%')} |")
+    copies = [bw for _, bw, _ in runs if bw]
+    loads = [v for _, _, ls in runs for v in ls]
+    lines.append(f"\n{len(runs)} run(s); {stat} of each provider's timed rounds"
+                 + (", median over runs (range)" if len(runs) > 1 else "")
+                 + (f"; preallocated copy_ (256 MiB, conftest.py): {med(copies):.1f} GB/s" if copies else "")
+                 + (f"; 1-min load average during the runs: median {med(loads):.2f}, max {max(loads):.2f}"
+                    if loads else ""))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1], *sys.argv[2:3]))
+    args = sys.argv[1:]
+    chosen = args.pop() if args and args[-1] in ("median", "mean", "min") else "median"
+    print(table(args, chosen))

@@ -49,6 +49,7 @@ constexpr const char* kOp = "group_norm_act";
 constexpr int64_t kChunk = 2048;              // elements of one two-pass statistics chunk (8 KiB of float: L1)
 constexpr int64_t kPixelBlockElems = 8192;    // channels_last: pixels per block = ceil(kPixelBlockElems / C)
 constexpr int64_t kStreamBytes = int64_t(8) << 20;  // outputs at least this large: streaming stores
+constexpr int64_t kBatchBytes = int64_t(16) << 20;  // channels_last: samples per batch of the two passes
 
 // Running moments (count, mean, centred sum of squares), merged with Chan et al.'s update in a fixed order.
 struct Moments {
@@ -304,15 +305,20 @@ void run_pixels(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, 
   const int64_t nblk = (S + P_blk - 1) / P_blk;
   const int64_t C_pad = (C + kStripC - 1) / kStripC * kStripC;
   const bool dense = xv.ss == C && ov.ss == C;
-  std::vector<double> part_mean(nblk * G), part_m2(nblk * G);
-  std::vector<A> m(C_pad), a(C_pad), d(C_pad);  // sample b's coefficients: out = act((x - m) * a + d)
-  std::vector<Moments> groups(G);
-  for (int64_t b = 0; b < B; ++b) {
-    const T* xb = x + b * xv.sb;
-    T* ob = out + b * ov.sb;
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+  // Samples in batches of at most kBatchBytes of x (at least one sample): two parallel regions per batch, and the
+  // write pass re-reads a batch that the statistics pass has just left in L3.
+  const int64_t sample_bytes = C * S * static_cast<int64_t>(sizeof(T));
+  const int64_t per_batch = std::clamp<int64_t>(kBatchBytes / std::max<int64_t>(sample_bytes, 1), 1, B);
+  std::vector<double> part_mean(per_batch * nblk * G), part_m2(per_batch * nblk * G);
+  // The batch's coefficients, [per_batch, C_pad]: out = act((x - m) * a + d).
+  std::vector<A> m(per_batch * C_pad), a(per_batch * C_pad), d(per_batch * C_pad);
+  for (int64_t b0 = 0; b0 < B; b0 += per_batch) {
+    const int64_t nb = std::min(per_batch, B - b0);
+    at::parallel_for(0, nb * nblk, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> mean(C_pad), dev(C_pad), sq(C_pad);
-      for (int64_t k = begin; k < end; ++k) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bi = task / nblk, k = task % nblk;
+        const T* xb = x + (b0 + bi) * xv.sb;
         const int64_t p0 = k * P_blk, np = std::min(P_blk, S - p0);
         const A inv = A(1) / static_cast<A>(np);
         for (int64_t c0 = 0; c0 < C; c0 += kStripC) {
@@ -362,30 +368,51 @@ void run_pixels(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, 
             const double dm = static_cast<double>(mean[c]) + static_cast<double>(dev[c]) * inv_np - mg;
             spread += dm * dm;
           }
-          part_mean[k * G + g] = mg;
-          part_m2[k * G + g] = m2sum + npd * spread;
+          part_mean[(bi * nblk + k) * G + g] = mg;
+          part_m2[(bi * nblk + k) * G + g] = m2sum + npd * spread;
         }
       }
     });
-    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
+    // Merge each group's block moments in block order, on this thread (no parallel region: cheap). The full
+    // blocks have equal counts (P_blk * cpg values): the equal-count formula, no division per block; a shorter
+    // last block joins by Chan's update.
+    const int64_t n_full = S / P_blk, tail = S - n_full * P_blk;
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      for (int64_t g = 0; g < G; ++g) {
+        const double* pm = part_mean.data() + bi * nblk * G + g;
+        const double* pq = part_m2.data() + bi * nblk * G + g;
         Moments mo;
-        for (int64_t k = 0; k < nblk; ++k) {
-          const double np = static_cast<double>(std::min(P_blk, S - k * P_blk) * cpg);
-          mo.merge(np, part_mean[k * G + g], part_m2[k * G + g]);
+        if (n_full > 0) {
+          double msum = 0.0, m2sum = 0.0;
+          for (int64_t k = 0; k < n_full; ++k) {
+            msum += pm[k * G];
+            m2sum += pq[k * G];
+          }
+          const double mean = msum / static_cast<double>(n_full);
+          double spread = 0.0;
+          for (int64_t k = 0; k < n_full; ++k) spread += (pm[k * G] - mean) * (pm[k * G] - mean);
+          const double per_block = static_cast<double>(P_blk * cpg);
+          mo.merge(per_block * static_cast<double>(n_full), mean, m2sum + per_block * spread);
         }
-        groups[g] = mo;
+        if (tail > 0) mo.merge(static_cast<double>(tail * cpg), pm[n_full * G], pq[n_full * G]);
+        const double rstd = rstd_of(mo, P.eps);
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+          const auto [ac, dc] = channel_coefs(P, b0 + bi, c, C, rstd);
+          const int64_t i = bi * C_pad + c;
+          m[i] = static_cast<A>(mo.mean);
+          a[i] = static_cast<A>(ac);
+          d[i] = folded_offset<A>(mo.mean, m[i], ac, dc);
+        }
       }
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      const Moments& mo = groups[c / cpg];
-      const auto [ac, dc] = channel_coefs(P, b, c, C, rstd_of(mo, P.eps));
-      m[c] = static_cast<A>(mo.mean);
-      a[c] = static_cast<A>(ac);
-      d[c] = folded_offset<A>(mo.mean, m[c], ac, dc);
     }
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
+    at::parallel_for(0, nb * nblk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bi = task / nblk, k = task % nblk;
+        const T* xb = x + (b0 + bi) * xv.sb;
+        T* ob = out + (b0 + bi) * ov.sb;
+        const A* mb = m.data() + bi * C_pad;
+        const A* ab = a.data() + bi * C_pad;
+        const A* db = d.data() + bi * C_pad;
         const int64_t p0 = k * P_blk, np = std::min(P_blk, S - p0);
         if (dense) {  // the block is one contiguous span of np * C elements, channels repeating every C
           // Strip by strip would write partial cache lines; with whole rows the span is written in order.
@@ -394,8 +421,8 @@ void run_pixels(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, 
             T* orow = ob + p * C;
             int64_t c = 0;
             for (; c + kW <= C; c += kW) {
-              const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c) - V<T>::loadu(m.data() + c),
-                                                        V<T>::loadu(a.data() + c), V<T>::loadu(d.data() + c)),
+              const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c) - V<T>::loadu(mb + c),
+                                                        V<T>::loadu(ab + c), V<T>::loadu(db + c)),
                                          act);
               if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
                 if (stream && reinterpret_cast<uintptr_t>(orow + c) % (kW * sizeof(T)) == 0) {
@@ -407,8 +434,8 @@ void run_pixels(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, 
             }
             if (c < C) {
               const int64_t r = C - c;
-              const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c, r) - V<T>::loadu(m.data() + c),
-                                                        V<T>::loadu(a.data() + c), V<T>::loadu(d.data() + c)),
+              const V<T> y = activate<T>(at::vec::fmadd(load_acc(row + c, r) - V<T>::loadu(mb + c),
+                                                        V<T>::loadu(ab + c), V<T>::loadu(db + c)),
                                          act);
               store_acc(orow + c, y, r);
             }
@@ -420,8 +447,8 @@ void run_pixels(const T* x, T* out, int64_t B, int64_t C, int64_t S, int64_t G, 
           T* orow = ob + p * ov.ss;
           for (int64_t c = 0; c < C; c += kW) {
             const int64_t r = std::min(kW, C - c);
-            const V<T> y = activate<T>(at::vec::fmadd(load_lanes(row + c, r) - V<T>::loadu(m.data() + c),
-                                                      V<T>::loadu(a.data() + c), V<T>::loadu(d.data() + c)),
+            const V<T> y = activate<T>(at::vec::fmadd(load_lanes(row + c, r) - V<T>::loadu(mb + c),
+                                                      V<T>::loadu(ab + c), V<T>::loadu(db + c)),
                                        act);
             store_acc(orow + c, y, r);
           }
