@@ -18,12 +18,14 @@
 //
 // Layouts, each without a copy (x viewed as [B, C, S], the spatial dimensions flattened; any rank >= 2):
 //   * rows: x and out have unit spatial stride (NCHW-contiguous, or channel-sliced views of it). at::parallel_for
-//     over (b, g) tiles; a tile's statistics pass reads its cpg rows from memory, its write pass re-reads them from
-//     L2 / L3 (a group of [2, 256, 256, 256] is 2 MiB), so DRAM sees x once and out once.
+//     over (b, g) tiles; a tile's statistics pass reads its cpg rows from memory (one span when they are adjacent),
+//     its write pass re-reads them from L2 / L3 (a group of [2, 256, 256, 256] is 2 MiB), so DRAM sees x once and
+//     out once.
 //   * pixels: x and out have unit channel stride (channels_last). A group's channels are interleaved with the
-//     others' in every pixel, so per sample: the statistics of blocks of pixels (in parallel; per-channel two-pass
-//     moments of the block, folded into per-group moments), merged per group in block order, then the write pass
-//     over pixel blocks (in parallel). x is read twice; the second read hits L3 only when a sample fits there.
+//     others' in every pixel, so per batch of samples (up to kBatchBytes of x): the statistics of blocks of pixels
+//     (in parallel; per-channel two-pass moments of the block in register strips, folded into per-group moments),
+//     merged per group in block order, then the write pass over the blocks (in parallel). x is read twice; the
+//     second read hits L3 only when the batch fits there.
 //   * anything else (spatially sliced views): computed on a contiguous copy, then copied into empty_like(x).
 // Large outputs (kStreamBytes) are written with streaming stores (no read-for-ownership, no cache pollution).
 //
