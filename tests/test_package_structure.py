@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dreamteacher"
-# Modules by dotted name below the package: "model", "teachers.taps", ... (the teachers subpackage included)
+# Modules by dotted name below the package: "model", "teachers.taps", "commands.pretrain", ... (the subpackages
+# included)
 MODULES = sorted([p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
-                 + [f"teachers.{p.stem}" for p in (PACKAGE / "teachers").glob("*.py") if p.stem != "__init__"])
-ENTRY_POINTS = {"cli", "__main__", "demo", "ablate"}
+                 + [f"{sub}.{p.stem}" for sub in ("teachers", "commands") for p in (PACKAGE / sub).glob("*.py")
+                    if p.stem != "__init__"])
+ENTRY_POINTS = {"cli", "__main__", "demo", "ablate"} | {m for m in MODULES if m.startswith("commands.")}
 
 
 def _resolve(dotted: str) -> str | None:
