@@ -145,17 +145,9 @@ class ADMFlags:
         return data
 
 
-def parse_adm_flags(text: str) -> ADMFlags:
-    """Parse guided-diffusion flags as its README and DDPM-segmentation's scripts write them.
-
-    ``--name value`` or ``--name=value``; booleans as ``True``/``False`` (also yes/no, t/f, 1/0). Flags left out
-    take guided-diffusion's ``model_and_diffusion_defaults``. :data:`IGNORED_FLAGS` and the sampling/training
-    script options are accepted and recorded as ignored; an unknown flag is ignored with a warning unless it looks
-    like a misspelt model flag, which is an error.
-
-    Raises:
-        ADMConversionError: a malformed or misspelt flag, a bad value, or class-conditional flags.
-    """
+def _split_flags(text: str) -> dict[str, str]:
+    """The ``--name value`` / ``--name=value`` pairs of ``text`` as given, so a malformed command fails here, by
+    token, before any value is read."""
     try:
         tokens = shlex.split(text or "")
     except ValueError as e:
@@ -175,25 +167,35 @@ def parse_adm_flags(text: str) -> ADMFlags:
             i += 1
         given[name.replace("-", "_")] = value  # a repeated flag: the last one wins, as with argparse
         i += 1
+    return given
+
+
+def _typed_value(name: str, value: str) -> Any:
+    """``value`` as the type of the flag's guided-diffusion default, so a bad value names its flag."""
+    default = _DEFAULTS[name]
+    if isinstance(default, bool):
+        return _bool(name, value)
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise ADMConversionError(f"--flags: --{name}: expected an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except ValueError:
+            raise ADMConversionError(f"--flags: --{name}: expected a number, got {value!r}") from None
+    return value
+
+
+def _resolve_flags(given: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Defaults overlaid with the typed given flags, and the flags ignored with why: script options and foreign
+    flags are recorded rather than refused, a near-miss of a model flag is refused as a typo."""
     values = dict(_DEFAULTS)
     ignored: dict[str, str] = {}
     for name, value in given.items():
         if name in _DEFAULTS:
-            default = _DEFAULTS[name]
-            if isinstance(default, bool):
-                values[name] = _bool(name, value)
-            elif isinstance(default, int):
-                try:
-                    values[name] = int(value)
-                except ValueError:
-                    raise ADMConversionError(f"--flags: --{name}: expected an integer, got {value!r}") from None
-            elif isinstance(default, float):
-                try:
-                    values[name] = float(value)
-                except ValueError:
-                    raise ADMConversionError(f"--flags: --{name}: expected a number, got {value!r}") from None
-            else:
-                values[name] = value
+            values[name] = _typed_value(name, value)
             if name in IGNORED_FLAGS:
                 ignored[name] = IGNORED_FLAGS[name]
         elif name in _SCRIPT_FLAGS:
@@ -204,7 +206,51 @@ def parse_adm_flags(text: str) -> ADMFlags:
                 raise ADMConversionError(f"--flags: unknown flag --{name}; did you mean --{close[0]}?")
             logger.warning("--flags: --%s is not a guided-diffusion model flag; ignored", name)
             ignored[name] = "not a guided-diffusion model flag"
+    return values, ignored
 
+
+def _channel_mult(values: dict[str, Any], size: int) -> tuple[float, ...]:
+    """The per-level width multipliers, the image size's default when the flag is empty (as create_model does)."""
+    if values["channel_mult"] == "":
+        if size not in _DEFAULT_CHANNEL_MULT:
+            raise ADMConversionError(f"--flags: --image_size {size} has no default channel_mult in guided-diffusion "
+                                     f"(defaults exist for {sorted(_DEFAULT_CHANNEL_MULT)}); give --channel_mult")
+        return _DEFAULT_CHANNEL_MULT[size]
+    try:
+        mult = tuple(int(m) for m in values["channel_mult"].split(","))
+    except ValueError:
+        raise ADMConversionError(f"--flags: --channel_mult: expected integers separated by commas, got "
+                                 f"{values['channel_mult']!r}") from None
+    if not mult or any(m < 1 for m in mult):
+        raise ADMConversionError(f"--flags: --channel_mult: expected positive integers, got {mult}")
+    return mult
+
+
+def _attention_resolutions(values: dict[str, Any]) -> list[int]:
+    """The resolutions of ``--attention_resolutions``, checked, so a bad list fails before the layout walk."""
+    try:
+        resolutions = [int(r) for r in str(values["attention_resolutions"]).split(",")]
+    except ValueError:
+        raise ADMConversionError(f"--flags: --attention_resolutions: expected integers separated by commas, got "
+                                 f"{values['attention_resolutions']!r}") from None
+    if any(r < 1 for r in resolutions):
+        raise ADMConversionError(f"--flags: --attention_resolutions: expected positive resolutions, got {resolutions}")
+    return resolutions
+
+
+def parse_adm_flags(text: str) -> ADMFlags:
+    """Parse guided-diffusion flags as its README and DDPM-segmentation's scripts write them.
+
+    ``--name value`` or ``--name=value``; booleans as ``True``/``False`` (also yes/no, t/f, 1/0). Flags left out
+    take guided-diffusion's ``model_and_diffusion_defaults``. :data:`IGNORED_FLAGS` and the sampling/training
+    script options are accepted and recorded as ignored; an unknown flag is ignored with a warning unless it looks
+    like a misspelt model flag, which is an error.
+
+    Raises:
+        ADMConversionError: a malformed or misspelt flag, a bad value, or class-conditional flags.
+    """
+    given = _split_flags(text)
+    values, ignored = _resolve_flags(given)
     if values["class_cond"]:
         raise ADMConversionError(
             "--flags: --class_cond True: class-conditional ADM models are not supported (DreamTeacher encodes "
@@ -213,26 +259,8 @@ def parse_adm_flags(text: str) -> ADMFlags:
     size = values["image_size"]
     if size < 1:
         raise ADMConversionError(f"--flags: --image_size: expected a positive integer, got {size}")
-    if values["channel_mult"] == "":
-        if size not in _DEFAULT_CHANNEL_MULT:
-            raise ADMConversionError(f"--flags: --image_size {size} has no default channel_mult in guided-diffusion "
-                                     f"(defaults exist for {sorted(_DEFAULT_CHANNEL_MULT)}); give --channel_mult")
-        mult = _DEFAULT_CHANNEL_MULT[size]
-    else:
-        try:
-            mult = tuple(int(m) for m in values["channel_mult"].split(","))
-        except ValueError:
-            raise ADMConversionError(f"--flags: --channel_mult: expected integers separated by commas, got "
-                                     f"{values['channel_mult']!r}") from None
-        if not mult or any(m < 1 for m in mult):
-            raise ADMConversionError(f"--flags: --channel_mult: expected positive integers, got {mult}")
-    try:
-        resolutions = [int(r) for r in str(values["attention_resolutions"]).split(",")]
-    except ValueError:
-        raise ADMConversionError(f"--flags: --attention_resolutions: expected integers separated by commas, got "
-                                 f"{values['attention_resolutions']!r}") from None
-    if any(r < 1 for r in resolutions):
-        raise ADMConversionError(f"--flags: --attention_resolutions: expected positive resolutions, got {resolutions}")
+    mult = _channel_mult(values, size)
+    resolutions = _attention_resolutions(values)
     for name in ("num_channels", "num_res_blocks", "diffusion_steps"):
         if values[name] < 1:
             raise ADMConversionError(f"--flags: --{name}: expected a positive integer, got {values[name]}")
@@ -336,14 +364,8 @@ def _heads(flags: ADMFlags, ch: int, upsample: bool, where: str) -> int:
     return heads
 
 
-def adm_layout(flags: ADMFlags) -> ADMLayout:
-    """Walk guided-diffusion's ``UNetModel`` constructor for ``flags`` and lay out both models side by side.
-
-    Raises:
-        ADMConversionError: flags whose model ``UNet2DModel`` cannot express exactly (head widths that differ
-            between attention layers, a first level narrower or wider than ``--num_channels``, channel counts that
-            32 groups do not divide).
-    """
+def _level_widths(flags: ADMFlags) -> list[int]:
+    """Channels per level, refused where diffusers' time embedding (sized by level 0) or 32-group norms differ."""
     mc = flags.num_channels
     mult = flags.channel_mult
     widths = [int(m * mc) for m in mult]
@@ -356,18 +378,19 @@ def adm_layout(flags: ADMFlags) -> ADMLayout:
         if w % _GROUPS:
             raise ADMConversionError(f"--flags: a level of {w} channels (--num_channels {mc} x channel_mult "
                                      f"{list(mult)}) is not divisible by ADM's {_GROUPS} normalization groups")
-    temb = 4 * mc
-    ss = flags.use_scale_shift_norm
-    legacy = not flags.use_new_attention_order
-    lay = ADMLayout()
-    lay.linear("time_embed.0", "time_embedding.linear_1", temb, mc)
+    return widths
+
+
+def _lay_encoder(lay: ADMLayout, flags: ADMFlags, widths: list[int], attn_levels: list[bool],
+                 head_widths: dict[str, int]) -> tuple[int, list[int]]:
+    """Time embedding, ``conv_in`` and the ``input_blocks``, in ADM's order; returns the last block's channels and
+    every input block's output channels (ADM's ``input_block_chans``, the skips the decoder pops)."""
+    temb, ss, legacy = 4 * flags.num_channels, flags.use_scale_shift_norm, not flags.use_new_attention_order
+    lay.linear("time_embed.0", "time_embedding.linear_1", temb, flags.num_channels)
     lay.linear("time_embed.2", "time_embedding.linear_2", temb, temb)
     lay.conv("input_blocks.0.0", "conv_in", widths[0], 3, 3)
     lay.block("input_blocks.0", "conv_in", widths[0], 1)
-
-    head_widths: dict[str, int] = {}
-    attn_levels = [2 ** level in flags.attention_ds for level in range(len(mult))]
-    chans = [widths[0]]  # channels of every input block's output (the skips), as ADM's input_block_chans
+    chans = [widths[0]]
     ch, idx = widths[0], 1
     for level, width in enumerate(widths):
         ds = 2 ** level
@@ -393,18 +416,27 @@ def adm_layout(flags: ADMFlags) -> ADMLayout:
             lay.block(adm, dif, ch, 2 * ds)
             chans.append(ch)
             idx += 1
+    return ch, chans
 
-    ds = 2 ** (len(widths) - 1)
+
+def _lay_middle(lay: ADMLayout, flags: ADMFlags, ch: int, levels: int, head_widths: dict[str, int]) -> None:
+    """ADM's ``middle_block`` (resblock, attention, resblock) as diffusers' ``mid_block``, one tap for the three."""
+    temb, ss, legacy = 4 * flags.num_channels, flags.use_scale_shift_norm, not flags.use_new_attention_order
     lay.resblock("middle_block.0", "mid_block.resnets.0", ch, ch, temb, ss)
     heads = _heads(flags, ch, False, "middle_block")
     head_widths["middle_block"] = ch // heads
     lay.attention("middle_block.1", "mid_block.attentions.0", ch, heads, legacy)
     lay.resblock("middle_block.2", "mid_block.resnets.1", ch, ch, temb, ss)
-    lay.block("middle_block", "mid_block", ch, ds)
+    lay.block("middle_block", "mid_block", ch, 2 ** (levels - 1))
 
+
+def _lay_decoder(lay: ADMLayout, flags: ADMFlags, widths: list[int], attn_levels: list[bool], ch: int,
+                 chans: list[int], head_widths: dict[str, int]) -> int:
+    """The ``output_blocks`` as diffusers' ``up_blocks``, popping the encoder's skips; a level's upsampler sits in
+    its last block, so that block's tap is the upsampler at the next stride. Returns the last block's channels."""
+    temb, ss, legacy = 4 * flags.num_channels, flags.use_scale_shift_norm, not flags.use_new_attention_order
     idx = 0
-    n = len(widths)
-    for up, level in enumerate(reversed(range(n))):
+    for up, level in enumerate(reversed(range(len(widths)))):
         width = widths[level]
         dif_block = f"up_blocks.{up}"
         for i in range(flags.num_res_blocks + 1):
@@ -428,9 +460,11 @@ def adm_layout(flags: ADMFlags) -> ADMLayout:
                 module, stride = dif, stride // 2
             lay.block(adm, module, ch, stride)
             idx += 1
-    lay.norm("out.0", "conv_norm_out", ch)
-    lay.conv("out.2", "conv_out", 6 if flags.learn_sigma else 3, widths[0], 3)
+    return ch
 
+
+def _one_head_dim(flags: ADMFlags, head_widths: dict[str, int]) -> int:
+    """The single attention head width diffusers can express; refused when ADM's layers differ (``--num_heads``)."""
     distinct = sorted(set(head_widths.values()))
     if len(distinct) != 1:
         per = ", ".join(f"{k}: {v}" for k, v in head_widths.items())
@@ -438,11 +472,13 @@ def adm_layout(flags: ADMFlags) -> ADMLayout:
             f"--flags: --num_heads {flags.num_heads} gives attention layers different head widths ({per}); diffusers "
             "UNet2DModel has one attention_head_dim for every layer, so this model cannot be converted exactly (a "
             "model trained with --num_head_channels has one width everywhere)")
-    lay.head_dim = distinct[0]
+    return distinct[0]
 
-    attn = [attn_levels[level] for level in range(n)]
+
+def _unet_config(flags: ADMFlags, widths: list[int], attn: list[bool], head_dim: int) -> dict:
+    """The ``UNet2DModel`` keyword arguments that build the model the layout's plan fills."""
     updown = flags.resblock_updown
-    lay.unet_config = {
+    return {
         "sample_size": flags.image_size, "in_channels": 3, "out_channels": 6 if flags.learn_sigma else 3,
         "center_input_sample": False, "time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0,
         "down_block_types": ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" if updown else "DownBlock2D"
@@ -452,9 +488,31 @@ def adm_layout(flags: ADMFlags) -> ADMLayout:
         "block_out_channels": widths, "layers_per_block": flags.num_res_blocks, "mid_block_scale_factor": 1,
         "downsample_padding": 1, "downsample_type": "resnet" if updown else "conv",
         "upsample_type": "resnet" if updown else "conv", "dropout": 0.0, "act_fn": "silu",
-        "attention_head_dim": lay.head_dim, "norm_num_groups": _GROUPS, "attn_norm_num_groups": _GROUPS,
-        "norm_eps": _EPS, "resnet_time_scale_shift": "scale_shift" if ss else "default", "add_attention": True,
+        "attention_head_dim": head_dim, "norm_num_groups": _GROUPS, "attn_norm_num_groups": _GROUPS,
+        "norm_eps": _EPS, "resnet_time_scale_shift": "scale_shift" if flags.use_scale_shift_norm else "default",
+        "add_attention": True,
     }
+
+
+def adm_layout(flags: ADMFlags) -> ADMLayout:
+    """Walk guided-diffusion's ``UNetModel`` constructor for ``flags`` and lay out both models side by side.
+
+    Raises:
+        ADMConversionError: flags whose model ``UNet2DModel`` cannot express exactly (head widths that differ
+            between attention layers, a first level narrower or wider than ``--num_channels``, channel counts that
+            32 groups do not divide).
+    """
+    widths = _level_widths(flags)
+    lay = ADMLayout()
+    head_widths: dict[str, int] = {}  # ADM block -> the head width of its attention, in module order
+    attn_levels = [2 ** level in flags.attention_ds for level in range(len(widths))]
+    ch, chans = _lay_encoder(lay, flags, widths, attn_levels, head_widths)
+    _lay_middle(lay, flags, ch, len(widths), head_widths)
+    ch = _lay_decoder(lay, flags, widths, attn_levels, ch, chans, head_widths)
+    lay.norm("out.0", "conv_norm_out", ch)
+    lay.conv("out.2", "conv_out", 6 if flags.learn_sigma else 3, widths[0], 3)
+    lay.head_dim = _one_head_dim(flags, head_widths)
+    lay.unet_config = _unet_config(flags, widths, attn_levels, lay.head_dim)
     return lay
 
 
