@@ -17,14 +17,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "safetensors shards plus a JSON manifest. Rerunning with the same arguments resumes an "
                     "interrupted run (finished shards are checked and kept); a cache made with a different teacher, "
                     "config or image set is refused. Images are resized and center-cropped to --resolution and "
-                    "given to the teacher in [-1, 1].",
+                    "given to the teacher in [-1, 1]. With --config (and --section.key=value overrides), the "
+                    "pretraining config decides the teacher, taps, strides (model.reductions), t, mode, dtype, image "
+                    "size and augmentation, exactly as `pretrain` builds them, so `pretrain --config FILE "
+                    "--data.cache=OUT` accepts the cache by construction.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", required=True, metavar="DIR",
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="the pretraining config to cache for (teacher.*, model.reductions, data.image_size, "
+                        "data.augment and its crop settings); overrides --section.key=VALUE apply as in pretrain. "
+                        "The flags those keys replace are refused beside it")
+    p.add_argument("--teacher", default=None, metavar="DIR",
                    help="local diffusers directory: a pipeline layout (unet/, scheduler/, optional vae/, "
                         "text_encoder/ + tokenizer/ and uncond_embedding.safetensors) or a bare UNet directory "
                         "(config.json + weights). Never downloads.")
-    p.add_argument("--data", required=True, metavar="DIR",
-                   help="folder of images, searched recursively; unreadable files are skipped and counted")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="folder of images, searched recursively; unreadable files are skipped and counted (with "
+                        "--config: default data.source)")
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed when it exists)")
     p.add_argument("--resolution", type=_positive_int, default=256, help="side of the square image crops")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
@@ -75,7 +83,62 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="on resume, check finished shards by size only (skip reading them for sha256)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(_accepts_overrides=True, _defaults={k: p.get_default(k) for k in CONFIG_FLAGS})
     return p
+
+
+#: The flags that a pretraining config decides (flag: config key), refused beside --config.
+CONFIG_FLAGS = {"teacher": "teacher.path", "taps": "teacher.taps", "strides": "model.reductions", "t": "teacher.t",
+                "mode": "teacher.mode", "n_noise": "teacher.n_noise", "ddim_steps": "teacher.ddim_steps",
+                "text_embedding": "teacher.text_embedding", "conditioning": "teacher.conditioning",
+                "resolution": "data.image_size", "dtype": "teacher.dtype", "augment": "data.augment",
+                "crop_scale": "data.crop_scale", "crop_ratio": "data.crop_ratio", "flip_prob": "data.flip_prob"}
+
+
+def _config_mode(args: argparse.Namespace, parser_defaults: dict):
+    """``--config`` (and its overrides): the pretraining config, after refusing the flags it replaces. None without
+    it; then --teacher and --data are required as before."""
+    from ..config import UserError, load_config
+
+    if args.config is None:
+        if args.overrides:
+            raise UserError(f"unrecognized arguments: {' '.join(args.overrides)} (--section.key=VALUE overrides "
+                            "apply to a pretraining config: give it with --config FILE.yaml)")
+        for flag in ("teacher", "data"):
+            if getattr(args, flag) is None:
+                raise UserError(f"--{flag}: required (or --config FILE.yaml, the pretraining config to cache for)")
+        return None
+    given = [f"--{k.replace('_', '-')} (set {key} in the config or as --{key}=...)" for k, key in CONFIG_FLAGS.items()
+             if getattr(args, k) != parser_defaults[k]]
+    if given:
+        raise UserError(f"{', '.join(given)}: given beside --config, which decides it; drop the flag")
+    cfg = load_config(args.config, args.overrides)
+    if cfg.teacher.kind != "diffusion":
+        raise UserError(f"teacher.kind: {cfg.teacher.kind!r} synthesizes its images; only a diffusion teacher "
+                        "(teacher.path) encodes an image folder into a cache")
+    if args.data is None:
+        if cfg.data.source == "procedural":
+            raise UserError("--data: required: the config's data.source is the built-in procedural dataset, which "
+                            "is made on the fly (no folder to cache); give --data DIR")
+        args.data = cfg.data.source
+    return cfg
+
+
+def _config_teacher(cfg, device: str):
+    """The teacher exactly as ``pretrain`` builds it from ``cfg`` (taps chosen for the student's strides
+    ``model.reductions``, in call order, ``teacher.dtype`` resolved), and the crop + flip of ``data.augment``."""
+    import torch
+
+    from ..model import build_teacher
+
+    teacher, _ = build_teacher(cfg, torch.device(device), list(cfg.model.reductions))
+    teacher.source = cfg.teacher.path  # the manifest records the teacher's files, which pretrain checks
+    augment = None
+    if cfg.data.augment:
+        from ..data import RandomResizedCropFlip
+
+        augment = RandomResizedCropFlip.from_config(cfg.data)
+    return teacher, augment
 
 
 def _cache_augmentation(args: argparse.Namespace):
@@ -115,17 +178,25 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")
-    augment = _cache_augmentation(args)
+    cfg = _config_mode(args, args._defaults)
+    augment = _cache_augmentation(args) if cfg is None else None
     check_image_folder(args.data, "--data")  # before the teacher is loaded
     _check_out_dir(args.out, "--out")
-    check_teacher_dir(args.teacher, "--teacher", "--teacher DIR")
-    with options_named({"path": "--teacher", "taps": "--taps", "names": "--taps", "strides": "--strides", "t": "--t",
-                        "text_embedding": "--text-embedding", "conditioning": "--conditioning"}):
-        teacher = DiffusionTeacher.from_pretrained(
-            args.teacher, taps=args.taps, strides=args.strides, t=args.t, mode=args.mode, n_noise=args.n_noise,
-            ddim_steps=args.ddim_steps, text_embedding=args.text_embedding or None, conditioning=args.conditioning)
-    check_image_size(teacher, args.resolution, "--resolution")
-    teacher = teacher.to(device=device, dtype=getattr(torch, _DTYPES[args.dtype]))
+    if cfg is not None:
+        teacher, augment = _config_teacher(cfg, device)
+        args.teacher, args.resolution, args.mode, args.t = cfg.teacher.path, cfg.data.image_size, cfg.teacher.mode, \
+            cfg.teacher.t
+        args.dtype = str(next(teacher.unet.parameters()).dtype).removeprefix("torch.")
+    else:
+        check_teacher_dir(args.teacher, "--teacher", "--teacher DIR")
+        with options_named({"path": "--teacher", "taps": "--taps", "names": "--taps", "strides": "--strides",
+                            "t": "--t", "text_embedding": "--text-embedding", "conditioning": "--conditioning"}):
+            teacher = DiffusionTeacher.from_pretrained(
+                args.teacher, taps=args.taps, strides=args.strides, t=args.t, mode=args.mode, n_noise=args.n_noise,
+                ddim_steps=args.ddim_steps, text_embedding=args.text_embedding or None,
+                conditioning=args.conditioning)
+        check_image_size(teacher, args.resolution, "--resolution")
+        teacher = teacher.to(device=device, dtype=getattr(torch, _DTYPES[args.dtype]))
     dataset = load_image_folder(args.data, args.resolution, "--data", uint8=True)
     if args.limit is not None:
         dataset.files = dataset.files[: args.limit]

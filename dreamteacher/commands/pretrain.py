@@ -51,6 +51,7 @@ def _pretrain_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, options_named
     from ..faults import Diverged, WriteFailed
+    from ..feature_cache import CacheMismatchError
     from ..train import pretrain
 
     try:
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             _write_status(status, "diverged" if isinstance(e, Diverged) else "write_failed",
                           EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_WRITE_FAILED)
         raise
+    except CacheMismatchError as e:  # the command that writes a cache this run accepts, by construction
+        raise CacheMismatchError(f"{e} A cache for exactly this run: `{matching_cache_command(args, cfg)}`") from e
     # a scheduler's stop (SIGTERM, SIGUSR1): the checkpoint is written; a job script requeues on this code
     code = EXIT_PREEMPTED if summary.get("signal") in ("SIGTERM", "SIGUSR1") else 0
     if main_rank:
@@ -77,6 +80,19 @@ def run(args: argparse.Namespace) -> int:
         _write_status(status, "preempted" if code else "finished", code, step=summary["step"],
                       signal=summary.get("signal"), checkpoint=summary["checkpoint"])
     return code
+
+
+def matching_cache_command(args: argparse.Namespace, cfg) -> str:
+    """``dreamteacher cache-features`` with this run's ``--config`` and overrides (less the data.cache ones): its
+    teacher, taps, strides, dtype, image size and augmentation are this run's by construction."""
+    import shlex
+
+    words = ["dreamteacher", "cache-features"]
+    if args.config is not None:
+        words += ["--config", str(args.config)]
+    words += [o for o in args.overrides if not o.lstrip("-").startswith(("data.cache", "cache"))]
+    words += ["--data", cfg.data.source if cfg.data.source != "procedural" else "IMAGES_DIR", "--out", "NEW_CACHE_DIR"]
+    return shlex.join(words)
 
 
 def _write_status(path: Path, state: str, code: int, **fields) -> None:
