@@ -188,6 +188,124 @@ def _labelled_data(cfg, labels: int, label_seed: int, images: str | None, masks:
     return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]), class_names
 
 
+def _interpreter_teacher(cfg, label_seed: int):
+    """The device and the teacher pretraining builds (same taps, strides, t), seeded so the interpreter's init draws
+    follow it as before; refuses a teacher that is not a diffusion model."""
+    from .model import build_teacher
+    from .runtime import setup_distributed
+
+    if cfg.teacher.kind != "diffusion":
+        from .config import ConfigError
+
+        raise ConfigError("teacher.kind: the interpreter reads labelled images through a diffusion teacher; use "
+                          "teacher.kind=diffusion with teacher.path")
+    device = setup_distributed(cfg.run.device).device
+    torch.manual_seed(cfg.run.seed + label_seed)
+    teacher, order = build_teacher(cfg, device, cfg.model.reductions)
+    return device, teacher, order
+
+
+def _interpreter_optimizer(model: nn.Module, lr: float, steps: int):
+    """AdamW with 5% warm-up then cosine to zero over ``steps``."""
+    from .optim import fused_adamw, warmup_cosine
+
+    opt = fused_adamw(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup=max(steps // 20, 1), total=steps,
+                                                                           min_ratio=0.0))
+    return opt, sched
+
+
+def _interpreter_step(model: FeatureInterpreter, teacher, order: Sequence[int], opt, sched, x_all: torch.Tensor,
+                      y_all: torch.Tensor, gen: torch.Generator, batch_size: int, ignore_index: int, device) -> float:
+    """One update on a batch drawn with replacement and flipped at random, encoded with fresh teacher noise (as
+    pretraining sees a new draw per step); logits upsampled to the full-resolution mask so thin parts survive."""
+    idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
+    x, y = x_all[idx].clone(), y_all[idx].clone()
+    flip = torch.rand(batch_size, generator=gen) < 0.5
+    x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+    feats = teacher(x.to(device), seed=int(torch.randint(0, 2**62, (1,), generator=gen)))
+    logits = model([feats[order[lvl]].clone() for lvl in range(len(order))])
+    logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+    loss = interpreter_loss(logits, y.to(device), ignore_index=ignore_index)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
+def _log_loss_window(log, losses: list[float], step: int, start: float, lr: float) -> None:
+    """Append the mean loss of the last 10 steps to log.jsonl; a non-finite loss stops training before any write."""
+    window = losses[-10:]
+    log.write(json_line({"step": step + 1, "loss": sum(window) / len(window), "time": time.perf_counter() - start}))
+    log.flush()
+    if not math.isfinite(window[-1]):
+        raise Diverged(f"train-interpreter diverged at step {step + 1}: the loss is {window[-1]}; lower "
+                       f"its learning rate ({lr:g}); no interpreter was written")
+
+
+def _fit_interpreter(model: FeatureInterpreter, teacher, order: Sequence[int], opt, sched, x_all: torch.Tensor,
+                     y_all: torch.Tensor, gen: torch.Generator, *, steps: int, batch_size: int, ignore_index: int,
+                     lr: float, log_path: Path, progress: bool, device) -> tuple[list[float], float]:
+    """The step loop with its progress bar and log.jsonl; returns every step's loss and the clock it started at (the
+    summary's seconds count from it)."""
+    bar = None
+    if progress:
+        from .runtime import progress_bar
+
+        bar = progress_bar(steps, "train-interpreter", "step")
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    with open(log_path, "w") as log:
+        for step in range(steps):
+            losses.append(_interpreter_step(model, teacher, order, opt, sched, x_all, y_all, gen, batch_size,
+                                            ignore_index, device))
+            if (step + 1) % 10 == 0 or step + 1 == steps:
+                _log_loss_window(log, losses, step, start, lr)
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return losses, start
+
+
+def _save_interpreter(path: Path, model: FeatureInterpreter, cfg, teacher, order: Sequence[int], *,
+                      class_names: list[str], labels: int, label_seed: int, miou, fg_miou, lr: float) -> Path:
+    """Write the interpreter with what it was trained on (teacher features, labels), so pretraining can refuse a
+    mismatch; weights that are not finite are refused instead of written."""
+    from .runtime import save_checkpoint
+
+    check_finite_state(model.state_dict().items(), what="the trained interpreter",
+                       hint=f"Lower its learning rate ({lr:g}); no interpreter was written.")
+    record = {"kind": "dreamteacher.interpreter", "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+              "config": model.config, "class_names": class_names, "labels": labels, "label_seed": label_seed,
+              "image_size": cfg.data.image_size, "teacher": _teacher_record(cfg, teacher, order), "test_miou": miou,
+              "test_fg_miou": fg_miou}
+    return save_checkpoint(path, record)
+
+
+def _held_out_miou(model: FeatureInterpreter, teacher, order: Sequence[int], cfg, num_classes: int, n_test: int,
+                   ignore_index: int, device) -> tuple[float, float]:
+    """mIoU and foreground mIoU on the built-in test split, with fixed teacher noise per batch so reruns agree."""
+    from .data import TEST_SEED, ProceduralShapes
+    from .evaluate import confusion_matrix, foreground_miou, iou_from_confusion
+
+    test = ProceduralShapes(n_test, cfg.data.image_size, seed=TEST_SEED)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    with torch.inference_mode():
+        for i in range(0, n_test, 32):
+            batch = [test[j] for j in range(i, min(i + 32, n_test))]
+            xb, yb = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+            feats = teacher(xb.to(device), seed=10_007 + i)
+            logits = model([feats[order[lvl]] for lvl in range(len(order))])
+            pred = F.interpolate(logits, size=yb.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+            cm += confusion_matrix(pred.cpu(), yb, num_classes, ignore_index)
+    iou, miou = iou_from_confusion(cm)
+    return miou, foreground_miou(iou)
+
+
 def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: int = 0, steps: int = 300,
                       batch_size: int = 8, lr: float = 1e-3, width: int = 128, num_classes: int | None = None,
                       images: str | None = None, masks: str | None = None, ignore_index: int = 255,
@@ -204,90 +322,26 @@ def train_interpreter(cfg, *, labels: int, out: str | os.PathLike, label_seed: i
     Writes ``out/interpreter.pt`` (atomically) and ``out/log.jsonl``; returns a summary with the held-out mIoU on
     the built-in test split (``n_test`` images; skipped for folder data).
     """
-    from .data import TEST_SEED, ProceduralShapes
-    from .evaluate import confusion_matrix, foreground_miou, iou_from_confusion
-    from .model import build_teacher
-    from .optim import fused_adamw, warmup_cosine
-    from .runtime import save_checkpoint, setup_distributed
-
-    if cfg.teacher.kind != "diffusion":
-        from .config import ConfigError
-
-        raise ConfigError("teacher.kind: the interpreter reads labelled images through a diffusion teacher; use "
-                          "teacher.kind=diffusion with teacher.path")
-    device = setup_distributed(cfg.run.device).device
-    torch.manual_seed(cfg.run.seed + label_seed)
-    teacher, order = build_teacher(cfg, device, cfg.model.reductions)
+    device, teacher, order = _interpreter_teacher(cfg, label_seed)
     x_all, y_all, class_names = _labelled_data(cfg, labels, label_seed, images, masks)
     if num_classes is None:
         num_classes = len(class_names) if class_names is not None else int(y_all[y_all != ignore_index].max()) + 1
     class_names = class_names or [str(k) for k in range(num_classes)]
     channels = [teacher.feature_info[order[lvl]]["num_chs"] for lvl in range(len(order))]
     model = FeatureInterpreter(channels, num_classes, width=width).to(device)
-    opt = fused_adamw(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup=max(steps // 20, 1), total=steps,
-                                                                           min_ratio=0.0))
+    opt, sched = _interpreter_optimizer(model, lr, steps)
     gen = torch.Generator().manual_seed(label_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = None
-    if progress:
-        from .runtime import progress_bar
-
-        bar = progress_bar(steps, "train-interpreter", "step")
-    losses: list[float] = []
-    start = time.perf_counter()
-    model.train()
-    with open(out / "log.jsonl", "w") as log:
-        for step in range(steps):
-            idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
-            x, y = x_all[idx].clone(), y_all[idx].clone()
-            flip = torch.rand(batch_size, generator=gen) < 0.5
-            x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
-            feats = teacher(x.to(device), seed=int(torch.randint(0, 2**62, (1,), generator=gen)))
-            logits = model([feats[order[lvl]].clone() for lvl in range(len(order))])
-            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-            loss = interpreter_loss(logits, y.to(device), ignore_index=ignore_index)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if (step + 1) % 10 == 0 or step + 1 == steps:
-                window = losses[-10:]
-                log.write(json_line({"step": step + 1, "loss": sum(window) / len(window),
-                                     "time": time.perf_counter() - start}))
-                log.flush()
-                if not math.isfinite(window[-1]):
-                    raise Diverged(f"train-interpreter diverged at step {step + 1}: the loss is {window[-1]}; lower "
-                                   f"its learning rate ({lr:g}); no interpreter was written")
-            if bar is not None:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    losses, start = _fit_interpreter(model, teacher, order, opt, sched, x_all, y_all, gen, steps=steps,
+                                     batch_size=batch_size, ignore_index=ignore_index, lr=lr,
+                                     log_path=out / "log.jsonl", progress=progress, device=device)
     model.eval()
     miou = fg_miou = None
     if images is None:
-        test = ProceduralShapes(n_test, cfg.data.image_size, seed=TEST_SEED)
-        cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-        with torch.inference_mode():
-            for i in range(0, n_test, 32):
-                batch = [test[j] for j in range(i, min(i + 32, n_test))]
-                xb, yb = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-                feats = teacher(xb.to(device), seed=10_007 + i)
-                logits = model([feats[order[lvl]] for lvl in range(len(order))])
-                pred = F.interpolate(logits, size=yb.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-                cm += confusion_matrix(pred.cpu(), yb, num_classes, ignore_index)
-        iou, miou = iou_from_confusion(cm)
-        fg_miou = foreground_miou(iou)
-    check_finite_state(model.state_dict().items(), what="the trained interpreter",
-                       hint=f"Lower its learning rate ({lr:g}); no interpreter was written.")
-    record = {"kind": "dreamteacher.interpreter", "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-              "config": model.config, "class_names": class_names, "labels": labels, "label_seed": label_seed,
-              "image_size": cfg.data.image_size, "teacher": _teacher_record(cfg, teacher, order), "test_miou": miou,
-              "test_fg_miou": fg_miou}
-    path = save_checkpoint(out / "interpreter.pt", record)
+        miou, fg_miou = _held_out_miou(model, teacher, order, cfg, num_classes, n_test, ignore_index, device)
+    path = _save_interpreter(out / "interpreter.pt", model, cfg, teacher, order, class_names=class_names,
+                             labels=labels, label_seed=label_seed, miou=miou, fg_miou=fg_miou, lr=lr)
     first, last = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
     logger.info("interpreter %s: loss %.3f -> %.3f, held-out mIoU %s", path, first, last, miou)
     return {"path": str(path), "first_loss": first, "last_loss": last, "test_miou": miou, "test_fg_miou": fg_miou,
