@@ -101,3 +101,11 @@ def test_overrides_without_a_config_are_refused(setup, capsys):
     assert "unrecognized arguments: --data.image_size=64" in error and "--config FILE.yaml" in error, error
     assert cli.main(["cache-features", "--data", str(images), "--out", str(root / "y")]) == 2
     assert "--teacher: required (or --config FILE.yaml" in capsys.readouterr().err
+
+
+def test_image_size_names_the_same_option_in_both_commands(setup, capsys):
+    root, _, images, teacher = setup
+    out = root / "by_image_size"
+    assert cli.main(["cache-features", "--teacher", str(teacher), "--data", str(images), "--out", str(out),
+                     "--image-size", "32", "--strides", "4", "8", "16", "--no-progress"]) == 0
+    assert _read_manifest(out)["config"]["image_shape"] == [3, 32, 32]

@@ -34,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="folder of images, searched recursively; unreadable files are skipped and counted (with "
                         "--config: default data.source)")
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed when it exists)")
-    p.add_argument("--resolution", type=_positive_int, default=256, help="side of the square image crops")
+    p.add_argument("--resolution", "--image-size", type=_positive_int, default=256,
+                   help="side of the square image crops (pretrain: data.image_size)")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="cache only the first N images (in sorted path order)")
     p.add_argument("--t", type=_non_negative_int, default=150,
