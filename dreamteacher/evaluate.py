@@ -626,6 +626,75 @@ def parallel_map(fn, jobs: Sequence[tuple], workers: int, on_done=None, poll=Non
     return results
 
 
+def _check_eval_args(backbones: Mapping[str, str | os.PathLike | None], protocols: Sequence[str],
+                     lr: float | Sequence[float], val_set: Dataset | None, workers: int) -> list[float]:
+    """Refuse arguments that would otherwise fail only after runs were spent; returns the learning-rate grid."""
+    if not backbones:
+        raise ValueError("backbones: expected at least one backbone (name -> path, or None for scratch)")
+    for name, path in backbones.items():
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"backbones[{name!r}]: {path}: no such file")
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise ValueError(f"protocols: expected a non-empty subset of {PROTOCOLS}, got {list(protocols)}")
+    grid = [float(v) for v in (lr if isinstance(lr, Sequence) else [lr])]
+    if not grid or any(not (v > 0 and math.isfinite(v)) for v in grid):
+        raise ValueError(f"lr: expected positive learning rates, got {lr!r}")
+    if len(grid) > 1 and val_set is None:
+        raise ValueError("val_set: a learning-rate grid is chosen on a validation split; pass val_set")
+    if int(workers) < 1:
+        raise ValueError(f"workers: expected a positive number of processes, got {workers!r}")
+    return grid
+
+
+def _show_run(bar, run: dict, n: int) -> None:
+    """Advance the progress bar by ``n`` runs, showing the latest run's backbone, budget and mIoU."""
+    bar.set_postfix(run=f"{run['protocol']}/{run['backbone']}", labels=run["labels"], miou=f"{100 * run['miou']:.1f}")
+    bar.update(n)
+
+
+def _run_groups(ctx: _EvalContext, groups: list[tuple[str, str, int]], workers: int, per_group: int,
+                progress: bool) -> list[tuple[list, dict | None]]:
+    """Every (protocol, backbone, budget) group under one progress bar (closed on errors too), in worker processes
+    when there are several workers and groups; the results come in group order either way."""
+    bar = None
+    if progress:
+        from .runtime import progress_bar
+
+        bar = progress_bar(len(groups) * per_group, "evaluate", "run")
+
+    def on_run(run: dict) -> None:
+        if bar is not None:
+            _show_run(bar, run, 1)
+
+    try:
+        if worker_split(workers)[0] > 1 and len(groups) > 1:
+            def on_group(i: int, result: tuple[list, dict | None]) -> None:
+                for run in result[0]:
+                    logger.info("evaluate %s %s, %d labels, seed %d, lr %g: mIoU %.2f%% (%.1f s)", run["protocol"],
+                                run["backbone"], run["labels"], run["seed"], run["lr"], 100 * run["miou"],
+                                run["seconds"])
+                if bar is not None:  # the group's runs at once, the grid's other values on the first seed included
+                    _show_run(bar, result[0][-1], per_group)
+
+            return parallel_map(_run_group, [(ctx, *g) for g in groups], workers, on_done=on_group)
+        return [_run_group(ctx, *g, on_run=on_run) for g in groups]
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _eval_config(ctx: _EvalContext, budgets: Sequence[int], protocols: Sequence[str], n_test: int,
+                 n_val: int) -> dict[str, Any]:
+    """The results' ``config``: what the runs were trained and scored with, so a table can be traced to its call."""
+    grid = ctx.grid
+    return {"student": ctx.student, "budgets": list(budgets), "seeds": ctx.seeds, "steps": ctx.steps,
+            "batch_size": ctx.batch_size, "lr": grid if len(grid) > 1 else grid[0], "width": ctx.width,
+            "protocols": list(protocols), "num_classes": ctx.num_classes, "class_names": ctx.class_names,
+            "ignore_index": ctx.ignore_index, "background_index": ctx.background_index, "n_test": n_test,
+            "n_val": n_val, "image_size": int(ctx.test_images.shape[-1]), "backbones": dict(ctx.backbones)}
+
+
 def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_set: Dataset, test_set: Dataset, *,
                        budgets: Sequence[int], seeds: Sequence[int], student: str = "resnet18",
                        num_classes: int = len(SHAPE_CLASSES), class_names: Sequence[str] | None = None,
@@ -658,21 +727,7 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
         ``{"config": {...}, "runs": [{"protocol", "backbone", "labels", "seed", "lr", "miou", "fg_miou", "iou",
         "val_miou", "seconds", "final_loss"}], "selection": [...], "summary": [...]}`` (see :func:`summarize`).
     """
-    if not backbones:
-        raise ValueError("backbones: expected at least one backbone (name -> path, or None for scratch)")
-    for name, path in backbones.items():
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"backbones[{name!r}]: {path}: no such file")
-    bad = [p for p in protocols if p not in PROTOCOLS]
-    if bad or not protocols:
-        raise ValueError(f"protocols: expected a non-empty subset of {PROTOCOLS}, got {list(protocols)}")
-    grid = [float(v) for v in (lr if isinstance(lr, Sequence) else [lr])]
-    if not grid or any(not (v > 0 and math.isfinite(v)) for v in grid):
-        raise ValueError(f"lr: expected positive learning rates, got {lr!r}")
-    if len(grid) > 1 and val_set is None:
-        raise ValueError("val_set: a learning-rate grid is chosen on a validation split; pass val_set")
-    if int(workers) < 1:
-        raise ValueError(f"workers: expected a positive number of processes, got {workers!r}")
+    grid = _check_eval_args(backbones, protocols, lr, val_set, workers)
     if torch.device(device).type != "cpu":
         workers = 1  # one accelerator: its runs stay in this process
     class_names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
@@ -686,48 +741,11 @@ def evaluate_backbones(backbones: Mapping[str, str | os.PathLike | None], train_
                        batch_size=batch_size, width=width, device=str(device), grid=grid, seeds=seeds,
                        save_models=None if save_models is None else str(save_models),
                        save_seeds=None if save_seeds is None else list(save_seeds))
-    per_group = len(seeds) + len(grid) - 1
-    n_runs = len(protocols) * len(backbones) * len(budgets) * per_group
-    bar = None
-    if progress:
-        from .runtime import progress_bar
-
-        bar = progress_bar(n_runs, "evaluate", "run")
-
-    def on_run(run: dict) -> None:
-        if bar is not None:
-            bar.set_postfix(run=f"{run['protocol']}/{run['backbone']}", labels=run["labels"],
-                            miou=f"{100 * run['miou']:.1f}")
-            bar.update(1)
-
     groups = [(protocol, name, n_labels) for protocol in protocols for n_labels in budgets for name in backbones]
-    try:
-        if worker_split(workers)[0] > 1 and len(groups) > 1:
-            def on_group(i: int, result: tuple[list, dict | None]) -> None:
-                for run in result[0]:
-                    logger.info("evaluate %s %s, %d labels, seed %d, lr %g: mIoU %.2f%% (%.1f s)", run["protocol"],
-                                run["backbone"], run["labels"], run["seed"], run["lr"], 100 * run["miou"],
-                                run["seconds"])
-                if bar is not None:  # the group's runs at once, the grid's other values on the first seed included
-                    last = result[0][-1]
-                    bar.set_postfix(run=f"{last['protocol']}/{last['backbone']}", labels=last["labels"],
-                                    miou=f"{100 * last['miou']:.1f}")
-                    bar.update(per_group)
-
-            done = parallel_map(_run_group, [(ctx, *g) for g in groups], workers, on_done=on_group)
-        else:
-            done = [_run_group(ctx, *g, on_run=on_run) for g in groups]
-    finally:
-        if bar is not None:
-            bar.close()
+    done = _run_groups(ctx, groups, workers, len(seeds) + len(grid) - 1, progress)
     runs = [run for group_runs, _ in done for run in group_runs]
     selection = [sel for _, sel in done if sel is not None]
-    config = {"student": student, "budgets": list(budgets), "seeds": seeds, "steps": steps,
-              "batch_size": batch_size, "lr": grid if len(grid) > 1 else grid[0], "width": width,
-              "protocols": list(protocols), "num_classes": num_classes, "class_names": class_names,
-              "ignore_index": ignore_index, "background_index": background_index, "n_test": len(test_set),
-              "n_val": len(val_set) if val_set is not None else 0, "image_size": int(test_images.shape[-1]),
-              "backbones": dict(ctx.backbones)}
+    config = _eval_config(ctx, budgets, protocols, len(test_set), len(val_set) if val_set is not None else 0)
     return {"config": config, "runs": runs, "selection": selection, "summary": summarize(runs)}
 
 
