@@ -308,48 +308,66 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
         CacheMismatchError: ``out_dir`` holds a cache made with a different teacher, config or dataset.
         CorruptShardError: finished shards are damaged and ``repair`` is False.
     """
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size: expected a positive integer, got {shard_size!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-        raise ValueError(f"views: expected a positive integer, got {views!r}")
-    augment_config = None
-    if augment is not None:
-        augment_config = getattr(augment, "config", None)
-        try:
-            augment_config = json.loads(json.dumps(augment_config))
-        except (TypeError, ValueError):
-            augment_config = None
-        if augment_config is None:
-            raise ValueError("augment: expected a callable with a `config` attribute (JSON data describing it), so "
-                             "that the manifest records which augmentation made the cache")
-    n_items = len(dataset)
-    if n_items == 0:
+    augment_config = _check_cache_args(shard_size=shard_size, batch_size=batch_size, views=views, augment=augment)
+    if len(dataset) == 0:
         raise ValueError("dataset: no images to cache")
     samples = _Views(dataset, views, augment, seed)
-    n = len(samples)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("*.tmp"):
         stale.unlink()
+    manifest = _new_manifest(teacher, dataset, len(samples), shard_size=shard_size, seed=seed, views=views,
+                             augment_config=augment_config)
+    finished = _finished_shards(root, manifest, verify_hash=verify_hash, repair=repair)
+    manifest["shards"] = [finished[i] for i in sorted(finished)]
+    _write_manifest(root, manifest)
+    todo = [k for k in range(manifest["num_shards"]) if k not in finished]
+    if not todo:
+        logger.info("%s: all %d shards present, nothing to do", root, manifest["num_shards"])
+    plan = _plan_batches(todo, shard_size, batch_size, len(samples))
+    stopped_by = _compute_shards(teacher, samples, plan, root, manifest, finished, seed=seed, views=views,
+                                 num_workers=num_workers, progress=progress, on_shard_written=on_shard_written)
+    manifest["complete"] = len(finished) == manifest["num_shards"]
+    _write_manifest(root, manifest)
+    # what stopped the run (a signal's name), for the caller only: not part of the cache
+    return {**manifest, "stopped_by": stopped_by} if stopped_by else manifest
 
+
+def _check_cache_args(*, shard_size: int, batch_size: int, views: int, augment) -> dict | None:
+    """Refuse bad sizes; the augmentation's ``config`` as JSON data (what the manifest records), or None."""
+    for name, value in (("shard_size", shard_size), ("batch_size", batch_size), ("views", views)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if augment is None:
+        return None
+    try:
+        augment_config = json.loads(json.dumps(getattr(augment, "config", None)))
+    except (TypeError, ValueError):
+        augment_config = None
+    if augment_config is None:
+        raise ValueError("augment: expected a callable with a `config` attribute (JSON data describing it), so "
+                         "that the manifest records which augmentation made the cache")
+    return augment_config
+
+
+def _new_manifest(teacher: Any, dataset: Dataset, n: int, *, shard_size: int, seed: int, views: int,
+                  augment_config: dict | None) -> dict:
+    """What the cache will hold: its identity (teacher, extraction config, dataset) and its layout (levels, shards),
+    with no shard finished yet."""
     sample = dataset[0]
     image_shape = list(sample.shape)
     if len(image_shape) != 3:
         raise ValueError(f"dataset: expected items [3, H, W], got shape {tuple(sample.shape)}")
-    info = teacher.feature_info
     levels = []
-    for i, lv in enumerate(info):
+    for i, lv in enumerate(teacher.feature_info):
         r = lv["reduction"]
         levels.append({"key": f"features.{i}", "num_chs": lv["num_chs"], "reduction": r, "module": lv["module"],
                        "shape": [lv["num_chs"], math.ceil(image_shape[1] / r), math.ceil(image_shape[2] / r)]})
         if lv.get("block"):  # a converted ADM teacher: the block name teacher.taps may use
             levels[-1]["block"] = lv["block"]
-    num_shards = math.ceil(n / shard_size)
     source = getattr(teacher, "source", None)
     dataset_root = getattr(dataset, "root", None)
-    manifest = {
+    return {
         "format": FORMAT,
         "version": VERSION,
         "teacher": teacher.identity(),
@@ -363,111 +381,123 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
         # The teacher directory's files, so that pretrain can check teacher.path without building the teacher.
         "teacher_files": teacher_files_digest(source) if source else None,
         "levels": levels,
-        "num_images": n_items,
+        "num_images": len(dataset),
         "num_samples": n,
-        "num_shards": num_shards,
+        "num_shards": math.ceil(n / shard_size),
         "shards": [],
         "complete": False,
     }
 
-    finished: dict[int, dict] = {}
-    if (root / MANIFEST).is_file():
-        old = _read_manifest(root)
-        diffs = _differences(old, manifest)
-        if diffs:
-            raise CacheMismatchError(f"{root}: this cache was made with a different teacher, config or dataset; "
-                                     f"refusing to mix them. Differences: {'; '.join(diffs)}. Use another output "
-                                     "directory or delete this one.")
-        problems = check_shards(root, old, verify_hash=verify_hash)
-        if problems and not repair:
-            raise CorruptShardError(f"{root}: {len(problems)} damaged shard(s): "
-                                    f"{'; '.join(p for _, p in problems)}. Rerun with --repair (repair=True) to "
-                                    "rewrite them.")
-        bad = {i for i, _ in problems}
-        for i, p in problems:
-            logger.warning("%s: rewriting shard %d (%s)", root, i, p)
-        finished = {s["index"]: s for s in old["shards"] if s["index"] not in bad}
-        if finished:
-            logger.info("%s: resuming, %d of %d shards already written", root, len(finished), num_shards)
-    manifest["shards"] = [finished[i] for i in sorted(finished)]
-    _write_manifest(root, manifest)
 
-    todo = [k for k in range(num_shards) if k not in finished]
-    batches: list[list[int]] = []
-    plan: list[tuple[int, int, bool]] = []  # (shard, batch within shard, last batch of the shard)
+def _finished_shards(root: Path, manifest: dict, *, verify_hash: bool, repair: bool) -> dict[int, dict]:
+    """The shards an earlier run of the same cache finished and that check out (size, and sha256 with
+    ``verify_hash``), by index; a cache of another teacher, config or dataset is refused, damaged shards too unless
+    ``repair`` (then they are rewritten)."""
+    if not (root / MANIFEST).is_file():
+        return {}
+    old = _read_manifest(root)
+    diffs = _differences(old, manifest)
+    if diffs:
+        raise CacheMismatchError(f"{root}: this cache was made with a different teacher, config or dataset; "
+                                 f"refusing to mix them. Differences: {'; '.join(diffs)}. Use another output "
+                                 "directory or delete this one.")
+    problems = check_shards(root, old, verify_hash=verify_hash)
+    if problems and not repair:
+        raise CorruptShardError(f"{root}: {len(problems)} damaged shard(s): "
+                                f"{'; '.join(p for _, p in problems)}. Rerun with --repair (repair=True) to "
+                                "rewrite them.")
+    bad = {i for i, _ in problems}
+    for i, p in problems:
+        logger.warning("%s: rewriting shard %d (%s)", root, i, p)
+    finished = {s["index"]: s for s in old["shards"] if s["index"] not in bad}
+    if finished:
+        logger.info("%s: resuming, %d of %d shards already written", root, len(finished), manifest["num_shards"])
+    return finished
+
+
+def _plan_batches(todo: list[int], shard_size: int, batch_size: int, n: int) -> list[tuple[int, int, bool, list]]:
+    """The teacher calls of the missing shards: ``(shard, batch within shard, last batch of the shard, sample
+    indices)``, in shard order."""
+    plan = []
     for k in todo:
         idx = list(range(k * shard_size, min((k + 1) * shard_size, n)))
         chunks = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-        for b, chunk in enumerate(chunks):
-            batches.append(chunk)
-            plan.append((k, b, b == len(chunks) - 1))
-    total = sum(len(b) for b in batches)
-    if not todo:
-        logger.info("%s: all %d shards present, nothing to do", root, num_shards)
+        plan.extend((k, b, b == len(chunks) - 1, chunk) for b, chunk in enumerate(chunks))
+    return plan
 
+
+def _teacher_features(teacher: Any, images: torch.Tensor, seed: int, levels: list[dict], batch_idx: list[int],
+                      views: int) -> list[torch.Tensor]:
+    """The teacher's features of one batch of stored (uint8) images, checked against the manifest's levels and
+    converted to the stored float16."""
+    feats = teacher(to_unit_range(images), seed=seed)
+    if len(feats) != len(levels):
+        raise RuntimeError(f"teacher: returned {len(feats)} feature levels, feature_info has {len(levels)}")
+    stored = []
+    for lv, f in zip(levels, feats):
+        if list(f.shape[1:]) != lv["shape"]:
+            raise RuntimeError(f"teacher: {lv['module']} gave {tuple(f.shape[1:])}, feature_info implies "
+                               f"{tuple(lv['shape'])}")
+        stored_f = f.to("cpu", torch.float16)
+        # float16 tops out at 65504: a larger activation (a bfloat16 or float32 teacher's) would be stored as inf
+        # and distilled as such, so it is refused here rather than found in a loss.
+        if not torch.isfinite(stored_f).all():
+            bad = "non-finite values" if not torch.isfinite(f).all() else \
+                f"values beyond float16's range (max |x| = {f.abs().max().item():.4g})"
+            raise RuntimeError(f"teacher: {lv['module']} gave {bad} in the batch of dataset items "
+                               f"{batch_idx[0] // views}..{batch_idx[-1] // views}; the cache stores float16 "
+                               "features")
+        stored.append(stored_f)
+    return stored
+
+
+def _compute_shards(teacher: Any, samples: Dataset, plan: list, root: Path, manifest: dict,
+                    finished: dict[int, dict], *, seed: int, views: int, num_workers: int, progress: bool,
+                    on_shard_written) -> str | None:
+    """Run the teacher over ``plan``'s batches and write each shard (then the manifest) as soon as its last batch
+    is done. Ctrl-C, SIGTERM and SIGUSR1 stop between batches, dropping the shard in progress; returns the signal's
+    name then, else None."""
     from .data import _worker_init
+    from .runtime import StopFlag, progress_bar
 
-    loader = DataLoader(samples, batch_sampler=batches, num_workers=num_workers,
-                        persistent_workers=False, pin_memory=False,
-                        worker_init_fn=_worker_init if num_workers > 0 else None)
-    from .runtime import progress_bar
-
+    levels = manifest["levels"]
+    batches = [chunk for *_, chunk in plan]
+    loader = DataLoader(samples, batch_sampler=batches, num_workers=num_workers, persistent_workers=False,
+                        pin_memory=False, worker_init_fn=_worker_init if num_workers > 0 else None)
+    total = sum(len(b) for b in batches)
     bar = progress_bar(total, "cache-features", "img", disable=not progress)  # one "img" = one stored view
-    from .runtime import StopFlag
-
-    stop = StopFlag().__enter__()  # Ctrl-C, SIGTERM, SIGUSR1: stop between batches; the shard in progress is dropped
     images_acc: list[torch.Tensor] = []
     feats_acc: list[list[torch.Tensor]] = [[] for _ in levels]
     idx_acc: list[torch.Tensor] = []
     t0 = time.perf_counter()
     try:
-        for (k, b, last), batch_idx, images in zip(plan, batches, loader):
-            if stop.requested:
-                logger.warning("%s: stopped by %s; %d of %d shards written, the shard in progress discarded (a "
-                               "rerun resumes)", root, stop.signal, len(finished), num_shards)
-                break
-            stored = images  # uint8, as _Views returns them
-            feats = teacher(to_unit_range(stored), seed=_batch_seed(seed, k, b))
-            if len(feats) != len(levels):
-                raise RuntimeError(f"teacher: returned {len(feats)} feature levels, feature_info has {len(levels)}")
-            for lv, f in zip(levels, feats):
-                if list(f.shape[1:]) != lv["shape"]:
-                    raise RuntimeError(f"teacher: {lv['module']} gave {tuple(f.shape[1:])}, feature_info implies "
-                                       f"{tuple(lv['shape'])}")
-            images_acc.append(stored)
-            idx_acc.append(torch.as_tensor(batch_idx, dtype=torch.int64))
-            for acc, f, lv in zip(feats_acc, feats, levels):
-                stored_f = f.to("cpu", torch.float16)
-                # float16 tops out at 65504: a larger activation (a bfloat16 or float32 teacher's) would be stored as
-                # inf and distilled as such, so it is refused here rather than found in a loss.
-                if not torch.isfinite(stored_f).all():
-                    bad = "non-finite values" if not torch.isfinite(f).all() else \
-                        f"values beyond float16's range (max |x| = {f.abs().max().item():.4g})"
-                    raise RuntimeError(f"teacher: {lv['module']} gave {bad} in the batch of dataset items "
-                                       f"{batch_idx[0] // views}..{batch_idx[-1] // views}; the cache stores "
-                                       "float16 features")
-                acc.append(stored_f)
-            bar.update(len(batch_idx))
-            if last:
-                entry = _write_shard(root, k, images_acc, idx_acc, feats_acc, levels, views)
-                finished[k] = entry
-                manifest["shards"] = [finished[i] for i in sorted(finished)]
-                manifest["complete"] = len(finished) == num_shards
-                _write_manifest(root, manifest)
-                images_acc, idx_acc, feats_acc = [], [], [[] for _ in levels]
-                if on_shard_written is not None:
-                    on_shard_written(k, entry)
+        with StopFlag() as stop:
+            for (k, b, last, batch_idx), images in zip(plan, loader):
+                if stop.requested:
+                    logger.warning("%s: stopped by %s; %d of %d shards written, the shard in progress discarded (a "
+                                   "rerun resumes)", root, stop.signal, len(finished), manifest["num_shards"])
+                    break
+                feats = _teacher_features(teacher, images, _batch_seed(seed, k, b), levels, batch_idx, views)
+                images_acc.append(images)  # uint8, as _Views returns them
+                idx_acc.append(torch.as_tensor(batch_idx, dtype=torch.int64))
+                for acc, f in zip(feats_acc, feats):
+                    acc.append(f)
+                bar.update(len(batch_idx))
+                if last:
+                    entry = _write_shard(root, k, images_acc, idx_acc, feats_acc, levels, views)
+                    finished[k] = entry
+                    manifest["shards"] = [finished[i] for i in sorted(finished)]
+                    manifest["complete"] = len(finished) == manifest["num_shards"]
+                    _write_manifest(root, manifest)
+                    images_acc, idx_acc, feats_acc = [], [], [[] for _ in levels]
+                    if on_shard_written is not None:
+                        on_shard_written(k, entry)
     finally:
-        stop.__exit__(None, None, None)
         bar.close()
-    elapsed = time.perf_counter() - t0
-    if total:
+    if total and not stop.requested:
         logger.info("%s: wrote %d samples (%d view(s) per image) in %d shards, %.1f samples/s", root, total, views,
-                    len(todo), total / elapsed)
-    manifest["complete"] = len(finished) == num_shards
-    _write_manifest(root, manifest)
-    # what stopped the run (a signal's name), for the caller only: not part of the cache
-    return {**manifest, "stopped_by": stop.signal} if stop.requested else manifest
+                    len({k for k, *_ in plan}), total / (time.perf_counter() - t0))
+    return stop.signal if stop.requested else None
 
 
 def _write_shard(root: Path, index: int, images: list[torch.Tensor], samples: list[torch.Tensor],
@@ -620,9 +650,23 @@ def check_cache_matches(manifest: dict, cfg: Any, *, teacher_dtype: str, student
     Raises:
         CacheMismatchError: naming every difference as ``key: cache <value>, config <value>``.
     """
-    conf = manifest["config"]
-    levels = manifest["levels"]
     diffs: list[tuple[str, Any, Any]] = []
+    order = _level_differences(manifest, cfg, student_strides, diffs)
+    _teacher_differences(manifest, cfg, teacher_dtype, diffs)
+    _data_differences(manifest, cfg, diffs, where)
+    if diffs:
+        text = "; ".join(f"{k}: cache {_short(a, 300)}, config {_short(b, 300)}" for k, a, b in diffs)  # whole paths
+        raise CacheMismatchError(f"{where}: the cache was made with other settings than this config asks for; "
+                                 f"refusing to distil mismatched targets. Differences: {text}. Set these keys to the "
+                                 "cache's values, or write a cache for this config with `dreamteacher "
+                                 "cache-features`.")
+    return order
+
+
+def _level_differences(manifest: dict, cfg: Any, student_strides: list[int], diffs: list) -> list[int]:
+    """``model.reductions`` (one cached level per student stride) and ``teacher.taps`` (the cached module of each
+    student level, when set); returns ``order``."""
+    levels = manifest["levels"]
     strides = [lv["reduction"] for lv in levels]
     order: list[int] = []
     for s in student_strides:
@@ -640,6 +684,13 @@ def check_cache_matches(manifest: dict, cfg: Any, *, teacher_dtype: str, student
             if any(levels[j].get("block") for j in order):
                 cached_taps = [levels[j].get("block") or levels[j]["module"] for j in order]
             diffs.append(("teacher.taps", cached_taps, list(cfg.teacher.taps)))
+    return order
+
+
+def _teacher_differences(manifest: dict, cfg: Any, teacher_dtype: str, diffs: list) -> None:
+    """``teacher.t``, ``mode``, ``n_noise`` / ``ddim_steps``, ``dtype``, ``conditioning`` and the files of
+    ``teacher.path`` (read, not built)."""
+    conf = manifest["config"]
     mode = conf.get("mode")
     for key, value in (("t", cfg.teacher.t), ("mode", cfg.teacher.mode)):
         if conf.get(key) != value:
@@ -670,6 +721,11 @@ def check_cache_matches(manifest: dict, cfg: Any, *, teacher_dtype: str, student
             diffs.append(("teacher.path", f"{manifest.get('teacher_source')} (files sha256 {recorded[:12]})",
                           f"{cfg.teacher.path} (files sha256 "
                           f"{teacher_files_digest(cfg.teacher.path)['sha256'][:12]})"))
+
+
+def _data_differences(manifest: dict, cfg: Any, diffs: list, where: str) -> None:
+    """``data.image_size``, ``data.source`` (a folder) and ``data.augment`` with its crop settings."""
+    conf = manifest["config"]
     shape = conf.get("image_shape", [None, None, None])
     if shape[1:] != [cfg.data.image_size, cfg.data.image_size]:
         diffs.append(("data.image_size", shape[1] if shape[1] == shape[2] else shape[1:], cfg.data.image_size))
@@ -697,13 +753,6 @@ def check_cache_matches(manifest: dict, cfg: Any, *, teacher_dtype: str, student
     elif cached_aug is not None:  # like teacher.taps=null: the cache's own choice, taken as it is
         logger.info("%s: its views were augmented when it was written (%s); data.augment=false takes them as they "
                     "are", where, _short(cached_aug, 200))
-    if diffs:
-        text = "; ".join(f"{k}: cache {_short(a, 300)}, config {_short(b, 300)}" for k, a, b in diffs)  # whole paths
-        raise CacheMismatchError(f"{where}: the cache was made with other settings than this config asks for; "
-                                 f"refusing to distil mismatched targets. Differences: {text}. Set these keys to the "
-                                 "cache's values, or write a cache for this config with `dreamteacher "
-                                 "cache-features`.")
-    return order
 
 
 def _level_info(level: dict) -> dict:
