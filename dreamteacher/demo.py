@@ -362,215 +362,315 @@ def run_demo(out: str | Path, settings: DemoSettings, overrides: Sequence[str] =
         return _run_demo(Path(out), settings, overrides, say, estimate_only)
 
 
-def _run_demo(out: Path, s: DemoSettings, overrides: Sequence[str], say: Callable[[str], None],
-              estimate_only: bool) -> dict[str, Any]:
-    from .data import labelled_indices
-    from .evaluate import markdown_table, parallel_map, worker_split, write_results
-    from .export import export_backbone
-    from .interpreter import train_interpreter
-    from .runtime import machine_info
-    from .train import pretrain
-    from .viz import feature_figure, loss_curves, student_teacher_features
+@dataclass
+class _DemoRun:
+    """What the demo's phases share: where and how it runs, the seconds each phase took and was expected to take,
+    and what each phase leaves for the later ones and for the results."""
 
-    times: dict[str, float] = {}
-    start = time.perf_counter()
-    processes, threads = worker_split(s.workers)
-    machine = {**machine_info(), "workers": processes, "threads_per_run": threads}
-    expected: dict[str, float] = {}
+    out: Path
+    s: DemoSettings
+    overrides: Sequence[str]
+    say: Callable[[str], None]
+    start: float
+    processes: int
+    threads: int
+    machine: dict[str, Any]
+    times: dict[str, float] = field(default_factory=dict)
+    expected: dict[str, float] = field(default_factory=dict)
+    teacher_dir: Path = Path()
+    teacher_meta: dict[str, Any] = field(default_factory=dict)
+    interp: dict[str, Any] = field(default_factory=dict)
+    steps_done: dict[str, dict[str, int]] = field(default_factory=dict)
+    cut: dict[str, str] = field(default_factory=dict)
+    backbones: dict[str, str | None] = field(default_factory=lambda: {"scratch": None})
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    speed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def left() -> float:  # the expected seconds of the phases not done yet
-        return sum(v for k, v in expected.items() if k not in times)
+    def left(self) -> float:
+        """The expected seconds of the phases not done yet."""
+        return sum(v for k, v in self.expected.items() if k not in self.times)
 
-    def phase(name: str, began: float) -> None:
-        times[name] = time.perf_counter() - began
-        what = f" (expected {_minutes(expected[name])})" if name in expected else ""
-        rest = f", about {_minutes(left())} left" if expected else ""
-        say(f"      {name}: {times[name]:.0f} s{what}; {time.perf_counter() - start:.0f} s so far{rest}")
+    def phase(self, name: str, began: float) -> None:
+        """Record a finished phase's seconds and say them, against its expected time and what is left."""
+        self.times[name] = time.perf_counter() - began
+        what = f" (expected {_minutes(self.expected[name])})" if name in self.expected else ""
+        rest = f", about {_minutes(self.left())} left" if self.expected else ""
+        self.say(f"      {name}: {self.times[name]:.0f} s{what}; {time.perf_counter() - self.start:.0f} s so far{rest}")
 
-    # 1. teacher
+    def config(self, run_dir: Path, *extra: str):
+        """A pretraining config of this demo; the user's overrides come after ``extra`` and win."""
+        return pretrain_config(self.s, self.teacher_dir, run_dir, [*extra, *self.overrides])
+
+
+def _calibration_phase(run: _DemoRun) -> dict[str, Any]:
+    """1b: measure this machine's speed and say the expected time of every phase before the work starts."""
+    s, machine = run.s, run.machine
     t0 = time.perf_counter()
-    teacher_dir, teacher_meta = _teacher_phase(out, s, say)
-    phase("teacher", t0)
-
-    def config(run_dir: Path, *extra: str):
-        return pretrain_config(s, teacher_dir, run_dir, [*extra, *overrides])
-
-    # 1b. this machine's speed, and the expected time of every phase
-    estimate = None
-    if s.calibrate or estimate_only:
-        t0 = time.perf_counter()
-        say(f"      measuring this machine's speed (a few steps of every phase; {processes} run(s) at once, "
-            f"{threads} thread(s) each; {machine['cpu']}, {' '.join(machine['isa']) or 'no AVX2'})")
-        estimate = estimate_phases(s, teacher_dir, out, overrides)
-        expected.update(estimate["seconds"])
-        say("      expected: " + ", ".join(f"{k} {_minutes(v)}" for k, v in expected.items())
+    run.say(f"      measuring this machine's speed (a few steps of every phase; {run.processes} run(s) at once, "
+            f"{run.threads} thread(s) each; {machine['cpu']}, {' '.join(machine['isa']) or 'no AVX2'})")
+    estimate = estimate_phases(s, run.teacher_dir, run.out, run.overrides)
+    run.expected.update(estimate["seconds"])
+    run.say("      expected: " + ", ".join(f"{k} {_minutes(v)}" for k, v in run.expected.items())
             + f"; in all about {_minutes(estimate['total'])} from now")
-        if estimate["total"] > 60 * SLOW_MINUTES:
-            say(f"      note: over {SLOW_MINUTES:g} minutes on this machine. Faster: {faster_option(s, estimate)}. "
+    if estimate["total"] > 60 * SLOW_MINUTES:
+        run.say(f"      note: over {SLOW_MINUTES:g} minutes on this machine. Faster: {faster_option(s, estimate)}. "
                 "Carrying on (Ctrl-C stops).")
-        phase("calibration", t0)
-        if estimate_only:
-            return {"estimate": estimate, "machine": machine, "seconds": time.perf_counter() - start}
+    run.phase("calibration", t0)
+    return estimate
 
-    # 2. interpreter (labels: the smallest budget's images of seed 0)
+
+def _interpreter_phase(run: _DemoRun) -> None:
+    """2: the interpreter on the smallest budget's images of label seed 0, whose held-out mIoU is the teacher's own
+    quality; also notes a teacher that a time cap cut."""
+    from .interpreter import train_interpreter
+
+    s, out = run.s, run.out
     t0 = time.perf_counter()
     n_interp = min(s.budgets)
-    say(f"[2/6] interpreter: {n_interp} labelled images (label seed 0), {s.interpreter_steps} steps")
-    interp = train_interpreter(config(out / "interpreter"), labels=n_interp, label_seed=0,
-                               steps=s.interpreter_steps, out=out / "interpreter", progress=s.progress)
-    say(f"      loss {interp['first_loss']:.3f} -> {interp['last_loss']:.3f}; the teacher's own features: held-out "
-        f"mIoU {100 * interp['test_miou']:.1f}%, foreground {100 * interp['test_fg_miou']:.1f}%")
-    phase("interpreter", t0)
-    steps_done: dict[str, dict[str, int]] = {"interpreter": {"done": s.interpreter_steps,
-                                                             "planned": s.interpreter_steps}}
-    cut: dict[str, str] = {}
-    if s.retrain_teacher and teacher_meta.get("steps") is not None and teacher_meta["steps"] < s.teacher_steps:
-        cut["teacher"] = f"the teacher trained {teacher_meta['steps']} of {s.teacher_steps} steps (time cap)"
+    run.say(f"[2/6] interpreter: {n_interp} labelled images (label seed 0), {s.interpreter_steps} steps")
+    interp = run.interp = train_interpreter(run.config(out / "interpreter"), labels=n_interp, label_seed=0,
+                                            steps=s.interpreter_steps, out=out / "interpreter", progress=s.progress)
+    run.say(f"      loss {interp['first_loss']:.3f} -> {interp['last_loss']:.3f}; the teacher's own features: "
+            f"held-out mIoU {100 * interp['test_miou']:.1f}%, foreground {100 * interp['test_fg_miou']:.1f}%")
+    run.phase("interpreter", t0)
+    run.steps_done["interpreter"] = {"done": s.interpreter_steps, "planned": s.interpreter_steps}
+    meta = run.teacher_meta
+    if s.retrain_teacher and meta.get("steps") is not None and meta["steps"] < s.teacher_steps:
+        run.cut["teacher"] = f"the teacher trained {meta['steps']} of {s.teacher_steps} steps (time cap)"
 
-    # 3./4. pretraining, feature and mixed distillation: independent runs, at once when there are workers
-    backbones: dict[str, str | None] = {"scratch": None}
-    runs = {}
-    kinds = (("feature", ()), ("mixed", (f"--label.interpreter={interp['path']}",)))
+
+def _pretrain_at_once(run: _DemoRun, kinds: Sequence[tuple[str, tuple[str, ...]]], cap: str) -> list[dict]:
+    """3-4 with workers: both runs in worker processes at once, splitting the teacher's work through shared targets
+    (removed afterwards); one progress bar follows both runs' logs."""
+    from .evaluate import parallel_map
+    from .train import pretrain
+
+    s, out = run.s, run.out
+    run.say(f"[3-4/6] pretrain, feature and mixed distillation at once ({run.threads} thread(s) each): resnet18 + "
+            f"FPN/PPM regressor ({s.width} channels), {s.pretrain_steps} steps of {s.pretrain_batch} images each"
+            f"{cap}; the teacher's targets are the same in both, so each run computes every other step's and reads "
+            "the rest from the other (data.share_targets)")
+    cfgs = [run.config(out / f"pretrain_{name}", *extra, "--run.progress=false",
+                       *share_args(out / "shared_targets", i, len(kinds))) for i, (name, extra) in enumerate(kinds)]
+    bar = None
+    if s.progress:
+        from .runtime import progress_bar
+
+        bar = progress_bar(len(cfgs) * s.pretrain_steps, "pretrain (feature + mixed)", "step")
+    seen = [0] * len(cfgs)
+
+    def poll() -> None:
+        for i, c in enumerate(cfgs):
+            log = Path(c.run.out_dir) / "log.jsonl"
+            try:
+                lines = log.read_text().splitlines()
+            except OSError:
+                continue
+            step = json.loads(lines[-1])["step"] if lines and lines[-1].strip() else 0
+            if bar is not None and step > seen[i]:
+                bar.update(step - seen[i])
+            seen[i] = max(seen[i], step)
+
+    try:
+        summaries = parallel_map(pretrain, [(c,) for c in cfgs], s.workers, poll=poll)
+        poll()
+    finally:
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(out / "shared_targets", ignore_errors=True)
+    return summaries
+
+
+def _pretrain_in_turn(run: _DemoRun, kinds: Sequence[tuple[str, tuple[str, ...]]],
+                      cap: str) -> tuple[list[dict], float]:
+    """3 then 4 in this process; returns the summaries and when the last run began (its phase is timed from it)."""
+    from .train import pretrain
+
+    s = run.s
+    summaries = []
+    for k, (name, extra) in enumerate(kinds, 3):
+        run.say(f"[{k}/6] pretrain ({name} distillation): resnet18 + FPN/PPM regressor ({s.width} channels), "
+                f"{s.pretrain_steps} steps of {s.pretrain_batch} images{cap}")
+        t0 = time.perf_counter()
+        summaries.append(pretrain(run.config(run.out / f"pretrain_{name}", *extra)))
+        if name == "feature":
+            run.phase("pretrain feature", t0)
+    return summaries, t0
+
+
+def _keep_pretrained(run: _DemoRun, kinds: Sequence[tuple[str, tuple[str, ...]]], summaries: list[dict]) -> None:
+    """Export each pretrained backbone for the evaluation, record its steps and any time-cap cut, and say them."""
+    from .export import export_backbone
+
+    s = run.s
+    for (name, _), summary in zip(kinds, summaries):
+        run.runs[name] = summary
+        backbone = f"DreamTeacher ({name})"
+        run.backbones[backbone] = str(export_backbone(summary["checkpoint"], run.out / f"resnet18_{name}.safetensors"))
+        run.steps_done[f"pretrain {name}"] = {"done": summary["step"], "planned": s.pretrain_steps}
+        if summary["interrupted"]:
+            run.cut[backbone] = f"{summary['step']} of {s.pretrain_steps} pretraining steps (time cap)"
+        loss = f", last logged loss {summary['loss']:.4f}" if summary["loss"] is not None else ""
+        run.say(f"      {name}: {summary['step']} of {s.pretrain_steps} steps"
+                f"{' (CUT by the time cap)' if summary['interrupted'] else ''}{loss}")
+
+
+def _pretraining_phase(run: _DemoRun) -> None:
+    """3./4.: pretraining by feature and by mixed distillation, independent runs, at once when there are workers."""
+    s = run.s
+    kinds = (("feature", ()), ("mixed", (f"--label.interpreter={run.interp['path']}",)))
     cap = f", cap {s.pretrain_minutes:g} min" if s.pretrain_minutes > 0 else ""
     t0 = time.perf_counter()
-    if processes > 1:
-        say(f"[3-4/6] pretrain, feature and mixed distillation at once ({threads} thread(s) each): resnet18 + "
-            f"FPN/PPM regressor ({s.width} channels), {s.pretrain_steps} steps of {s.pretrain_batch} images each{cap}; "
-            "the teacher's targets are the same in both, so each run computes every other step's and reads the rest "
-            "from the other (data.share_targets)")
-        cfgs = [config(out / f"pretrain_{name}", *extra, "--run.progress=false",
-                       *share_args(out / "shared_targets", i, len(kinds))) for i, (name, extra) in enumerate(kinds)]
-        bar = None
-        if s.progress:
-            from .runtime import progress_bar
-
-            bar = progress_bar(len(cfgs) * s.pretrain_steps, "pretrain (feature + mixed)", "step")
-        seen = [0] * len(cfgs)
-
-        def poll() -> None:
-            for i, c in enumerate(cfgs):
-                log = Path(c.run.out_dir) / "log.jsonl"
-                try:
-                    lines = log.read_text().splitlines()
-                except OSError:
-                    continue
-                step = json.loads(lines[-1])["step"] if lines and lines[-1].strip() else 0
-                if bar is not None and step > seen[i]:
-                    bar.update(step - seen[i])
-                seen[i] = max(seen[i], step)
-
-        try:
-            summaries = parallel_map(pretrain, [(c,) for c in cfgs], s.workers, poll=poll)
-            poll()
-        finally:
-            if bar is not None:
-                bar.close()
-            shutil.rmtree(out / "shared_targets", ignore_errors=True)
+    if run.processes > 1:
+        summaries = _pretrain_at_once(run, kinds, cap)
         phase_name = PRETRAIN_AT_ONCE
     else:
-        summaries = []
-        for k, (name, extra) in enumerate(kinds, 3):
-            say(f"[{k}/6] pretrain ({name} distillation): resnet18 + FPN/PPM regressor ({s.width} channels), "
-                f"{s.pretrain_steps} steps of {s.pretrain_batch} images{cap}")
-            t0 = time.perf_counter()
-            summaries.append(pretrain(config(out / f"pretrain_{name}", *extra)))
-            if name == "feature":
-                phase("pretrain feature", t0)
+        summaries, t0 = _pretrain_in_turn(run, kinds, cap)
         phase_name = "pretrain mixed"  # t0: when the mixed run began
-    for (name, _), summary in zip(kinds, summaries):
-        runs[name] = summary
-        backbone = f"DreamTeacher ({name})"
-        backbones[backbone] = str(export_backbone(summary["checkpoint"], out / f"resnet18_{name}.safetensors"))
-        steps_done[f"pretrain {name}"] = {"done": summary["step"], "planned": s.pretrain_steps}
-        if summary["interrupted"]:
-            cut[backbone] = f"{summary['step']} of {s.pretrain_steps} pretraining steps (time cap)"
-        loss = f", last logged loss {summary['loss']:.4f}" if summary["loss"] is not None else ""
-        say(f"      {name}: {summary['step']} of {s.pretrain_steps} steps"
-            f"{' (CUT by the time cap)' if summary['interrupted'] else ''}{loss}")
-    phase(phase_name, t0)
+    _keep_pretrained(run, kinds, summaries)
+    run.phase(phase_name, t0)
 
-    # 4b. speed turned into accuracy: lean vs naive loop, same wall-clock budget (a time budget by design: the rows
-    # say how many steps each loop did in it)
-    speed: dict[str, dict[str, Any]] = {}
-    if s.speed_minutes > 0:
-        t0 = time.perf_counter()
-        budget_s = 60.0 * s.speed_minutes
-        for name, naive in (("lean", False), ("naive", True)):
-            calib_dir = out / f"speed_{name}_calibration"
-            cal = pretrain(config(calib_dir, "--run.steps=30", "--run.max_minutes=0", "--run.log_every=10",
-                                  f"--run.naive={naive}", "--run.progress=false"))
-            records = [json.loads(line) for line in (Path(cal["out_dir"]) / "log.jsonl").read_text().splitlines()]
-            ips = records[-1]["images_per_s"]  # the last window, after warm-up
-            steps = max(int(budget_s * ips / s.pretrain_batch), 10)
-            say(f"[speed] {name} loop: {ips:.1f} images/s in calibration -> {steps} steps in {s.speed_minutes:g} min")
-            began = time.perf_counter()
-            summary = pretrain(config(out / f"speed_{name}", f"--run.steps={steps}",
-                                      f"--run.max_minutes={s.speed_minutes * 1.15:.3f}", f"--run.naive={naive}"))
-            seconds = time.perf_counter() - began  # the whole run as a user waits for it, setup included
-            speed[name] = {"steps": summary["step"], "planned_steps": steps, "seconds": seconds,
-                           "images_per_s": summary["step"] * s.pretrain_batch / seconds,
-                           "interrupted": summary["interrupted"],
-                           "backbone": str(export_backbone(summary["checkpoint"],
-                                                           out / f"resnet18_speed_{name}.safetensors"))}
-            backbones[f"{name} loop, {s.speed_minutes:g} min"] = speed[name]["backbone"]
-        phase("speed", t0)
 
-    # 5. evaluation: one call per protocol, each with its own learning-rate grid chosen on the validation split
+def _speed_run(run: _DemoRun, name: str, naive: bool, budget_s: float) -> dict[str, Any]:
+    """One loop (lean or naive) pretrained for ``budget_s``: steps set from a 30-step throughput calibration so its
+    schedule finishes in the budget, then exported."""
+    from .export import export_backbone
+    from .train import pretrain
+
+    s, out = run.s, run.out
+    calib_dir = out / f"speed_{name}_calibration"
+    cal = pretrain(run.config(calib_dir, "--run.steps=30", "--run.max_minutes=0", "--run.log_every=10",
+                              f"--run.naive={naive}", "--run.progress=false"))
+    records = [json.loads(line) for line in (Path(cal["out_dir"]) / "log.jsonl").read_text().splitlines()]
+    ips = records[-1]["images_per_s"]  # the last window, after warm-up
+    steps = max(int(budget_s * ips / s.pretrain_batch), 10)
+    run.say(f"[speed] {name} loop: {ips:.1f} images/s in calibration -> {steps} steps in {s.speed_minutes:g} min")
+    began = time.perf_counter()
+    summary = pretrain(run.config(out / f"speed_{name}", f"--run.steps={steps}",
+                                  f"--run.max_minutes={s.speed_minutes * 1.15:.3f}", f"--run.naive={naive}"))
+    seconds = time.perf_counter() - began  # the whole run as a user waits for it, setup included
+    return {"steps": summary["step"], "planned_steps": steps, "seconds": seconds,
+            "images_per_s": summary["step"] * s.pretrain_batch / seconds, "interrupted": summary["interrupted"],
+            "backbone": str(export_backbone(summary["checkpoint"], out / f"resnet18_speed_{name}.safetensors"))}
+
+
+def _speed_phase(run: _DemoRun) -> None:
+    """4b: speed turned into accuracy, lean vs naive loop on the same wall-clock budget (a time budget by design:
+    the rows say how many steps each loop did in it)."""
+    s = run.s
     t0 = time.perf_counter()
-    say(f"[5/6] evaluate: {len(backbones)} backbones x label budgets {s.budgets} x seeds {s.seeds} x "
-        f"{'/'.join(s.protocols)}, " + ", ".join(f"{p} {protocol_steps(s, p)} steps at {_lr_words(s, p)}"
-                                                 for p in s.protocols) +
-        f", mIoU on {s.n_test} held-out images" + (f"; {processes} groups at once" if processes > 1 else ""))
-    evaluated = evaluate_protocols(backbones, s, save_models=out / "evaluate" / "models", save_seeds=[s.seeds[0]])
+    budget_s = 60.0 * s.speed_minutes
+    for name, naive in (("lean", False), ("naive", True)):
+        run.speed[name] = _speed_run(run, name, naive, budget_s)
+        run.backbones[f"{name} loop, {s.speed_minutes:g} min"] = run.speed[name]["backbone"]
+    run.phase("speed", t0)
+
+
+def _demo_results(run: _DemoRun, evaluated: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's results with what the table needs to be traced: settings, interpreter, speed runs, teacher,
+    machine, steps done, cuts and the phase times so far."""
+    from .data import labelled_indices
     from .evaluate import summarize
 
-    for p in s.protocols:
-        steps_done[f"evaluate {p}"] = {"done": protocol_steps(s, p), "planned": protocol_steps(s, p)}
+    s, n_interp = run.s, min(run.s.budgets)
     results = {"config": evaluated["config"], "runs": evaluated["runs"], "selection": evaluated["selection"]}
     results["summary"] = summarize(results["runs"])
     results["config"]["protocols"] = list(s.protocols)
     results["config"]["n_val"] = evaluated["n_val"]
-    results["config"]["phase_seconds"] = dict(times)
+    results["config"]["phase_seconds"] = dict(run.times)
     results["config"]["settings"] = dataclasses.asdict(s)
     results["config"]["interpreter"] = {"labels": n_interp, "label_seed": 0, "images": labelled_indices(n_interp, 0),
-                                        "test_miou": interp["test_miou"], "test_fg_miou": interp["test_fg_miou"]}
-    results["config"]["speed"] = speed
-    results["config"]["teacher"] = {"path": str(teacher_dir), **{k: teacher_meta.get(k) for k in (
+                                        "test_miou": run.interp["test_miou"],
+                                        "test_fg_miou": run.interp["test_fg_miou"]}
+    results["config"]["speed"] = run.speed
+    results["config"]["teacher"] = {"path": str(run.teacher_dir), **{k: run.teacher_meta.get(k) for k in (
         "steps", "command", "seed", "fixed_batch_loss", "sha256")}}
-    results["config"]["ran"] = {"machine": machine, "steps": steps_done, "cut": cut,
-                                "expected_seconds": dict(expected)}
-    json_path, md_path = write_results(results, out / "evaluate")
-    phase("evaluate", t0)
+    results["config"]["ran"] = {"machine": run.machine, "steps": run.steps_done, "cut": run.cut,
+                                "expected_seconds": dict(run.expected)}
+    return results
 
-    # 6. pictures
+
+def _evaluation_phase(run: _DemoRun) -> tuple[dict[str, Any], Path, Path]:
+    """5: every backbone, one call per protocol, each with its own learning-rate grid chosen on the validation
+    split; writes the results (JSON and Markdown) and returns them with their paths."""
+    from .evaluate import write_results
+
+    s = run.s
     t0 = time.perf_counter()
-    say("[6/6] pictures")
+    run.say(f"[5/6] evaluate: {len(run.backbones)} backbones x label budgets {s.budgets} x seeds {s.seeds} x "
+            f"{'/'.join(s.protocols)}, " + ", ".join(f"{p} {protocol_steps(s, p)} steps at {_lr_words(s, p)}"
+                                                     for p in s.protocols) +
+            f", mIoU on {s.n_test} held-out images" + (f"; {run.processes} groups at once" if run.processes > 1
+                                                       else ""))
+    evaluated = evaluate_protocols(run.backbones, s, save_models=run.out / "evaluate" / "models",
+                                   save_seeds=[s.seeds[0]])
+    for p in s.protocols:
+        run.steps_done[f"evaluate {p}"] = {"done": protocol_steps(s, p), "planned": protocol_steps(s, p)}
+    results = _demo_results(run, evaluated)
+    json_path, md_path = write_results(results, run.out / "evaluate")
+    run.phase("evaluate", t0)
+    return results, json_path, md_path
+
+
+def _pictures_phase(run: _DemoRun, results: Mapping[str, Any]) -> list[str]:
+    """6: PCA of teacher vs student features with masks and a fine-tuned model's prediction, and the loss curves."""
     import torch
 
     from .data import SHAPE_CLASSES, TEST_SEED, ProceduralShapes
+    from .evaluate import load_segmentation_model
+    from .viz import feature_figure, loss_curves, student_teacher_features
 
+    s, out, runs = run.s, run.out, run.runs
+    t0 = time.perf_counter()
+    run.say("[6/6] pictures")
     ds = ProceduralShapes(4, s.image_size, seed=TEST_SEED)
     images = torch.stack([ds[i][0] for i in range(4)])
     masks = torch.stack([ds[i][1] for i in range(4)])
     teacher_f, student_f = student_teacher_features(runs["mixed"]["checkpoint"], images)
     seg_run = next(r for r in results["runs"] if r["backbone"] == "DreamTeacher (mixed)" and r["labels"] ==
                    max(s.budgets) and "model" in r and r["protocol"] == s.protocols[0])
-    from .evaluate import load_segmentation_model
-
     with torch.inference_mode():
         pred = load_segmentation_model(seg_run["model"])(images).argmax(1)
     features_png = feature_figure(images, teacher_f, student_f, masks, pred, out / "features.png",
                                   class_names=list(SHAPE_CLASSES))
     curves_png = loss_curves({"feature": Path(runs["feature"]["out_dir"]) / "log.jsonl",
                               "mixed": Path(runs["mixed"]["out_dir"]) / "log.jsonl"}, out / "curves.png")
-    teacher_png = loss_curves({"teacher (epsilon MSE)": teacher_dir / "log.jsonl",
+    teacher_png = loss_curves({"teacher (epsilon MSE)": run.teacher_dir / "log.jsonl",
                                "interpreter (CE + 3 Dice)": out / "interpreter" / "log.jsonl"},
                               out / "curves_teacher_interpreter.png")
-    phase("pictures", t0)
+    run.phase("pictures", t0)
+    return [str(features_png), str(curves_png), str(teacher_png)]
+
+
+def _run_demo(out: Path, s: DemoSettings, overrides: Sequence[str], say: Callable[[str], None],
+              estimate_only: bool) -> dict[str, Any]:
+    """The phases in the order the log says them: teacher, calibration, interpreter, pretraining, speed, evaluation,
+    pictures."""
+    from .evaluate import markdown_table, worker_split
+    from .runtime import machine_info
+
+    start = time.perf_counter()
+    processes, threads = worker_split(s.workers)
+    machine = {**machine_info(), "workers": processes, "threads_per_run": threads}
+    run = _DemoRun(out=out, s=s, overrides=overrides, say=say, start=start, processes=processes, threads=threads,
+                   machine=machine)
+    t0 = time.perf_counter()
+    run.teacher_dir, run.teacher_meta = _teacher_phase(out, s, say)
+    run.phase("teacher", t0)
+    estimate = None
+    if s.calibrate or estimate_only:
+        estimate = _calibration_phase(run)
+        if estimate_only:
+            return {"estimate": estimate, "machine": machine, "seconds": time.perf_counter() - start}
+    _interpreter_phase(run)
+    _pretraining_phase(run)
+    if s.speed_minutes > 0:
+        _speed_phase(run)
+    results, json_path, md_path = _evaluation_phase(run)
+    pictures = _pictures_phase(run, results)
     table = markdown_table(results)
     return {"results": results, "table": table, "json": str(json_path), "markdown": str(md_path),
-            "teacher": str(teacher_dir), "interpreter": interp["path"], "runs": {k: v["out_dir"] for k, v in
-                                                                                 runs.items()},
-            "backbones": backbones, "pictures": [str(features_png), str(curves_png), str(teacher_png)],
-            "seconds": time.perf_counter() - start, "phase_seconds": times, "cut": cut, "machine": machine,
+            "teacher": str(run.teacher_dir), "interpreter": run.interp["path"],
+            "runs": {k: v["out_dir"] for k, v in run.runs.items()}, "backbones": run.backbones, "pictures": pictures,
+            "seconds": time.perf_counter() - start, "phase_seconds": run.times, "cut": run.cut, "machine": machine,
             "estimate": estimate}
