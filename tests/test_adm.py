@@ -48,10 +48,12 @@ def converted(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _run_with_taps(root: Path, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _run_with_taps(root: Path, x: torch.Tensor, t: torch.Tensor, dtype: torch.dtype = torch.float32
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel.from_pretrained(str(root / "unet"), low_cpu_mem_usage=False).eval()
+    unet = UNet2DModel.from_pretrained(str(root / "unet"), low_cpu_mem_usage=False).eval().to(dtype)
+    x = x.to(dtype)
     taps = read_adm_taps(root)["taps"]
     got: dict[str, torch.Tensor] = {}
     for name, module in taps.items():
@@ -68,11 +70,18 @@ def test_converted_unet_equals_the_original_output_and_every_block(converted, na
 
     gold = load_file(str(GOLDEN / f"{name}.safetensors"))
     out, got = _run_with_taps(converted[name], gold["x"], gold["t"])
-    assert _rel(out, gold["out"]) <= TOL
+    out64, got64 = _run_with_taps(converted[name], gold["x"], gold["t"], torch.float64)
     blocks = sorted(k.removeprefix("block.") for k in gold if k.startswith("block."))
     assert sorted(got) == blocks  # adm_taps.json names every ADM block, no more
-    worst = max((_rel(got[b], gold[f"block.{b}"]), b) for b in blocks)
-    assert worst[0] <= TOL, worst
+    # The goldens are float32 from another machine. Where this network amplifies float32 rounding past TOL on this
+    # CPU (ddpmseg's output_blocks.6: 2.4e-5 between float32 and float64 of the same weights on an AVX2-only CPU),
+    # the bound is twice that measured rounding; a conversion error is ~1e-1 (the attention-order test below).
+    # The float64 run is held to the same bound: it carries only the goldens' own float32 rounding.
+    for what, ours, ours64, ref in [("out", out, out64, gold["out"])] + [
+            (b, got[b], got64[b], gold[f"block.{b}"]) for b in blocks]:
+        bound = max(TOL, 2 * _rel(ours.double(), ours64))
+        assert _rel(ours, ref) <= bound and _rel(ours64, ref.double()) <= bound, (
+            what, _rel(ours, ref), _rel(ours64, ref.double()), bound)
 
 
 def test_a_wrong_attention_order_is_caught_by_the_goldens(tmp_path):
