@@ -52,13 +52,13 @@ from dreamteacher.model import (
     OnlineTargets,
     build_source,
     build_student,
-    build_teacher,
+    teacher_for,
 )
 from dreamteacher.optim import build_optimizer
 from dreamteacher.perf import keep_freed_memory, single_pixel_convs_as_linear
 from dreamteacher.regressor import FeatureRegressor
-from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import shipped_teacher
+from dreamteacher.teachers import DiffusionTeacher
 
 #: ADM's ImageNet-64 UNet (Dhariwal & Nichol: 192 base channels, multipliers 1-2-3-4, 3 res blocks per level,
 #: attention at 32, 16 and 8 with 64-channel heads, scale-shift norm, residual up/down-sampling) at half width and
@@ -133,7 +133,7 @@ def setups(tmp_path_factory):
         student = build_student(cfg)
         strides = [i["reduction"] for i in student.feature_info]
         cpu = torch.device("cpu")
-        teacher, order = build_teacher(cfg, cpu, strides)
+        teacher, order = teacher_for(cfg, cpu, strides)
         images = _UInt8Images(t["images"], t["image_size"])
         start = time.perf_counter()
         write_feature_cache(teacher, images, root / "cache", shard_size=t["shard"], batch_size=t["batch"],

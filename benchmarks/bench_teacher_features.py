@@ -40,7 +40,7 @@ except ImportError:  # run from a source tree that was never installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dtkernels
-from dreamteacher.teacher import DiffusionTeacher, resize_to_stride
+from dreamteacher.teachers import DiffusionTeacher, resize_to_stride
 
 BATCH, RES, T = 8, 64, 150
 UNET = dict(sample_size=RES, in_channels=3, out_channels=3, block_out_channels=(64, 128, 256), layers_per_block=1,

@@ -52,8 +52,8 @@ from dreamteacher.optim import clip_and_step
 from dreamteacher.perf import single_pixel_convs_as_linear
 from dreamteacher.regressor import FeatureRegressor
 from dreamteacher.student import StudentBackbone
-from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import DEMO_UNET
+from dreamteacher.teachers import DiffusionTeacher
 
 _DEMO = DemoSettings()
 IMAGE, BATCH, WIDTH, T = _DEMO.image_size, _DEMO.pretrain_batch, _DEMO.width, 150

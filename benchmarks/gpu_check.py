@@ -503,7 +503,7 @@ def save_teacher(out: Path, unet_config: dict[str, Any]) -> Path:
     its tiny one): ``DiffusionTeacher.save_pretrained``."""
     import torch
 
-    from dreamteacher.teacher import DiffusionTeacher
+    from dreamteacher.teachers import DiffusionTeacher
 
     torch.manual_seed(0)
     DiffusionTeacher.from_config(unet_config, scheduler_config={"num_train_timesteps": 1000}).save_pretrained(out)

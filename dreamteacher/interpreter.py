@@ -191,7 +191,7 @@ def _labelled_data(cfg, labels: int, label_seed: int, images: str | None, masks:
 def _interpreter_teacher(cfg, label_seed: int):
     """The device and the teacher pretraining builds (same taps, strides, t), seeded so the interpreter's init draws
     follow it as before; refuses a teacher that is not a diffusion model."""
-    from .model import build_teacher
+    from .model import teacher_for
     from .runtime import setup_distributed
 
     if cfg.teacher.kind != "diffusion":
@@ -201,7 +201,7 @@ def _interpreter_teacher(cfg, label_seed: int):
                           "teacher.kind=diffusion with teacher.path")
     device = setup_distributed(cfg.run.device).device
     torch.manual_seed(cfg.run.seed + label_seed)
-    teacher, order = build_teacher(cfg, device, cfg.model.reductions)
+    teacher, order = teacher_for(cfg, device, cfg.model.reductions)
     return device, teacher, order
 
 

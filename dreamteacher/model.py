@@ -16,20 +16,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import ConfigError, PretrainConfig, UserError, options_named
+from .config import ConfigError, PretrainConfig, UserError
 from .regressor import FeatureRegressor
 from .student import StudentBackbone
-from .teachers.diffusion import DiffusionTeacher, check_image_size, check_teacher_dir
+from .teachers.build import DTYPES, build_teacher, resolve_dtype
+from .teachers.diffusion import DiffusionTeacher
 from .teachers.generator import GeneratorTeacher
-from .teachers.taps import select_taps
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["DistillationModel", "build_student", "select_taps", "build_teacher", "build_generator_teacher",
-           "build_dataset", "OnlineTargets", "GeneratorTargets", "DistillationSource", "build_source", "teacher_dtype"]
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["DistillationModel", "build_student", "build_dataset", "OnlineTargets", "GeneratorTargets",
+           "DistillationSource", "build_source", "teacher_for", "teacher_dtype"]
 
 
 class DistillationModel(nn.Module):
@@ -73,173 +70,21 @@ def build_student(cfg: PretrainConfig) -> StudentBackbone:
 
 
 
-#: DiffusionTeacher's argument names -> the config keys they come from (for error messages).
-_TEACHER_KEYS = {"path": "teacher.path", "t": "teacher.t", "mode": "teacher.mode", "n_noise": "teacher.n_noise",
-                 "ddim_steps": "teacher.ddim_steps", "names": "teacher.taps", "taps": "teacher.taps",
-                 "text_embedding": "teacher.text_embedding", "conditioning": "teacher.conditioning"}
-
-
-def build_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int]
-                  ) -> tuple[DiffusionTeacher, list[int]]:
-    """The frozen teacher with one tap per student level, each resized to that level's stride in the hook.
-
-    Returns the teacher and ``order``: ``teacher(x)[order[lvl]]`` is the target of student level ``l`` (the teacher
-    returns its features in call order). With ``teacher.kind=generator`` the teacher is a :class:`GeneratorTeacher`
-    (:func:`build_generator_teacher`), called as ``images, features = teacher(batch_size, generator=g)``.
-    """
-    if cfg.teacher.kind == "generator":
-        return build_generator_teacher(cfg, device, student_strides)
-    if not cfg.teacher.path:
-        raise ConfigError("teacher.path: expected the directory of a diffusers teacher (--teacher.path=DIR; see "
-                          "`dreamteacher train-teacher`)")
-    # Before _candidate_taps reads its config.json.
-    check_teacher_dir(cfg.teacher.path, "teacher.path", "--teacher.path=DIR (teacher: path: DIR in a YAML config)")
-    dtype = teacher_dtype(cfg, device)
-    common = dict(t=cfg.teacher.t, mode=cfg.teacher.mode, n_noise=cfg.teacher.n_noise,
-                  ddim_steps=cfg.teacher.ddim_steps, early_exit=cfg.teacher.early_exit and not cfg.run.naive)
-    names = cfg.teacher.taps
-    with options_named(_TEACHER_KEYS):
-        probe = DiffusionTeacher.from_pretrained(cfg.teacher.path, taps=None if names else _candidate_taps(cfg),
-                                                 text_embedding=cfg.teacher.text_embedding or None,
-                                                 conditioning=cfg.teacher.conditioning,
-                                                 embedding_cache_dir=cfg.run.out_dir, **common)
-    if names is None:  # automatic choice from the candidates' native strides (a dry run on a tiny input)
-        info = probe.feature_info
-        picked = select_taps([i["native_reduction"] for i in info], student_strides)
-        names = [info[j]["module"] for j in picked]
-    else:  # ADM block names (output_blocks.5) of a converted guided-diffusion teacher -> its modules
-        from .teachers.adm import translate_adm_taps
-
-        names = translate_adm_taps(list(names), probe.adm_taps, "teacher.taps")
-    probe.taps.remove()
-    # Build the real taps in call order; strides per tap are the student's strides of the levels they feed.
-    call_rank = {n: i for i, n in enumerate(_call_order(probe, names))}
-    ordered = sorted(range(len(names)), key=lambda lvl: call_rank[names[lvl]])
-    teacher = DiffusionTeacher(probe.unet, probe.scheduler, vae=probe.vae,
-                               text_embedding=probe.uncond_embedding if probe.conditional else None,
-                               conditioning_source=probe.conditioning_source,
-                               taps=[names[lvl] for lvl in ordered], strides=[student_strides[lvl] for lvl in ordered],
-                               adm_taps=probe.adm_taps, **common)
-    check_image_size(teacher, cfg.data.image_size, "data.image_size")
-    teacher = teacher.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
-    if _channels_last(cfg, device) and device.type == "cuda":
-        teacher = teacher.to(memory_format=torch.channels_last)
-    order = [ordered.index(lvl) for lvl in range(len(names))]
-    return teacher, order
+def teacher_for(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int]):
+    """:func:`~dreamteacher.teachers.build.build_teacher` with this run's settings outside ``cfg.teacher``.
+    Returns ``(teacher, order)``."""
+    return build_teacher(cfg.teacher, device=device, student_strides=student_strides, image_size=cfg.data.image_size,
+                         naive=cfg.run.naive, cache_dir=cfg.run.out_dir, channels_last=_channels_last(cfg, device))
 
 
 def teacher_dtype(cfg: PretrainConfig, device: torch.device) -> str:
-    """``teacher.dtype`` with auto resolved: bfloat16 on GPU, float32 on CPU."""
-    if cfg.teacher.dtype != "auto":
-        return cfg.teacher.dtype
-    return "bfloat16" if device.type == "cuda" else "float32"
-
-
-def build_generator_teacher(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int]
-                            ) -> tuple[GeneratorTeacher, list[int]]:
-    """``teacher.kind=generator``: the frozen generator of ``teacher.generator``
-    (:func:`~dreamteacher.teachers.generator.load_generator`) with one tap per student level (``teacher.taps``, else the
-    generator's ``tap_names``), each resized to its level's stride relative to the generated image, which must be
-    ``data.image_size`` square. Returns the teacher and ``order`` as :func:`build_teacher` does."""
-    from .teachers.generator import load_generator
-
-    with options_named({"generator": "teacher.generator", "taps": "teacher.taps", "names": "teacher.taps",
-                        "strides": "teacher.taps"}):
-        module, default_taps, module_latent = load_generator(cfg.teacher.generator, "teacher.generator",
-                                                             taps=cfg.teacher.taps)
-        names = cfg.teacher.taps if cfg.teacher.taps is not None else default_taps
-        if names is None:
-            raise ConfigError(f"teacher.taps: the generator {cfg.teacher.generator} has no tap_names attribute; name "
-                              f"one of its modules per student level (fine to coarse, {len(student_strides)} of "
-                              "them) with --teacher.taps=A,B,...")
-        if len(names) != len(student_strides):
-            raise ConfigError(f"teacher.taps: expected {len(student_strides)} module names (one per student level, "
-                              f"fine to coarse), got {len(names)}: {list(names)}")
-        latent_dim = cfg.teacher.latent_dim or module_latent
-        if latent_dim is None:
-            raise ConfigError(f"teacher.latent_dim: the generator {cfg.teacher.generator} has no latent_dim "
-                              "attribute; give the size of its z with --teacher.latent_dim=N")
-        if module_latent is not None and cfg.teacher.latent_dim and cfg.teacher.latent_dim != module_latent:
-            raise ConfigError(f"teacher.latent_dim: {cfg.teacher.latent_dim} asked for, but the generator's "
-                              f"latent_dim is {module_latent}; drop teacher.latent_dim")
-        dtype = teacher_dtype(cfg, device)
-        module = module.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
-        # The features come in call order; find it with a dry run (a generator runs coarse to fine).
-        order_probe = GeneratorTeacher(module, list(names), latent_dim=latent_dim)
-        seen: list[str] = []
-        handles = [module.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.append(n))
-                   for n in dict.fromkeys(names)]
-        try:
-            image_size = order_probe.image_size
-        except UserError:
-            raise
-        except RuntimeError as e:
-            if not str(e).startswith("FeatureTaps:"):
-                raise ConfigError(f"teacher.generator: {cfg.teacher.generator} failed on a latent of size "
-                                  f"{latent_dim} ({str(e).splitlines()[0][:200]}); check teacher.latent_dim") from e
-            raise ConfigError(f"teacher.taps: each tapped module must run once in the generator's forward "
-                              f"({str(e).partition(': ')[2][:300]})") from e
-        except Exception as e:  # the generator's own code failed on z [1, latent_dim]
-            raise ConfigError(f"teacher.generator: {cfg.teacher.generator} failed on a latent of size {latent_dim} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); check "
-                              "teacher.latent_dim") from e
-        finally:
-            for h in handles:
-                h.remove()
-            order_probe.taps.remove()
-        if image_size != (cfg.data.image_size, cfg.data.image_size):
-            raise ConfigError(f"data.image_size: the generator makes {image_size[0]}x{image_size[1]} images; set "
-                              f"--data.image_size={image_size[0]}" if image_size[0] == image_size[1] else
-                              f"data.image_size: the generator makes {image_size[0]}x{image_size[1]} images; "
-                              "pretraining needs square ones")
-        call_rank = {n: i for i, n in enumerate(dict.fromkeys(seen))}
-        ordered = sorted(range(len(names)), key=lambda lvl: call_rank[names[lvl]])
-        teacher = GeneratorTeacher(module, [names[lvl] for lvl in ordered], latent_dim=latent_dim,
-                                   strides=[student_strides[lvl] for lvl in ordered],
-                                   feature_dtype=_DTYPES[dtype])
-        teacher.feature_info  # noqa: B018 -- the dry run, inside the options_named block
-    order = [ordered.index(lvl) for lvl in range(len(names))]
-    return teacher, order
+    """``teacher.dtype`` with auto resolved (:func:`~dreamteacher.teachers.build.resolve_dtype`)."""
+    return resolve_dtype(cfg.teacher.dtype, device)
 
 
 def _channels_last(cfg: PretrainConfig, device: torch.device) -> bool:
     """``run.channels_last``, where null means: on GPU (tensor-core convolutions want it), not on CPU."""
     return cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
-
-
-def _candidate_taps(cfg: PretrainConfig) -> list[str]:
-    import json as _json
-
-    from .teachers.adm import read_adm_taps
-
-    root = Path(cfg.teacher.path)
-    adm = read_adm_taps(root)
-    if adm is not None:  # a converted ADM teacher: every decoder block is a candidate, as DDPM-segmentation reads them
-        return [n for n in adm["taps"] if n == "middle_block" or n.startswith("output_blocks.")]
-    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
-    n_up = len(_json.loads((unet_dir / "config.json").read_text())["up_block_types"])
-    return ["mid_block"] + [f"up_blocks.{i}" for i in range(n_up)]
-
-
-def _call_order(teacher: DiffusionTeacher, names: Sequence[str]) -> list[str]:
-    """The order in which the named UNet modules run (a dry run on a tiny input)."""
-    seen: list[str] = []
-    handles = [teacher.unet.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.append(n))
-               for n in names]
-    try:
-        n_levels = len(teacher.unet.config.block_out_channels)
-        size = max(2 ** (n_levels - 1) * 2, 8)
-        x = torch.zeros(1, teacher.unet.config.in_channels, size, size, device=teacher.device, dtype=teacher.dtype)
-        tt = torch.full((1,), teacher.t, dtype=torch.long, device=teacher.device)
-        with torch.inference_mode():
-            teacher._unet_call(x, tt)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if n not in seen]
-    if missing:
-        raise UserError(f"teacher.taps: modules {missing} did not run in the teacher's forward")
-    return list(dict.fromkeys(seen))
 
 
 def build_dataset(cfg: PretrainConfig):
@@ -484,12 +329,12 @@ def build_source(cfg: PretrainConfig, device: torch.device, student_strides: Seq
     also compares ``data.augment`` with the augmentation the cache's views were made with), then its shards (sizes,
     and sha256 with ``data.cache_verify``; damaged ones per ``data.cache_on_corrupt``)."""
     if cfg.teacher.kind == "generator":
-        teacher, order = build_generator_teacher(cfg, device, student_strides)
+        teacher, order = teacher_for(cfg, device, student_strides)
         return DistillationSource(None, GeneratorTargets(teacher, memory_format), teacher, order)
     if not cfg.data.cache:
         from .data import RandomResizedCropFlip
 
-        teacher, order = build_teacher(cfg, device, student_strides)
+        teacher, order = teacher_for(cfg, device, student_strides)
         augment = RandomResizedCropFlip.from_config(cfg.data) if cfg.data.augment else None
         return DistillationSource(build_dataset(cfg), OnlineTargets(teacher, device, memory_format, augment),
                                   teacher, order)
@@ -515,6 +360,6 @@ def build_source(cfg: PretrainConfig, device: torch.device, student_strides: Seq
                                               if cfg.data.cache_on_corrupt == "error" else "")) from e
     logger.info("data.cache %s: %d samples (%d view(s) of %d images), no teacher built", cfg.data.cache,
                 len(dataset), dataset.views, manifest["num_images"])
-    targets = CacheTargets(dataset, device, memory_format, _DTYPES[teacher_dtype(cfg, device)])
+    targets = CacheTargets(dataset, device, memory_format, DTYPES[teacher_dtype(cfg, device)])
     return DistillationSource(dataset, targets, targets.teacher, order)
 

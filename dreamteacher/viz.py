@@ -500,7 +500,7 @@ def build_distillation(cfg: Any, device: torch.device | str = "cpu", *, num_clas
     Returns:
         ``(model, teacher, order)``: ``teacher(x)[order[l]]`` is the target of student level ``l``.
     """
-    from .model import DistillationModel, build_teacher
+    from .model import DistillationModel, teacher_for
     from .regressor import FeatureRegressor
     from .student import StudentBackbone
 
@@ -508,7 +508,7 @@ def build_distillation(cfg: Any, device: torch.device | str = "cpu", *, num_clas
     student = StudentBackbone(cfg.model.student, pretrained=cfg.model.pretrained if pretrained is None else pretrained,
                               reductions=tuple(cfg.model.reductions))
     strides = [info["reduction"] for info in student.feature_info]
-    teacher, order = build_teacher(cfg, device, strides)
+    teacher, order = teacher_for(cfg, device, strides)
     teacher_channels = [teacher.feature_info[order[lvl]]["num_chs"] for lvl in range(len(strides))]
     regressor = FeatureRegressor(student.feature_info, teacher_channels, width=cfg.model.width,
                                  pool_sizes=cfg.model.pool_sizes)

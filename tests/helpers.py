@@ -69,7 +69,7 @@ TINY_UNET = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), 
 
 def save_tiny_teacher(out, sample_size: int = 32):
     """Write an untrained (seed 0) :data:`TINY_UNET` teacher to ``out`` and return ``out``."""
-    from dreamteacher.teacher import DiffusionTeacher
+    from dreamteacher.teachers import DiffusionTeacher
 
     torch.manual_seed(0)
     DiffusionTeacher.from_config(dict(sample_size=sample_size, **TINY_UNET),

@@ -156,7 +156,7 @@ def test_scheduler_reproduces_the_original_schedule(tmp_path, key):
 
 
 def test_converted_directory_loads_as_a_diffusion_teacher(converted):
-    from dreamteacher.teacher import DiffusionTeacher
+    from dreamteacher.teachers import DiffusionTeacher
 
     teacher = DiffusionTeacher.from_pretrained(converted["new_order"], taps=["up_blocks.1"], t=100)
     assert teacher.num_train_timesteps == 500  # --diffusion_steps 500

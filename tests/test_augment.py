@@ -18,7 +18,7 @@ from helpers import keep_every_checkpoint, save_tiny_teacher, tiny_overrides
 
 from dreamteacher.config import ConfigError, load_config
 from dreamteacher.data import crop_flip, crop_flip_params, random_resized_crop_flip
-from dreamteacher.teacher import DiffusionTeacher
+from dreamteacher.teachers import DiffusionTeacher
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model"),

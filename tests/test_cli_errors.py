@@ -23,8 +23,8 @@ from dreamteacher.config import load_config
 from dreamteacher.data import ImageFolderDataset
 from dreamteacher.feature_cache import write_feature_cache
 from dreamteacher.interpreter import train_interpreter
-from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import TINY_UNET, train_teacher
+from dreamteacher.teachers import DiffusionTeacher
 from dreamteacher.train import pretrain
 
 pytestmark = [

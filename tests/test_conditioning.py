@@ -20,8 +20,8 @@ from test_teacher import LATENT_UNET, PIXEL_UNET, VAE, images
 
 import dreamteacher.teachers.diffusion as teacher_mod
 from dreamteacher.config import ConfigError, PretrainConfig, load_config
-from dreamteacher.model import build_teacher
-from dreamteacher.teacher import DiffusionTeacher
+from dreamteacher.model import teacher_for
+from dreamteacher.teachers import DiffusionTeacher
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning"),
@@ -200,7 +200,7 @@ def test_pretrain_build_teacher_passes_the_keys(sd_dir, tmp_path, caplog):
     cfg.teacher.path, cfg.teacher.taps, cfg.run.out_dir = str(sd_dir), ["up_blocks.1"], str(tmp_path / "run")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dreamteacher"):
-        teacher, _ = build_teacher(cfg, torch.device("cpu"), [8])
+        teacher, _ = teacher_for(cfg, torch.device("cpu"), [8])
     assert torch.equal(teacher.uncond_embedding, by_hand(sd_dir))
     (line,) = conditioning_lines(caplog)  # one line, though build_teacher builds the teacher twice
     assert f"text encoder of {sd_dir} (empty prompt)" in line
@@ -210,13 +210,13 @@ def test_pretrain_build_teacher_passes_the_keys(sd_dir, tmp_path, caplog):
     save_file({"embedding": emb}, str(tmp_path / "emb.safetensors"))
     cfg = load_config(None, [f"--teacher.path={sd_dir}", "--teacher.taps=up_blocks.1", "--model.reductions=8",
                              f"--teacher.text_embedding={tmp_path / 'emb.safetensors'}"])
-    teacher, _ = build_teacher(cfg, torch.device("cpu"), [8])
+    teacher, _ = teacher_for(cfg, torch.device("cpu"), [8])
     assert torch.equal(teacher.uncond_embedding, emb[None])
     assert teacher.conditioning_source == f"file {tmp_path / 'emb.safetensors'}"
 
     cfg = load_config(None, [f"--teacher.path={sd_dir}", "--teacher.taps=up_blocks.1", "--model.reductions=8",
                              "--teacher.conditioning=zeros"])
-    teacher, _ = build_teacher(cfg, torch.device("cpu"), [8])
+    teacher, _ = teacher_for(cfg, torch.device("cpu"), [8])
     assert teacher.uncond_embedding.shape == (1, 1, CROSS_DIM) and not teacher.uncond_embedding.any()
     assert teacher.conditioning_source == "zeros (explicit opt-in)"
 

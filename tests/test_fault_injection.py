@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamteacher.teacher import DiffusionTeacher
+from dreamteacher.teachers import DiffusionTeacher
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
 REPO = Path(__file__).resolve().parent.parent

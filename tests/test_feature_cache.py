@@ -22,7 +22,7 @@ from dreamteacher.feature_cache import (
     _batch_seed,
     write_feature_cache,
 )
-from dreamteacher.teacher import DiffusionTeacher
+from dreamteacher.teachers import DiffusionTeacher
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning"),

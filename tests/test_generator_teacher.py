@@ -20,7 +20,7 @@ from helpers import keep_every_checkpoint
 import dtkernels
 from dreamteacher import cli
 from dreamteacher.config import ConfigError, load_config
-from dreamteacher.teacher import resize_to_stride
+from dreamteacher.teachers import resize_to_stride
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model"),

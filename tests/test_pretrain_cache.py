@@ -31,8 +31,8 @@ from dreamteacher.feature_cache import (
     teacher_files_digest,
     write_feature_cache,
 )
-from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import TINY_UNET
+from dreamteacher.teachers import DiffusionTeacher
 from dreamteacher.train import pretrain
 
 pytestmark = [

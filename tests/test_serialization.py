@@ -29,7 +29,7 @@ import torch
 from dreamteacher import serialization as S
 from dreamteacher.config import load_config
 from dreamteacher.runtime import load_checkpoint
-from dreamteacher.teacher import DiffusionTeacher
+from dreamteacher.teachers import DiffusionTeacher
 from dreamteacher.train import pretrain
 
 pytestmark = [
@@ -247,7 +247,7 @@ def test_the_feature_cache_reader_refuses_a_planted_shard(teacher_dir, tmp_path)
 
 
 def test_a_planted_text_embedding_is_refused(tmp_path):
-    from dreamteacher.teacher import _load_embedding
+    from dreamteacher.teachers.diffusion import _load_embedding
 
     marker = tmp_path / "RAN"
     with pytest.raises(S.UnsafeFileError, match=r"text_embedding: .*evil.pt was not loaded: .*\(posix.system\)"):

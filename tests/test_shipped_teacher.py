@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 
-from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import (
     SHIPPED_TEACHERS,
     TINY_UNET,
@@ -17,6 +16,7 @@ from dreamteacher.teacher_training import (
     shipped_teacher,
     train_teacher,
 )
+from dreamteacher.teachers import DiffusionTeacher
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dtkernels
-from dreamteacher.teacher import DiffusionTeacher, FeatureTaps, GeneratorTeacher, resize_to_stride
+from dreamteacher.teachers import DiffusionTeacher, FeatureTaps, GeneratorTeacher, resize_to_stride
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:dtkernels.q_sample:RuntimeWarning"),

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from dreamteacher.teacher import DiffusionTeacher
 from dreamteacher.teacher_training import (
     EMA,
     TINY_UNET,
@@ -22,6 +21,7 @@ from dreamteacher.teacher_training import (
     fixed_batch_loss,
     train_teacher,
 )
+from dreamteacher.teachers import DiffusionTeacher
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model"),

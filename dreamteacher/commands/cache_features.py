@@ -130,9 +130,9 @@ def _config_teacher(cfg, device: str):
     ``model.reductions``, in call order, ``teacher.dtype`` resolved), and the crop + flip of ``data.augment``."""
     import torch
 
-    from ..model import build_teacher
+    from ..model import teacher_for
 
-    teacher, _ = build_teacher(cfg, torch.device(device), list(cfg.model.reductions))
+    teacher, _ = teacher_for(cfg, torch.device(device), list(cfg.model.reductions))
     teacher.source = cfg.teacher.path  # the manifest records the teacher's files, which pretrain checks
     augment = None
     if cfg.data.augment:

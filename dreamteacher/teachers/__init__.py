@@ -7,9 +7,12 @@
 * :mod:`.adm` -- guided-diffusion (ADM) checkpoints converted into exact diffusers teachers, and ADM block names
   (``output_blocks.5``) as taps: :func:`convert_adm`.
 * :mod:`.generator` -- GAN-style generators (``MODULE:FACTORY`` or TorchScript): :class:`GeneratorTeacher`.
+* :mod:`.build` -- :func:`build_teacher`, the one place a teacher is built from ``cfg.teacher`` (tap choice, call
+  order, dtype), for every command.
 """
 
 from .adm import ADMConversionError, convert_adm, parse_adm_flags
+from .build import build_teacher, resolve_dtype
 from .diffusion import (
     CONDITIONINGS,
     DEFAULT_T,
@@ -27,4 +30,5 @@ from .taps import FeatureTaps, default_tap_names, describe_tap, resize_to_stride
 __all__ = ["FeatureTaps", "resize_to_stride", "default_tap_names", "describe_tap", "select_taps",
            "state_fingerprint", "DiffusionTeacher", "check_image_size", "check_teacher_dir", "encode_empty_prompt",
            "MODES", "DEFAULT_T", "CONDITIONINGS", "ZEROS_SOURCE", "UNCOND_EMBEDDING_FILE", "GeneratorTeacher",
-           "ScriptedGenerator", "load_generator", "convert_adm", "parse_adm_flags", "ADMConversionError"]
+           "ScriptedGenerator", "load_generator", "convert_adm", "parse_adm_flags", "ADMConversionError",
+           "build_teacher", "resolve_dtype"]

@@ -36,8 +36,8 @@ from .taps import FeatureTaps, _first_tensor, _jsonable, state_fingerprint
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["DiffusionTeacher", "check_image_size", "check_teacher_dir", "encode_empty_prompt", "MODES",
-           "DEFAULT_T", "CONDITIONINGS", "ZEROS_SOURCE", "UNCOND_EMBEDDING_FILE"]
+__all__ = ["DiffusionTeacher", "candidate_taps", "check_image_size", "check_teacher_dir", "encode_empty_prompt",
+           "MODES", "DEFAULT_T", "CONDITIONINGS", "ZEROS_SOURCE", "UNCOND_EMBEDDING_FILE"]
 
 #: Encoding modes of :class:`DiffusionTeacher`.
 MODES = ("stochastic", "deterministic")
@@ -305,7 +305,7 @@ def encode_empty_prompt(root: str | os.PathLike) -> tuple[torch.Tensor, dict[str
     mask = tokens.attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
     with torch.inference_mode():
         emb = text_encoder(tokens.input_ids, attention_mask=mask)[0]
-    meta = {"made_by": "dreamteacher.teacher.encode_empty_prompt", "prompt": "", "recipe": _CACHE_RECIPE,
+    meta = {"made_by": "dreamteacher.teachers.encode_empty_prompt", "prompt": "", "recipe": _CACHE_RECIPE,
             "teacher": str(root), "tokenizer_class": type(tokenizer).__name__,
             "text_encoder_class": type(text_encoder).__name__, "max_length": str(max_length),
             "transformers_version": transformers.__version__}
@@ -720,3 +720,17 @@ def _forward_params(module: nn.Module) -> set[str]:
         return set()
 
 
+
+
+def candidate_taps(path: str | os.PathLike) -> list[str]:
+    """The UNet modules the automatic tap choice picks from: a converted ADM teacher's middle and decoder blocks (as
+    DDPM-segmentation reads them), else diffusers' ``mid_block`` and every ``up_blocks.i``."""
+    from .adm import read_adm_taps
+
+    root = Path(path)
+    adm = read_adm_taps(root)
+    if adm is not None:
+        return [n for n in adm["taps"] if n == "middle_block" or n.startswith("output_blocks.")]
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    n_up = len(json.loads((unet_dir / "config.json").read_text())["up_block_types"])
+    return ["mid_block"] + [f"up_blocks.{i}" for i in range(n_up)]

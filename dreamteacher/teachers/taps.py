@@ -259,3 +259,20 @@ def select_taps(native_strides: Sequence[int], student_strides: Sequence[int]) -
             best, best_cost = combo, cost
     by_stride = dict(zip(targets, best))
     return [by_stride[s] for s in student_strides]
+
+
+def call_order(module: nn.Module, names: Sequence[str], run: Callable[[], Any], *, option: str = "taps") -> list[str]:
+    """The order in which the named submodules of ``module`` run during ``run()`` (a dry run), each name once;
+    :class:`UserError` naming ``option`` for a module that did not run. Taps are built in this order, so a teacher's
+    features come out in call order."""
+    seen: list[str] = []
+    handles = [module.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.append(n)) for n in names]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise UserError(f"{option}: modules {missing} did not run in the teacher's forward")
+    return list(dict.fromkeys(seen))
