@@ -98,6 +98,8 @@ class TeacherConfig:
     dtype: str = opt("auto", "teacher weights and features dtype (auto: bfloat16 on GPU, float32 on CPU)",
                      choices=("auto", "float32", "bfloat16", "float16"))
     early_exit: bool = opt(True, "stop the teacher forward after the last tapped block")
+    fused_ops: bool = opt(True, "run the teacher's GroupNorm+SiLU through dtkernels.group_norm_act; false: stock "
+                                "diffusers")
     text_embedding: str = opt("", "conditional (latent, Stable Diffusion style) teachers: .safetensors or .pt file "
                                   "with the unconditional text embedding [L, D] or [1, L, D], D the UNet's "
                                   "cross_attention_dim; empty: see teacher.conditioning")

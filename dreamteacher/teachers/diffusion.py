@@ -361,6 +361,10 @@ class DiffusionTeacher(nn.Module):
         ddim_steps: inversion steps in deterministic mode.
         early_exit: stop the UNet forward after the last tapped module.
         feature_dtype: cast the returned features (e.g. ``torch.bfloat16``); None keeps the model's dtype.
+        fused_ops: run the UNet's GroupNorm + SiLU pairs (residual blocks and output) through
+            :func:`dtkernels.group_norm_act` (:func:`~dreamteacher.teachers.fused.fuse_teacher_ops`; the state_dict
+            is unchanged); False: the stock diffusers modules (a UNet fused earlier is restored). The features
+            differ by float rounding only, so this is not part of :meth:`identity` or :meth:`extraction_config`.
 
     Shapes:
         input ``[B, 3, H, W]`` in ``[-1, 1]``; output: one ``[B, C_l, ceil(H / s_l), ceil(W / s_l)]`` per tap.
@@ -371,7 +375,8 @@ class DiffusionTeacher(nn.Module):
                  conditioning_source: str | None = None, taps: Sequence[str] | None = None,
                  strides: Sequence[int] | None = None, t: int = DEFAULT_T, mode: str = "stochastic",
                  n_noise: int = 1, ddim_steps: int = 10, early_exit: bool = True,
-                 feature_dtype: torch.dtype | None = None, adm_taps: dict | None = None) -> None:
+                 feature_dtype: torch.dtype | None = None, adm_taps: dict | None = None,
+                 fused_ops: bool = True) -> None:
         super().__init__()
         from diffusers import DDPMScheduler
 
@@ -430,6 +435,16 @@ class DiffusionTeacher(nn.Module):
         self._feature_info: list[dict] | None = None
         self.requires_grad_(False)
         self.eval()
+        if not isinstance(fused_ops, bool):
+            raise UserError(f"fused_ops: expected true or false, got {fused_ops!r}")
+        from .fused import fuse_teacher_ops, unfuse_teacher_ops
+
+        #: Whether the UNet's GroupNorm + SiLU pairs run through dtkernels.group_norm_act.
+        self.fused_ops = fused_ops
+        #: How many places run through it (:func:`~dreamteacher.teachers.fused.fusion_report`); 0 when not fused.
+        self.fused_places = fuse_teacher_ops(unet) if fused_ops else 0
+        if not fused_ops:
+            unfuse_teacher_ops(unet)  # the UNet may be shared with a teacher built with fused_ops=True
 
     # ------------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -465,7 +480,8 @@ class DiffusionTeacher(nn.Module):
         in ``embedding_cache_dir`` where ``path`` is not writable); ``path/uncond_embedding.safetensors``. With none
         of them it refuses. ``conditioning="zeros"`` is the explicit opt-in to zeros. One INFO line names the
         source. A directory written by ``dreamteacher convert-adm`` (its ``adm_taps.json``) also takes ADM block names
-        (``output_blocks.5``) as ``taps``. ``kwargs`` go to the constructor.
+        (``output_blocks.5``) as ``taps``. ``kwargs`` go to the constructor (e.g. ``fused_ops=False`` for the stock
+        diffusers GroupNorm + SiLU; the fusion is applied after the weights are loaded).
         """
         import diffusers
 
@@ -709,7 +725,8 @@ class DiffusionTeacher(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, t={self.t}, n_noise={self.n_noise}, taps={self.taps.names}, "
-                f"strides={self.taps.strides}, early_exit={self.taps.early_exit}, latent={self.vae is not None}")
+                f"strides={self.taps.strides}, early_exit={self.taps.early_exit}, latent={self.vae is not None}, "
+                f"fused_ops={self.fused_ops}")
 
 
 def _forward_params(module: nn.Module) -> set[str]:
