@@ -14,9 +14,10 @@ writes the whole feature map two or three times in eager PyTorch (GroupNorm, the
   :class:`SiLUFusedIntoNorm`, which hands the norm's output on untouched.
 
 Only classes change (``module.__class__``): no parameter, buffer or submodule is added, removed or renamed, so the
-state_dict (its keys, values and the teacher fingerprints made from it) is the same, and deep copies, pickles and
-``save_pretrained`` keep working. Blocks of another make (a subclass of ``ResnetBlock2D``, another norm or
-activation) are left as they are and counted by :func:`fusion_report`.
+state_dict (its keys, values and the teacher fingerprints made from it) is the same (the output pair also shares a
+plain ``_fused_handoff`` attribute, outside the state_dict), and deep copies, pickles and ``save_pretrained`` keep
+working. Blocks of another make (a subclass of ``ResnetBlock2D``, another norm or activation, ``eps`` 0) are left as
+they are and counted by :func:`fusion_report`.
 
 A place whose modules have a forward hook or pre-hook when :func:`fuse_teacher_ops` runs (``norm1``, ``norm2``,
 ``nonlinearity``; ``conv_norm_out``, ``conv_act``: a feature tap on them, say) stays stock, so the hook sees what it
@@ -85,7 +86,7 @@ def _norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor, scale: torch.
 
 
 def _affine_group_norm(m: Any) -> bool:
-    return type(m) is nn.GroupNorm and m.affine
+    return type(m) is nn.GroupNorm and m.affine and m.eps > 0  # the op takes eps > 0 only
 
 
 class FusedResnetBlock2D(ResnetBlock2D):
