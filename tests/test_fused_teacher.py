@@ -316,3 +316,17 @@ def test_converted_adm_teacher_gives_the_stock_features(adm, name):
     bf16_stock = _run(_adm_teacher(adm[name], False, torch.bfloat16), images)
     for i, (f, s, r) in enumerate(zip(bf16, bf16_stock, ref)):
         assert _rel(f, r) <= 2 * _rel(s, r) + BF16_ATOL, (i, _rel(f, r), _rel(s, r))
+
+
+@pytest.mark.parametrize("overrides,fused", [([], True), (["--teacher.fused_ops=false"], False),
+                                             (["--run.naive=true"], False)])
+def test_the_config_decides_whether_pretrain_fuses_the_teacher(tmp_path, overrides, fused):
+    from helpers import save_tiny_teacher
+
+    from dreamteacher.config import load_config
+    from dreamteacher.model import teacher_for
+
+    teacher_dir = save_tiny_teacher(tmp_path / "teacher")
+    cfg = load_config(None, [f"--teacher.path={teacher_dir}", "--data.image_size=32", *overrides])
+    teacher, _ = teacher_for(cfg, torch.device("cpu"), [4, 8, 16])
+    assert teacher.fused_ops is fused and (teacher.fused_places > 0) is fused

@@ -52,7 +52,8 @@ def build_teacher(cfg: TeacherConfig, *, device: torch.device, student_strides: 
     check_teacher_dir(cfg.path, "teacher.path", "--teacher.path=DIR (teacher: path: DIR in a YAML config)")
     dtype = resolve_dtype(cfg.dtype, device)
     common = dict(t=cfg.t, mode=cfg.mode, n_noise=cfg.n_noise,
-                  ddim_steps=cfg.ddim_steps, early_exit=cfg.early_exit and not naive)
+                  ddim_steps=cfg.ddim_steps, early_exit=cfg.early_exit and not naive,
+                  fused_ops=cfg.fused_ops and not naive)  # run.naive: stock diffusers, the baseline
     names = cfg.taps
     with options_named(_TEACHER_KEYS):
         probe = DiffusionTeacher.from_pretrained(cfg.path, taps=None if names else candidate_taps(cfg.path),
