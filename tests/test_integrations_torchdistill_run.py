@@ -28,24 +28,30 @@ import train_tiny  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 4
+#: Paper-mode AT's gradient is (q_s - q_t) / ||q_s - q_t||, which turns last-bit differences into direction changes
+#: as the maps converge: on an AVX2-only EPYC the paper-mode losses of two correct implementations (dtkernels' C++
+#: kernel and its eager PyTorch reference alike, against torchdistill) part by 0, 2.6e-7, 2.5e-6 and 1.2e-5 over 4
+#: steps, and the weights by 1.5e-8 after one step but 1.3e-6 after two. So paper mode is compared over one SGD
+#: step (its losses and every weight, i.e. the whole backward), code mode over four.
+STEPS_BY_MODE = {"code": STEPS, "paper": 1}
 #: float32 tolerance for a few SGD steps of the same model computed two ways (the first step's losses differ in
 #: the last bit: the fused and eager reductions sum in different orders).
 LOSS_TOL = {"rtol": 1e-5, "atol": 0.0}
 WEIGHT_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
-def train(fused: bool, at_mode: str):
+def train(fused: bool, at_mode: str, steps: int = STEPS):
     box = train_tiny.build_box(train_tiny.load_config(fused=fused, at_mode=at_mode))
     criteria = {type(c) for c, _ in box.criterion.term_dict.values()}
     assert box.criterion.term_dict["at_loss"][0].mode == at_mode
-    losses = train_tiny.train_steps(box, STEPS)
+    losses = train_tiny.train_steps(box, steps)
     return criteria, losses, {k: v.detach().clone() for k, v in box.student_model.named_parameters()}
 
 
 @pytest.mark.parametrize("at_mode", ["code", "paper"])
 def test_the_fused_losses_train_as_torchdistills_own(at_mode):
-    fused_criteria, fused_losses, fused_weights = train(True, at_mode)
-    ref_criteria, ref_losses, ref_weights = train(False, at_mode)
+    fused_criteria, fused_losses, fused_weights = train(True, at_mode, STEPS_BY_MODE[at_mode])
+    ref_criteria, ref_losses, ref_weights = train(False, at_mode, STEPS_BY_MODE[at_mode])
     assert fused_criteria == {FusedATLoss, FusedKDLoss} and ref_criteria == {ATLoss, KDLoss}
     torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(ref_losses), **LOSS_TOL)
     initial = dict(train_tiny.load_config()["models"]["student_model"].named_parameters())

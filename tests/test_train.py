@@ -26,9 +26,8 @@ from dreamteacher import cli
 from dreamteacher.config import ConfigError, PretrainConfig, config_from_dict, load_config
 from dreamteacher.data import SHAPE_CLASSES, ImageFolderDataset, ProceduralShapes, SkipUnreadable, render_shapes
 from dreamteacher.export import export_backbone
-from dreamteacher.model import select_taps
 from dreamteacher.teacher_training import TINY_UNET, train_teacher
-from dreamteacher.teachers import DiffusionTeacher
+from dreamteacher.teachers import DiffusionTeacher, select_taps
 from dreamteacher.train import pretrain
 
 pytestmark = [
