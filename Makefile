@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	$(BIN)/python -c "import dtkernels, json; print(json.dumps(dtkernels.backends(), indent=1, default=str))"
 	touch $@
 
+# Both cores: one pytest-xdist worker each; a file's tests stay in one worker so its module fixtures (tiny trained
+# teachers, converted checkpoints, Triton compiles) are built once. Workers keep torch's default threads: a test
+# that runs two things at once needs two (most modules pin one thread with the one_thread fixture).
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -n 2 --dist loadfile --durations=40
 
 bench: $(STAMP)
 	mkdir -p .benchmarks
