@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import UserError
+from .faults import EXIT_PREEMPTED
 from .serialization import (
     CorruptFileError,
     encode_rng_states,
@@ -322,7 +323,7 @@ class StopFlag:
             logger.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
         else:
             logger.warning("%s: stopping after this step and saving a checkpoint; then exiting with code %d (rerun "
-                           "with --resume auto to continue)", name, _exit_preempted())
+                           "with --resume auto to continue)", name, EXIT_PREEMPTED)
 
     def __enter__(self) -> StopFlag:
         for name in self.SIGNALS:
@@ -337,12 +338,6 @@ class StopFlag:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
-
-
-def _exit_preempted() -> int:
-    from .faults import EXIT_PREEMPTED
-
-    return EXIT_PREEMPTED
 
 
 class _PlainProgress:

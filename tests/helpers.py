@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 #: Relative slack added to the tolerance rule, per dtype (scaled by the reference's magnitude).
@@ -106,3 +109,17 @@ def keep_every_checkpoint(monkeypatch, suffix: str = ".pt") -> list:
 
     monkeypatch.setattr(train_mod, "save_checkpoint", keep)
     return saved
+
+
+def cli_env(**extra) -> dict:
+    """The environment of a CLI subprocess of the fault tests: one thread, unbuffered, warnings off, this checkout
+    importable, ``extra`` added."""
+    out = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", **extra}
+    out["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), out.get("PYTHONPATH", "")])
+    return out
+
+
+def logged_steps(out) -> int:
+    """Records in ``out/log.jsonl`` so far (0 before it exists)."""
+    path = Path(out) / "log.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,13 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dreamteacher.teachers import DiffusionTeacher
+from helpers import cli_env, logged_steps, save_tiny_teacher
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model")
 REPO = Path(__file__).resolve().parent.parent
-TINY_UNET = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8,
-                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
 
 WRAPPER = r'''
 import os, sys, time
@@ -85,12 +81,6 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def env(**extra) -> dict:
-    out = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", **extra}
-    out["PYTHONPATH"] = os.pathsep.join([str(REPO), out.get("PYTHONPATH", "")])
-    return out
-
-
 def run(wrapper: Path, argv: list, *, fault: str = "", kill_when=None, workdir: Path, timeout: float = 300):
     """Run the CLI; SIGKILL it as soon as ``kill_when()`` is true (or the fault point is reached).
 
@@ -98,7 +88,7 @@ def run(wrapper: Path, argv: list, *, fault: str = "", kill_when=None, workdir: 
     flag = workdir / f"reached_{time.monotonic_ns()}"
     log = open(workdir / f"stderr_{time.monotonic_ns()}", "w+")  # noqa: SIM115 -- closed below
     proc = subprocess.Popen([sys.executable, str(wrapper), *map(str, argv)], stdout=subprocess.DEVNULL, stderr=log,
-                            env=env(DT_FAULT=fault, DT_FAULT_SIGNAL=str(flag)), text=True)
+                            env=cli_env(DT_FAULT=fault, DT_FAULT_SIGNAL=str(flag)), text=True)
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None:
@@ -118,11 +108,6 @@ def run(wrapper: Path, argv: list, *, fault: str = "", kill_when=None, workdir: 
     return proc.returncode, stderr
 
 
-def logged_steps(out: Path) -> int:
-    path = out / "log.jsonl"
-    return path.read_text().count("\n") if path.is_file() else 0
-
-
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
@@ -136,11 +121,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_dir(workdir) -> Path:
-    out = workdir / "teacher"
-    torch.manual_seed(0)
-    DiffusionTeacher.from_config(dict(sample_size=32, **TINY_UNET),
-                                 scheduler_config={"num_train_timesteps": 1000}).save_pretrained(out)
-    return out
+    return save_tiny_teacher(workdir / "teacher")
 
 
 def pretrain_args(teacher_dir: Path, out: Path) -> list[str]:
@@ -155,7 +136,7 @@ def test_killed_pretraining_always_resumes_to_the_same_losses(workdir, teacher_d
     wrapper = workdir / "wrapper.py"
     ref, out = workdir / "reference", workdir / "killed"
     ckpts = out / "checkpoints"
-    reference = subprocess.Popen([sys.executable, str(wrapper), *pretrain_args(teacher_dir, ref)], env=env(),
+    reference = subprocess.Popen([sys.executable, str(wrapper), *pretrain_args(teacher_dir, ref)], env=cli_env(),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     args = pretrain_args(teacher_dir, out)
 
@@ -215,7 +196,7 @@ def test_killed_feature_caching_resumes_to_a_cache_that_verifies(workdir, teache
                 "--shard-size", "2", "--batch-size", "2", "--strides", "4", "8", "16", "--no-progress"]
 
     ref, out = workdir / "cache_ref", workdir / "cache_killed"
-    reference = subprocess.Popen([sys.executable, str(wrapper), *args(ref)], env=env(), stdout=subprocess.DEVNULL,
+    reference = subprocess.Popen([sys.executable, str(wrapper), *args(ref)], env=cli_env(), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)
     # 1. killed with shard 1 half written: shard 0 is finished and listed
     rc, _ = run(wrapper, args(out), fault="shard-mid-write:1", workdir=workdir)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_env, logged_steps, save_tiny_teacher
 
 from dreamteacher import cli
 from dreamteacher.faults import (
@@ -43,13 +44,10 @@ from dreamteacher.faults import (
     guarded_write,
     json_line,
 )
-from dreamteacher.teachers.diffusion import DiffusionTeacher
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Cannot initialize model"),
               pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parent.parent
-TINY_UNET = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8,
-                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
 
 # The CLI, with hooks that make a run slow enough to be signalled at a chosen point (they change no number).
 WRAPPER = r'''
@@ -103,12 +101,6 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def env(**extra) -> dict:
-    out = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", **extra}
-    out["PYTHONPATH"] = os.pathsep.join([str(REPO), out.get("PYTHONPATH", "")])
-    return out
-
-
 class Child:
     """The CLI in a subprocess of its own process group (so that a signal can go to the group, as SLURM sends it)."""
 
@@ -127,7 +119,7 @@ class Child:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
 
         self.proc = subprocess.Popen(cmd, stdout=self.err, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=limit, env=env(DT_FAULT=fault, DT_FAULT_SIGNAL=str(self.flag)))
+                                     preexec_fn=limit, env=cli_env(DT_FAULT=fault, DT_FAULT_SIGNAL=str(self.flag)))
 
     def wait_until(self, condition, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -154,11 +146,6 @@ class Child:
         out = self.output()
         self.err.close()
         return rc, out
-
-
-def logged_steps(out: Path) -> int:
-    path = out / "log.jsonl"
-    return path.read_text().count("\n") if path.is_file() else 0
 
 
 def records(out: Path) -> list[dict]:
@@ -189,11 +176,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_dir(workdir) -> Path:
-    out = workdir / "teacher"
-    torch.manual_seed(0)
-    DiffusionTeacher.from_config(dict(sample_size=32, **TINY_UNET),
-                                 scheduler_config={"num_train_timesteps": 1000}).save_pretrained(out)
-    return out
+    return save_tiny_teacher(workdir / "teacher")
 
 
 def pretrain_args(teacher_dir: Path, out: Path, **extra) -> list[str]:
@@ -447,15 +430,16 @@ def test_divergence_stops_before_anything_is_written_from_it(teacher_dir, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ the pieces
+INF = float("inf")
+
+
 def test_json_line_is_strict_and_names_what_was_not_finite():
-    line = json_line({"step": 3, "loss": float("nan"), "mse": [1.0, float("inf")], "lr": 0.1, "d": {"x": -math_inf}})
+    line = json_line({"step": 3, "loss": float("nan"), "mse": [1.0, float("inf")], "lr": 0.1, "d": {"x": -INF}})
     record = json.loads(line, parse_constant=_refuse)
     assert record == {"step": 3, "loss": None, "mse": [1.0, None], "lr": 0.1, "d": {"x": None},
                       "nonfinite": ["loss", "mse[1]", "d.x"]}
     assert "nonfinite" not in json.loads(json_line({"loss": 1.5}))
 
-
-math_inf = float("inf")
 
 
 def test_first_nonfinite_names_the_part_and_level():
