@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -123,3 +124,27 @@ def logged_steps(out) -> int:
     """Records in ``out/log.jsonl`` so far (0 before it exists)."""
     path = Path(out) / "log.jsonl"
     return path.read_text().count("\n") if path.is_file() else 0
+
+
+#: The C++ library was deliberately not built (DTKERNELS_BUILD_CPP=0): its backend's tests skip instead of failing.
+CPP_SKIPPED_ON_PURPOSE = os.environ.get("DTKERNELS_BUILD_CPP") == "0"
+
+
+@contextlib.contextmanager
+def cpu_backend(name: str, op: str | None = None):
+    """Run the body with dtkernels forced to backend ``name`` ("cpp", "auto" or "reference"). "cpp" and "auto" need
+    the C++ library (skipped under DTKERNELS_BUILD_CPP=0, a failure otherwise); "cpp" with ``op`` also needs that
+    op's CPU kernel in it."""
+    import pytest
+
+    import dtkernels
+
+    if name in ("cpp", "auto") and not dtkernels.backends()["cpp"]["available"]:
+        if CPP_SKIPPED_ON_PURPOSE:
+            pytest.skip("DTKERNELS_BUILD_CPP=0: the C++ library was deliberately not built")
+        pytest.fail(f"the C++ library is not available: {dtkernels.backends()['cpp']['detail']}")
+    if name == "cpp" and op is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(f"dtkernels::{op}",
+                                                                                                 "CPU"):
+        pytest.fail(f"the C++ library was built without the {op} kernel (csrc/{op}.cpp); rebuild it")
+    with dtkernels.use_backend(name):
+        yield name

@@ -14,13 +14,20 @@ import textwrap
 
 import pytest
 import torch
-from helpers import LAYOUTS, assert_close_rule, make_levels, max_err, poison_allocator
+from helpers import (
+    CPP_SKIPPED_ON_PURPOSE,
+    LAYOUTS,
+    assert_close_rule,
+    cpu_backend,
+    make_levels,
+    max_err,
+    poison_allocator,
+)
 
 import dtkernels
 from dtkernels import reference
 from dtkernels.modes import AtMode, Whitening
 
-CPP_SKIPPED_ON_PURPOSE = os.environ.get("DTKERNELS_BUILD_CPP") == "0"
 WHITEN = {w.arg: w for w in Whitening}  # public name -> the op's mode
 AT = {m.arg: m for m in AtMode}
 
@@ -30,13 +37,8 @@ ODD = [(1, 1, 1, 1), (2, 3, 7, 9), (1, 77, 7, 9), (3, 257, 3, 5)]
 
 @pytest.fixture(params=["cpp", "auto", "reference"])
 def backend(request):
-    name = request.param
-    if name in ("cpp", "auto") and not dtkernels.backends()["cpp"]["available"]:
-        if CPP_SKIPPED_ON_PURPOSE:
-            pytest.skip("DTKERNELS_BUILD_CPP=0: the C++ library was deliberately not built")
-        pytest.fail(f"the C++ library is not available: {dtkernels.backends()['cpp']['detail']}")
-    with dtkernels.use_backend(name):
-        yield name
+    with cpu_backend(request.param):
+        yield request.param
 
 
 def run_case(shapes, dtype, layout, *, grad_scale=2.5, **kw):

@@ -8,18 +8,15 @@ aot.py (``python -m dtkernels.triton.aot --module group_norm_act``).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rule, max_err, poison_allocator
+from helpers import assert_close_rule, cpu_backend, max_err, poison_allocator
 
 import dtkernels
 from dtkernels import reference
 from dtkernels.modes import Activation
 
-CPP_SKIPPED_ON_PURPOSE = os.environ.get("DTKERNELS_BUILD_CPP") == "0"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LAYOUTS = ["contiguous", "channels_last", "channel_slice", "spatial_slice"]
 #: (shape, num_groups): C = 96 with 32 groups, C = 77 with 7 groups, H x W = 7 x 9, batch 1.
@@ -28,15 +25,8 @@ SHAPES = [((2, 96, 7, 9), 32), ((1, 77, 5, 6), 7), ((3, 64, 16, 16), 32)]
 
 @pytest.fixture(params=["cpp", "auto", "reference"])
 def backend(request):
-    name = request.param
-    if name in ("cpp", "auto") and not dtkernels.backends()["cpp"]["available"]:
-        if CPP_SKIPPED_ON_PURPOSE:
-            pytest.skip("DTKERNELS_BUILD_CPP=0: the C++ library was deliberately not built")
-        pytest.fail(f"the C++ library is not available: {dtkernels.backends()['cpp']['detail']}")
-    if name == "cpp" and not torch._C._dispatch_has_kernel_for_dispatch_key("dtkernels::group_norm_act", "CPU"):
-        pytest.fail("the C++ library was built without the group_norm_act kernel (csrc/group_norm_act.cpp)")
-    with dtkernels.use_backend(name):
-        yield name
+    with cpu_backend(request.param, "group_norm_act"):
+        yield request.param
 
 
 def make_x(shape, dtype=torch.float32, layout="contiguous", *, mean=1.5, spread=1.7):

@@ -9,16 +9,14 @@ The Triton kernel has its own interpreter tests in test_q_sample_triton.py and i
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-from helpers import assert_close_rule, max_err, poison_allocator
+from helpers import CPP_SKIPPED_ON_PURPOSE, assert_close_rule, cpu_backend, max_err, poison_allocator
 
 import dtkernels
 from dtkernels import reference
 
-CPP_SKIPPED_ON_PURPOSE = os.environ.get("DTKERNELS_BUILD_CPP") == "0"
 T_STEPS = 1000
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 #: Largest |noise - float64 stream| a backend may show, per compute dtype (float32 math: log / sincos rounding).
@@ -27,15 +25,8 @@ NOISE_ATOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 @pytest.fixture(params=["cpp", "auto", "reference"])
 def backend(request):
-    name = request.param
-    if name in ("cpp", "auto") and not dtkernels.backends()["cpp"]["available"]:
-        if CPP_SKIPPED_ON_PURPOSE:
-            pytest.skip("DTKERNELS_BUILD_CPP=0: the C++ library was deliberately not built")
-        pytest.fail(f"the C++ library is not available: {dtkernels.backends()['cpp']['detail']}")
-    if name == "cpp" and not torch._C._dispatch_has_kernel_for_dispatch_key("dtkernels::q_sample", "CPU"):
-        pytest.fail("the C++ library was built without the q_sample kernel (csrc/q_sample.cpp); rebuild it")
-    with dtkernels.use_backend(name):
-        yield name
+    with cpu_backend(request.param, "q_sample"):
+        yield request.param
 
 
 def alphas_linear(dtype=torch.float32) -> torch.Tensor:
