@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .config import UserError, config_from_dict
-from .faults import _os_error_of, check_finite_state, guarded_write
+from .faults import _os_error_of, check_finite_state, write_failed
 from .runtime import load_checkpoint
 from .serialization import (
     save_plain,
@@ -92,9 +92,8 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike | None
         if cause is None:
             raise
         if cause.errno in full:  # the disk, a quota or the file-size limit: nothing is wrong with the path itself
-            with guarded_write(out, what="backbone export", intact=f"The checkpoint {ckpt} is untouched",
-                               then="free space and run the same command again"):
-                raise
+            raise write_failed(out, cause, what="backbone export", intact=f"The checkpoint {ckpt} is untouched",
+                               then="free space and run the same command again") from e
         # a read-only or missing place, a file where a folder should be
         raise UserError(f"out: cannot write {out} ({cause.strerror or cause}); give a writable file path") from e
     logger.info("exported %s (%s, %d tensors, out_indices %s) from %s", out, student.name, len(sd),

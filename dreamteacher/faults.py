@@ -27,7 +27,7 @@ logger = logging.getLogger("dreamteacher")
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USER_ERROR", "EXIT_CACHE_MISMATCH", "EXIT_CORRUPT_SHARDS",
            "EXIT_DIVERGED", "EXIT_WRITE_FAILED", "EXIT_PREEMPTED",
-           "EXIT_CODES", "Diverged", "WriteFailed", "guarded_write", "json_line", "first_nonfinite",
+           "EXIT_CODES", "Diverged", "WriteFailed", "guarded_write", "write_failed", "json_line", "first_nonfinite",
            "check_finite_state", "check_free_space", "state_bytes", "free_bytes"]
 
 #: Finished, or stopped on purpose (Ctrl-C, ``run.max_minutes``): the checkpoint and outputs are written.
@@ -144,8 +144,15 @@ def guarded_write(path: str | os.PathLike, *, what: str, intact: str, then: str,
         for tmp in cleanup:
             with contextlib.suppress(OSError):
                 Path(tmp).unlink(missing_ok=True)
-        raise WriteFailed(f"could not write the {what} {path}: {_cause(cause, path, needed)}. {intact}; {then}",
-                          path=path, cause=cause) from e
+        raise write_failed(path, cause, what=what, intact=intact, then=then, needed=needed) from e
+
+
+def write_failed(path: str | os.PathLike, cause: OSError, *, what: str, intact: str, then: str,
+                 needed: int | None = None) -> WriteFailed:
+    """The :class:`WriteFailed` of ``cause`` writing ``path`` (see :func:`guarded_write` for the arguments)."""
+    path = Path(path)
+    return WriteFailed(f"could not write the {what} {path}: {_cause(cause, path, needed)}. {intact}; {then}",
+                       path=path, cause=cause)
 
 
 # ------------------------------------------------------------------------------------------------ strict JSON
