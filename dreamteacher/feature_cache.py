@@ -34,6 +34,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +92,6 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-
-
-def _write_manifest(root: Path, manifest: dict) -> None:
-    _atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _read_manifest(root: Path) -> dict:
@@ -269,7 +266,7 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
                         batch_size: int = 16, seed: int = 0, views: int = 1,
                         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                         num_workers: int = 0, repair: bool = False, verify_hash: bool = True, progress: bool = True,
-                        on_shard_written: Callable[[int, dict], None] | None = None) -> dict:
+                        on_shard_written: Callable[[int, dict], None] | None = None, env: Any = None) -> dict:
     """Compute the teacher's features for ``views`` views of every item of ``dataset`` and write them as a sharded
     cache.
 
@@ -300,37 +297,49 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
         verify_hash: check finished shards' sha256 on resume (size is always checked).
         progress: show a tqdm bar (images/s).
         on_shard_written: called as ``fn(shard_index, shard_entry)`` after each shard and manifest update.
+        env: this process's :class:`~dreamteacher.runtime.DistEnv` under torchrun
+            (:func:`~dreamteacher.runtime.setup_distributed`); None: one process. Every rank calls this with the
+            same arguments and ``out_dir`` must be one directory that every rank sees (a shared file system across
+            nodes). Rank ``r`` computes every ``world_size``-th missing shard and records it in its own
+            ``progress.rank{r}.json``; rank 0 alone writes the manifest, at the start (what earlier runs finished)
+            and at the end (every rank's shards): the manifest one process writes, byte for byte.
 
     Returns:
-        The final manifest.
+        The final manifest (the same on every rank).
 
     Raises:
         CacheMismatchError: ``out_dir`` holds a cache made with a different teacher, config or dataset.
         CorruptShardError: finished shards are damaged and ``repair`` is False.
     """
+    from .runtime import DistEnv
+
+    env = env if env is not None else DistEnv()
     augment_config = _check_cache_args(shard_size=shard_size, batch_size=batch_size, views=views, augment=augment)
     if len(dataset) == 0:
         raise ValueError("dataset: no images to cache")
     samples = _Views(dataset, views, augment, seed)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("*.tmp"):
-        stale.unlink()
     manifest = _new_manifest(teacher, dataset, len(samples), shard_size=shard_size, seed=seed, views=views,
                              augment_config=augment_config)
-    finished = _finished_shards(root, manifest, verify_hash=verify_hash, repair=repair)
+    finished = _finished_shards(root, manifest, verify_hash=verify_hash, repair=repair, env=env)
     manifest["shards"] = [finished[i] for i in sorted(finished)]
-    _write_manifest(root, manifest)
+    # The manifest now lists every shard the progress files recorded, so they go (no rank writes one before this
+    # barrier, and none is left to merge twice).
+    failed = _on_rank0(env, root / MANIFEST, lambda: _write_manifest(root, manifest, clear_progress=True))
+    if failed is not None:
+        raise failed
     todo = [k for k in range(manifest["num_shards"]) if k not in finished]
-    if not todo:
+    if not todo and env.is_main:
         logger.info("%s: all %d shards present, nothing to do", root, manifest["num_shards"])
-    plan = _plan_batches(todo, shard_size, batch_size, len(samples))
-    stopped_by = _compute_shards(teacher, samples, plan, root, manifest, finished, seed=seed, views=views,
-                                 num_workers=num_workers, progress=progress, on_shard_written=on_shard_written)
-    manifest["complete"] = len(finished) == manifest["num_shards"]
-    _write_manifest(root, manifest)
-    # what stopped the run (a signal's name), for the caller only: not part of the cache
-    return {**manifest, "stopped_by": stopped_by} if stopped_by else manifest
+    # The missing shards are dealt round-robin (not shard k to rank k % world_size), so that a resumed run splits
+    # what is left evenly; a shard's bytes do not depend on its rank (its noise comes from (seed, shard, batch)).
+    plans = [_plan_batches(todo[r::env.world_size], shard_size, batch_size, len(samples))
+             for r in range(env.world_size)]
+    outcome = _compute_shards(teacher, samples, plans, root, manifest, finished, seed=seed, views=views,
+                              num_workers=num_workers, progress=progress and env.is_main,
+                              on_shard_written=on_shard_written, env=env)
+    return _finish_cache(root, manifest, finished, outcome, env)
 
 
 def _check_cache_args(*, shard_size: int, batch_size: int, views: int, augment) -> dict | None:
@@ -389,30 +398,147 @@ def _new_manifest(teacher: Any, dataset: Dataset, n: int, *, shard_size: int, se
     }
 
 
-def _finished_shards(root: Path, manifest: dict, *, verify_hash: bool, repair: bool) -> dict[int, dict]:
-    """The shards an earlier run of the same cache finished and that check out (size, and sha256 with
+#: What each rank of a multi-process run records its finished shards in (rank 0 merges them into the manifest).
+PROGRESS_GLOB = "progress.rank*.json"
+
+
+def _progress_path(root: Path, rank: int) -> Path:
+    return root / f"progress.rank{rank}.json"
+
+
+def _write_manifest(root: Path, manifest: dict, *, clear_progress: bool = False) -> None:
+    """The manifest, atomically; ``clear_progress``: then remove the ranks' progress files, which it now covers
+    (after the manifest's rename, so that a kill in between leaves records that only repeat it)."""
+    _atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    if clear_progress:
+        for path in root.glob(PROGRESS_GLOB):
+            path.unlink(missing_ok=True)
+
+
+def _identity_digest(manifest: dict) -> str:
+    """sha256 of what a cache holds (:func:`cache_identity`), which a progress file records to name its cache."""
+    return hashlib.sha256(json.dumps(cache_identity(manifest), sort_keys=True).encode()).hexdigest()
+
+
+def _recorded_shards(root: Path, manifest: dict) -> list[dict]:
+    """The shards earlier runs recorded as finished, by index: the manifest's, and those of the ranks' progress
+    files (a multi-process run killed before its end recorded its shards only there). A record made with another
+    teacher, config or dataset is refused."""
+    shards: dict[int, dict] = {}
+    if (root / MANIFEST).is_file():
+        old = _read_manifest(root)
+        diffs = _differences(old, manifest)
+        if diffs:
+            raise CacheMismatchError(f"{root}: this cache was made with a different teacher, config or dataset; "
+                                     f"refusing to mix them. Differences: {'; '.join(diffs)}. Use another output "
+                                     "directory or delete this one.")
+        shards.update((s["index"], s) for s in old["shards"])
+    for path in sorted(root.glob(PROGRESS_GLOB)):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # written atomically, so only damage does this: its shards are redone
+            logger.warning("%s: unreadable (%s); the shards it lists are computed again", path, e)
+            continue
+        # A progress file outlives a manifest deleted by hand: it must still be of this cache.
+        if record.get("identity_sha256") != _identity_digest(manifest):
+            raise CacheMismatchError(f"{path}: this progress record was made with a different teacher, config or "
+                                     "dataset; refusing to mix them. Use another output directory or delete this "
+                                     "one.")
+        shards.update((s["index"], s) for s in record["shards"])
+    return [shards[i] for i in sorted(shards)]
+
+
+def _finished_shards(root: Path, manifest: dict, *, verify_hash: bool, repair: bool, env: Any) -> dict[int, dict]:
+    """The shards earlier runs finished (:func:`_recorded_shards`) that check out (size, and sha256 with
     ``verify_hash``), by index; a cache of another teacher, config or dataset is refused, damaged shards too unless
-    ``repair`` (then they are rewritten)."""
-    if not (root / MANIFEST).is_file():
-        return {}
-    old = _read_manifest(root)
-    diffs = _differences(old, manifest)
-    if diffs:
-        raise CacheMismatchError(f"{root}: this cache was made with a different teacher, config or dataset; "
-                                 f"refusing to mix them. Differences: {'; '.join(diffs)}. Use another output "
-                                 "directory or delete this one.")
-    problems = check_shards(root, old, verify_hash=verify_hash)
+    ``repair`` (then they are rewritten).
+
+    Rank 0 reads the records, after clearing stale temporaries (no rank writes before the answer is shared); every
+    rank then checks every ``world_size``-th shard, so that the sha256 reads of a large cache are shared out. Every
+    rank gets the same shards or raises the same error."""
+    recorded, error = None, None
+    if env.is_main:
+        for stale in root.glob("*.tmp"):
+            stale.unlink()
+        try:
+            recorded = _recorded_shards(root, manifest)
+        except (CacheMismatchError, CorruptShardError) as e:
+            error = e
+    recorded, kind, message = _share(env, (recorded, type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    if recorded is None:
+        raise {"CacheMismatchError": CacheMismatchError, "CorruptShardError": CorruptShardError}[kind](message)
+    checked = _gather(env, check_shards(root, {"shards": recorded[env.rank::env.world_size]},
+                                        verify_hash=verify_hash))
+    problems = sorted(p for part in checked for p in part)
     if problems and not repair:
         raise CorruptShardError(f"{root}: {len(problems)} damaged shard(s): "
                                 f"{'; '.join(p for _, p in problems)}. Rerun with --repair (repair=True) to "
                                 "rewrite them.")
     bad = {i for i, _ in problems}
-    for i, p in problems:
-        logger.warning("%s: rewriting shard %d (%s)", root, i, p)
-    finished = {s["index"]: s for s in old["shards"] if s["index"] not in bad}
-    if finished:
-        logger.info("%s: resuming, %d of %d shards already written", root, len(finished), manifest["num_shards"])
+    finished = {s["index"]: s for s in recorded if s["index"] not in bad}
+    if env.is_main:
+        for i, p in problems:
+            logger.warning("%s: rewriting shard %d (%s)", root, i, p)
+        if finished:
+            logger.info("%s: resuming, %d of %d shards already written", root, len(finished),
+                        manifest["num_shards"])
     return finished
+
+
+# ------------------------------------------------------------------------------------------------ ranks
+# Under torchrun every rank runs write_feature_cache; these are the only points where they meet. In one process
+# each is the identity (no process group is needed).
+def _agree(env: Any, value: int) -> int:
+    """The largest of every rank's ``value``."""
+    if not env.distributed:
+        return value
+    import torch.distributed as dist
+
+    flag = torch.tensor(value, device=env.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def _share(env: Any, obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable), on every rank."""
+    if not env.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(env: Any, obj: Any) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not env.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _on_rank0(env: Any, path: Path, write: Callable[[], None]):
+    """Run ``write`` (of ``path``) on rank 0 while every rank waits (a barrier that carries whether it failed, so
+    that no rank waits on a write that died); returns its :class:`~dreamteacher.faults.WriteFailed` on every rank
+    (rank 0's own, a pointer to it elsewhere), or None."""
+    from .faults import WriteFailed
+
+    failed = None
+    if env.is_main:
+        try:
+            write()
+        except WriteFailed as e:
+            failed = e
+    if env.distributed and _agree(env, int(failed is not None)) and failed is None:
+        failed = WriteFailed(f"rank 0 could not write {path} (its error says why); finished shards are kept; free "
+                             "space and rerun the same command: it resumes", path=path)
+    return failed
 
 
 def _plan_batches(todo: list[int], shard_size: int, batch_size: int, n: int) -> list[tuple[int, int, bool, list]]:
@@ -451,53 +577,158 @@ def _teacher_features(teacher: Any, images: torch.Tensor, seed: int, levels: lis
     return stored
 
 
-def _compute_shards(teacher: Any, samples: Dataset, plan: list, root: Path, manifest: dict,
+#: What a rank brings to each agreement between batches (the largest wins): go on, stop (a signal), or give up (an
+#: error, raised once rank 0 has listed every finished shard).
+_GO, _STOP, _FAILED = 0, 1, 2
+
+
+@dataclass
+class _Outcome:
+    """What one rank's batches came to: the shards it wrote, the signal that stopped it, the error it kept (under
+    torchrun), and its images and seconds (for the summary line)."""
+
+    shards: list[dict]
+    signal: str | None
+    failure: Exception | None
+    samples: int
+    seconds: float
+
+    def report(self, rank: int) -> dict:
+        """What the other ranks learn of it (picklable)."""
+        from .faults import WriteFailed
+
+        failed = None
+        if self.failure is not None:
+            failed = {"rank": rank, "message": str(self.failure), "write": isinstance(self.failure, WriteFailed),
+                      "path": str(getattr(self.failure, "path", ""))}
+        return {"shards": self.shards, "signal": self.signal, "failed": failed, "samples": self.samples,
+                "seconds": self.seconds}
+
+
+class _ShardWriter:
+    """Collects one shard's batches, writes the shard when its last batch is in, then records it: one process
+    rewrites the manifest (a reader and a rerun see the shard at once); each rank of several rewrites its own
+    progress file (atomically, and never a file another rank writes), which rank 0 merges into the manifest."""
+
+    def __init__(self, root: Path, manifest: dict, finished: dict[int, dict], views: int, env: Any,
+                 on_shard_written: Callable[[int, dict], None] | None) -> None:
+        self.root, self.manifest, self.finished, self.views, self.env = root, manifest, finished, views, env
+        self.on_shard_written = on_shard_written
+        self.levels = manifest["levels"]
+        self.written: list[dict] = []  # this rank's shards of this run, in order
+        self._start()
+
+    def _start(self) -> None:
+        self.images: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+        self.feats: list[list[torch.Tensor]] = [[] for _ in self.levels]
+
+    def add(self, shard: int, last: bool, images: torch.Tensor, batch_idx: list[int],
+            feats: list[torch.Tensor]) -> None:
+        self.images.append(images)  # uint8, as _Views returns them
+        self.indices.append(torch.as_tensor(batch_idx, dtype=torch.int64))
+        for acc, f in zip(self.feats, feats):
+            acc.append(f)
+        if not last:
+            return
+        entry = _write_shard(self.root, shard, self.images, self.indices, self.feats, self.levels, self.views)
+        self._start()
+        self.written.append(entry)
+        if self.env.distributed:
+            record = {"format": FORMAT, "identity_sha256": _identity_digest(self.manifest), "rank": self.env.rank,
+                      "shards": self.written}
+            _atomic_write_bytes(_progress_path(self.root, self.env.rank),
+                                (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+        else:
+            self.finished[shard] = entry
+            self.manifest["shards"] = [self.finished[i] for i in sorted(self.finished)]
+            self.manifest["complete"] = len(self.finished) == self.manifest["num_shards"]
+            _write_manifest(self.root, self.manifest)
+        if self.on_shard_written is not None:
+            self.on_shard_written(shard, entry)
+
+
+def _compute_shards(teacher: Any, samples: Dataset, plans: list[list], root: Path, manifest: dict,
                     finished: dict[int, dict], *, seed: int, views: int, num_workers: int, progress: bool,
-                    on_shard_written) -> str | None:
-    """Run the teacher over ``plan``'s batches and write each shard (then the manifest) as soon as its last batch
-    is done. Ctrl-C, SIGTERM and SIGUSR1 stop between batches, dropping the shard in progress; returns the signal's
-    name then, else None."""
+                    on_shard_written, env: Any) -> _Outcome:
+    """Run the teacher over this rank's batches (``plans[env.rank]``) and write each shard as soon as its last batch
+    is done (:class:`_ShardWriter`). Ctrl-C, SIGTERM and SIGUSR1 stop between batches, dropping the shard in
+    progress.
+
+    Under torchrun the ranks go in step, one batch each, and agree before every batch whether to go on (one
+    all-reduce of a flag): a signal or an error on any rank stops every rank at the same point, and no rank waits on
+    another for longer than a batch (a rank out of batches only takes part in the agreement). An error in one
+    process is raised at once; under torchrun it is kept, so that rank 0 can still list every finished shard
+    (:func:`_finish_cache` raises it)."""
     from .data import _worker_init
     from .runtime import StopFlag, progress_bar
 
-    levels = manifest["levels"]
-    batches = [chunk for *_, chunk in plan]
-    loader = DataLoader(samples, batch_sampler=batches, num_workers=num_workers, persistent_workers=False,
-                        pin_memory=False, worker_init_fn=_worker_init if num_workers > 0 else None)
-    total = sum(len(b) for b in batches)
-    bar = progress_bar(total, "cache-features", "img", disable=not progress)  # one "img" = one stored view
-    images_acc: list[torch.Tensor] = []
-    feats_acc: list[list[torch.Tensor]] = [[] for _ in levels]
-    idx_acc: list[torch.Tensor] = []
-    t0 = time.perf_counter()
+    mine = plans[env.rank]
+    loader = DataLoader(samples, batch_sampler=[chunk for *_, chunk in mine], num_workers=num_workers,
+                        persistent_workers=False, pin_memory=False,
+                        worker_init_fn=_worker_init if num_workers > 0 else None)
+    # One "img" = one stored view; the bar counts every rank's images (they go in step), shown on rank 0 only.
+    bar = progress_bar(sum(len(chunk) for plan in plans for *_, chunk in plan), "cache-features", "img",
+                       disable=not progress)
+    writer = _ShardWriter(root, manifest, finished, views, env, on_shard_written)
+    batches = zip(mine, loader)
+    failure, count, t0 = None, 0, time.perf_counter()
     try:
         with StopFlag() as stop:
-            for (k, b, last, batch_idx), images in zip(plan, loader):
-                if stop.requested:
-                    logger.warning("%s: stopped by %s; %d of %d shards written, the shard in progress discarded (a "
-                                   "rerun resumes)", root, stop.signal, len(finished), manifest["num_shards"])
+            for step in range(max(map(len, plans))):
+                if _agree(env, _FAILED if failure else _STOP if stop.requested else _GO) != _GO:
                     break
-                feats = _teacher_features(teacher, images, _batch_seed(seed, k, b), levels, batch_idx, views)
-                images_acc.append(images)  # uint8, as _Views returns them
-                idx_acc.append(torch.as_tensor(batch_idx, dtype=torch.int64))
-                for acc, f in zip(feats_acc, feats):
-                    acc.append(f)
-                bar.update(len(batch_idx))
-                if last:
-                    entry = _write_shard(root, k, images_acc, idx_acc, feats_acc, levels, views)
-                    finished[k] = entry
-                    manifest["shards"] = [finished[i] for i in sorted(finished)]
-                    manifest["complete"] = len(finished) == manifest["num_shards"]
-                    _write_manifest(root, manifest)
-                    images_acc, idx_acc, feats_acc = [], [], [[] for _ in levels]
-                    if on_shard_written is not None:
-                        on_shard_written(k, entry)
+                if step < len(mine):
+                    try:
+                        (k, b, last, batch_idx), images = next(batches)
+                        feats = _teacher_features(teacher, images, _batch_seed(seed, k, b), manifest["levels"],
+                                                  batch_idx, views)
+                        writer.add(k, last, images, batch_idx, feats)
+                        count += len(batch_idx)
+                    except Exception as e:
+                        if not env.distributed:
+                            raise
+                        failure = e
+                bar.update(sum(len(plan[step][3]) for plan in plans if step < len(plan)))
     finally:
         bar.close()
-    if total and not stop.requested:
-        logger.info("%s: wrote %d samples (%d view(s) per image) in %d shards, %.1f samples/s", root, total, views,
-                    len({k for k, *_ in plan}), total / (time.perf_counter() - t0))
-    return stop.signal if stop.requested else None
+    return _Outcome(writer.written, stop.signal if stop.requested else None, failure, count,
+                    time.perf_counter() - t0)
+
+
+def _finish_cache(root: Path, manifest: dict, finished: dict[int, dict], outcome: _Outcome, env: Any) -> dict:
+    """What every rank wrote, and whether a signal stopped it or it failed, gathered; rank 0 writes the final
+    manifest, listing every finished shard (a stopped or failed run's too, so that a rerun resumes from it), and
+    removes the progress files it covers. Returns the final manifest (with ``stopped_by``, a signal's name, for the
+    caller only: not part of the cache), or raises this rank's error, else another rank's."""
+    from .faults import WriteFailed
+
+    reports = _gather(env, outcome.report(env.rank))
+    for report in reports:
+        finished.update((entry["index"], entry) for entry in report["shards"])
+    manifest["shards"] = [finished[i] for i in sorted(finished)]
+    manifest["complete"] = len(finished) == manifest["num_shards"]
+    not_written = _on_rank0(env, root / MANIFEST, lambda: _write_manifest(root, manifest, clear_progress=True))
+    if outcome.failure is not None:
+        raise outcome.failure
+    failed = next((r["failed"] for r in reports if r["failed"]), None)
+    if failed is not None and failed["write"]:
+        raise WriteFailed(f"rank {failed['rank']}: {failed['message']}", path=failed["path"])
+    if failed is not None:
+        raise RuntimeError(f"rank {failed['rank']} failed ({failed['message']}); every rank stopped, and the "
+                           "finished shards are listed in the manifest")
+    if not_written is not None:
+        raise not_written
+    stopped_by = next((r["signal"] for r in reports if r["signal"]), None)
+    total = sum(r["samples"] for r in reports)
+    if env.is_main and stopped_by:
+        logger.warning("%s: stopped by %s; %d of %d shards written, the shard(s) in progress discarded (a rerun "
+                       "resumes)", root, stopped_by, len(finished), manifest["num_shards"])
+    elif env.is_main and total:
+        logger.info("%s: wrote %d samples (%d view(s) per image) in %d shards, %.1f samples/s", root, total,
+                    manifest["config"]["views"], sum(len(r["shards"]) for r in reports),
+                    total / max(max(r["seconds"] for r in reports), 1e-9))
+    return {**manifest, "stopped_by": stopped_by} if stopped_by else manifest
 
 
 def _write_shard(root: Path, index: int, images: list[torch.Tensor], samples: list[torch.Tensor],

@@ -20,7 +20,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "given to the teacher in [-1, 1]. With --config (and --section.key=value overrides), the "
                     "pretraining config decides the teacher, taps, strides (model.reductions), t, mode, dtype, image "
                     "size and augmentation, exactly as `pretrain` builds them, so `pretrain --config FILE "
-                    "--data.cache=OUT` accepts the cache by construction.",
+                    "--data.cache=OUT` accepts the cache by construction. Under torchrun (torchrun --nproc_per_node N -m "
+                    "dreamteacher cache-features ...; --out on a file system every node sees) the processes split "
+                    "the shards and rank 0 writes the manifest: the same files as one process writes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="the pretraining config to cache for (teacher.*, model.reductions, data.image_size, "
@@ -167,18 +169,45 @@ def _cache_augmentation(args: argparse.Namespace):
     return RandomResizedCropFlip(args.crop_scale, args.crop_ratio, args.flip_prob)
 
 
+def _distributed(device_flag: str):
+    """This process's place under torchrun (one process without it), with the process group started as
+    ``pretrain`` starts it (gloo on CPU, NCCL on GPU). ``--device cuda`` under torchrun means each rank's own GPU
+    (``cuda:LOCAL_RANK``), as ``auto`` does, rather than every rank on the first one."""
+    import os
+
+    from ..runtime import check_device, setup_distributed
+
+    if device_flag != "auto":
+        check_device(device_flag, "--device")  # named as this command's option, before setup's own check
+    if device_flag == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device_flag = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return setup_distributed(device_flag)
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    env = _distributed(args.device)
+    try:
+        return _run(args, env)
+    finally:
+        if env.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, env) -> int:
+    """The command on this rank: every rank builds the teacher and the dataset and writes its share of the shards;
+    rank 0 alone prints (the lines would repeat) and writes the manifest. Every rank returns the same exit code."""
     import torch
 
     from ..config import options_named
     from ..data import check_image_folder, load_image_folder
     from ..feature_cache import CacheMismatchError, CorruptShardError, write_feature_cache
-    from ..runtime import check_device
     from ..teachers.diffusion import DiffusionTeacher, check_image_size, check_teacher_dir
     from ..teachers.taps import describe_tap
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device, "--device")
+    say = print if env.is_main else (lambda *a, **k: None)
+    device = str(env.device)
     cfg = _config_mode(args, args._defaults)
     augment = _cache_augmentation(args) if cfg is None else None
     check_image_folder(args.data, "--data")  # before the teacher is loaded
@@ -201,32 +230,33 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_image_folder(args.data, args.resolution, "--data", uint8=True)
     if args.limit is not None:
         dataset.files = dataset.files[: args.limit]
-    print(f"teacher {args.teacher}: {type(teacher.unet).__name__}"
-          f"{' + ' + type(teacher.vae).__name__ if teacher.vae is not None else ''}, mode {args.mode}, t {args.t}, "
-          f"on {device} ({args.dtype})")
+    ranks = f", {env.world_size} processes (torchrun)" if env.distributed else ""
+    say(f"teacher {args.teacher}: {type(teacher.unet).__name__}"
+        f"{' + ' + type(teacher.vae).__name__ if teacher.vae is not None else ''}, mode {args.mode}, t {args.t}, "
+        f"on {device} ({args.dtype}){ranks}")
     for info in teacher.feature_info:
-        print(f"  tap {describe_tap(info)}")
-    print(f"data {args.data}: {len(dataset)} images at {args.resolution}x{args.resolution}"
-          f"{f', {len(dataset.skipped)} unreadable skipped' if dataset.skipped else ''}")
+        say(f"  tap {describe_tap(info)}")
+    say(f"data {args.data}: {len(dataset)} images at {args.resolution}x{args.resolution}"
+        f"{f', {len(dataset.skipped)} unreadable skipped' if dataset.skipped else ''}")
     try:
         manifest = write_feature_cache(teacher, dataset, args.out, shard_size=args.shard_size,
                                        batch_size=args.batch_size, seed=args.seed, views=args.views,
                                        augment=augment, num_workers=args.num_workers,
                                        repair=args.repair, verify_hash=not args.no_verify,
-                                       progress=not args.no_progress)
-    except CacheMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
+                                       progress=not args.no_progress, env=env)
+    except CacheMismatchError as e:  # every rank raises it (rank 0 found it): one line, from rank 0
+        say(f"error: {e}", file=sys.stderr)
         return EXIT_CACHE_MISMATCH
     except CorruptShardError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return EXIT_CORRUPT_SHARDS
     if manifest.get("stopped_by"):
         done = len(manifest["shards"])
-        print(f"cache-features stopped by {manifest['stopped_by']}: {done} of {manifest['num_shards']} shards "
-              f"written and kept, the shard in progress discarded; rerun the same command to resume")
+        say(f"cache-features stopped by {manifest['stopped_by']}: {done} of {manifest['num_shards']} shards "
+            f"written and kept, the shard in progress discarded; rerun the same command to resume")
         return EXIT_PREEMPTED if manifest["stopped_by"] in ("SIGTERM", "SIGUSR1") else 0
     size = sum(s["bytes"] for s in manifest["shards"])
     views = f" x {args.views} views" if args.views > 1 else ""
-    print(f"cache {args.out}: {manifest['num_images']} images{views} in {manifest['num_shards']} shards, "
-          f"{size / 2**20:.1f} MiB, teacher {manifest['teacher']['fingerprint'][:12]}")
+    say(f"cache {args.out}: {manifest['num_images']} images{views} in {manifest['num_shards']} shards, "
+        f"{size / 2**20:.1f} MiB, teacher {manifest['teacher']['fingerprint'][:12]}")
     return 0
