@@ -126,6 +126,11 @@ class PixelClassifierSettings:
         return int(self.buffer_mb * _MIB)
 
 
+def _mib_at_least(nbytes: int) -> str:
+    """``nbytes`` in MiB rounded up to 0.01, for a "expected buffer_mb >= ..." that is enough."""
+    return f"{math.ceil(nbytes / _MIB * 100) / 100:g}"
+
+
 def _derive_seed(seed: int, *keys: Any) -> int:
     """A 63-bit seed for one role (``"noise"``, ``("sample", i)``, ``("model", m)``): each image's sample and each
     model's draws depend on the seed and their own index only, not on how many came before."""
@@ -335,18 +340,18 @@ def training_pixels(masks: torch.Tensor, dim: int, s: PixelClassifierSettings
         k = capacity // n
         if k < 1:
             raise UserError(f"{mib}, fewer than one pixel per image for {n} images; expected buffer_mb >= "
-                            f"{math.ceil(n * row_bytes / _MIB)}")
+                            f"{_mib_at_least(n * row_bytes)}")
     elif k > capacity:
         raise UserError(f"{mib}; one image's sample of pixels_per_image={k} pixels needs "
-                        f"{k * row_bytes / _MIB:.1f} MiB; expected buffer_mb >= {math.ceil(k * row_bytes / _MIB)} "
+                        f"{k * row_bytes / _MIB:.2f} MiB; expected buffer_mb >= {_mib_at_least(k * row_bytes)} "
                         f"or pixels_per_image <= {capacity}")
     cleaned = [clean_mask(m, s) for m in masks]
     pixels = [sample_pixels(m, s.ignore_index, k, _derive_seed(s.seed, "sample", i)) for i, m in enumerate(cleaned)]
     total = sum(p.numel() for p in pixels)
     if total > capacity:
         raise UserError(f"{mib}; the {n} images' samples (pixels_per_image={k}) are {total} pixels, "
-                        f"{total * row_bytes / _MIB:.1f} MiB; expected buffer_mb >= "
-                        f"{math.ceil(total * row_bytes / _MIB)} or pixels_per_image <= {capacity // n}")
+                        f"{total * row_bytes / _MIB:.2f} MiB; expected buffer_mb >= "
+                        f"{_mib_at_least(total * row_bytes)} or pixels_per_image <= {capacity // n}")
     if total == 0:
         raise UserError(f"train_masks: no labelled pixels (every pixel is ignore_index {s.ignore_index} or in a "
                         f"class of fewer than min_class_pixels={s.min_class_pixels} pixels)")
@@ -429,7 +434,7 @@ def predict_images(models: Sequence[nn.Module], teacher, images: torch.Tensor, n
     rows = min(images.shape[-2] * images.shape[-1], s.buffer_bytes // (dim * 4))
     if rows < 1:
         raise UserError(f"buffer_mb: {s.buffer_mb:g} MiB holds no pixel row of {dim} float32 features "
-                        f"({dim * 4} bytes); expected buffer_mb >= {math.ceil(dim * 4 / _MIB)}")
+                        f"({dim * 4} bytes); expected buffer_mb >= {_mib_at_least(dim * 4)}")
     chunk = torch.empty(rows, dim, device=teacher.device)
     out = []
     for i in range(images.shape[0]):
