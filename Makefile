@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet "setuptools>=64" wheel ninja
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev,torchdistill]"
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev,torchdistill,baselines]"
+	# lightly without the Lightning and Hydra it declares but the baselines never import (pyproject.toml, baselines)
+	$(BIN)/pip install --quiet --no-deps lightly==1.6.0
+	$(BIN)/python -c "import lightly.loss, lightly.models.modules, lightly.models.utils, lightly.transforms"
 	$(BIN)/python -c "import dtkernels, json; print(json.dumps(dtkernels.backends(), indent=1, default=str))"
 	touch $@
 

@@ -1,7 +1,7 @@
 """Configs of the pretraining run: dataclasses, loaded from YAML with ``--key=value`` overrides, type-checked.
 
-A config has sections (``model``, ``teacher``, ``loss``, ``label``, ``optim``, ``schedule``, ``data``, ``run``),
-each a dataclass whose fields carry their help text. Values come, in order, from the defaults, a YAML file and
+A config has sections (``model``, ``teacher``, ``loss``, ``label``, ``optim``, ``schedule``, ``data``, ``run``,
+``ssl``), each a dataclass whose fields carry their help text. Values come, in order, from the defaults, a YAML file and
 command-line overrides ``--section.key=value`` (or ``--key=value`` when ``key`` names a field of one section only).
 Every value is checked against its field's type and choices; unknown keys and bad values raise :class:`ConfigError`
 naming the key.
@@ -239,6 +239,36 @@ class LabelConfig:
                      exclusive=True)
 
 
+#: ``ssl.method`` values that pretrain a self-supervised baseline instead of distilling a teacher
+#: (:mod:`dreamteacher.baselines`).
+BASELINE_METHODS = ("simclr", "moco", "byol", "densecl")
+
+
+@dataclass
+class SSLConfig:
+    method: str = opt("dreamteacher", "pretraining objective. dreamteacher: distil the teacher (teacher.*, loss.*). "
+                                      "simclr, moco (MoCo-v2), byol, densecl: a self-supervised baseline from the "
+                                      "lightly package trained by the same loop on the same student, data, "
+                                      "optimizer, schedule, steps and batch; no teacher is built, each image gives "
+                                      "the method's two augmented views (docs/baselines.md; needs the baselines "
+                                      "extra)", choices=("dreamteacher", *BASELINE_METHODS))
+    temperature: float | None = opt(None, "simclr, moco, densecl: temperature of the contrastive (NT-Xent) loss; "
+                                          "null: the method's (simclr 0.5, moco and densecl 0.2)",
+                                    minimum=0.0, exclusive=True)
+    momentum: float | None = opt(None, "moco, byol, densecl: momentum of the key (target) encoder, a moving "
+                                       "average of the trained one updated before every step; byol raises it to 1 "
+                                       "along a cosine over run.steps. null: the method's (moco and densecl 0.999, "
+                                       "byol 0.996)", minimum=0.0)
+    memory_bank: int = opt(4096, "moco, densecl: negatives kept from past steps' keys (a queue, saved in "
+                                 "checkpoints; the papers keep 65536 on ImageNet); 0: the batch's other images only",
+                           minimum=0)
+    dense_weight: float = opt(0.5, "densecl: weight of the dense term, loss = (1 - w) * global + w * dense (0.5 in "
+                                   "the paper)", minimum=0.0)
+    dense_stride: int = opt(0, "densecl: the student stride (one of model.reductions) whose map the dense head "
+                               "reads; 0: the coarsest whose map at data.image_size is at least 7x7, the papers' "
+                               "224 / 32 (stride 32 at 224, stride 4 at 32x32)", minimum=0)
+
+
 @dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -249,6 +279,7 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(PretrainConfig))
@@ -413,10 +444,33 @@ def _validate(cfg: PretrainConfig) -> PretrainConfig:
     elif cfg.teacher.generator:
         raise ConfigError(f"teacher.generator: set with teacher.kind=diffusion ({cfg.teacher.generator!r}); add "
                           "--teacher.kind=generator or drop teacher.generator")
+    if cfg.ssl.method != "dreamteacher":
+        _validate_baseline(cfg)
     if cfg.teacher.conditioning == "zeros" and cfg.teacher.text_embedding:
         raise ConfigError("teacher.conditioning: zeros excludes teacher.text_embedding "
                           f"({cfg.teacher.text_embedding!r}); set one of them")
     return cfg
+
+
+def _validate_baseline(cfg: PretrainConfig) -> None:
+    """A self-supervised baseline (ssl.method) builds no teacher and makes its own views: refuse what needs either."""
+    method, ssl = cfg.ssl.method, cfg.ssl
+    no_teacher = [("label.interpreter", cfg.label.interpreter, "label distillation reads the teacher's features"),
+                  ("data.cache", cfg.data.cache, "a feature cache holds a teacher's features"),
+                  ("data.share_targets", cfg.data.share_targets, "there are no teacher targets to share"),
+                  ("teacher.kind", cfg.teacher.kind == "generator", "a generator teacher makes the images"),
+                  ("data.augment", cfg.data.augment, "the method's own views already crop and flip")]
+    for key, given, why in no_teacher:
+        if given:
+            raise ConfigError(f"{key}: ssl.method={method} pretrains without a teacher ({why}); drop {key} or use "
+                              "ssl.method=dreamteacher")
+    if ssl.momentum is not None and ssl.momentum >= 1.0:
+        raise ConfigError(f"ssl.momentum: expected a momentum in [0, 1), got {ssl.momentum}")
+    if ssl.dense_weight > 1.0:
+        raise ConfigError(f"ssl.dense_weight: expected a weight in [0, 1], got {ssl.dense_weight}")
+    if ssl.dense_stride and ssl.dense_stride not in cfg.model.reductions:
+        raise ConfigError(f"ssl.dense_stride: expected 0 or one of model.reductions "
+                          f"({', '.join(map(str, cfg.model.reductions))}), got {ssl.dense_stride}")
 
 
 # ------------------------------------------------------------------------------------------------ load / override

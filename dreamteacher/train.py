@@ -6,7 +6,9 @@ frozen generator teacher that synthesizes the images; or, with ``data.cache``, a
 trainable module (student + regressor, channels_last) -> optional ``torch.compile`` -> DDP -> loop (targets at the
 regressor's strides, ``dtkernels.fused_feat_loss``, autocast (``run.amp``), accumulation with gradient sync on the
 last micro-step only, clipping, fused AdamW on GPU or LAMB, warm-up + cosine, optional student EMA) -> atomic
-checkpoints (optionally a history of them).
+checkpoints (optionally a history of them). With ``ssl.method`` another objective runs in the same loop: a
+self-supervised baseline (:mod:`dreamteacher.baselines`: the method's views in place of the teacher's targets, the
+student + the method's heads as the trainable module, :class:`_BaselineStepFunctions`).
 
 Nothing in the package imports this module: what the loop shares with other commands lives in
 :mod:`dreamteacher.model` (the distillation model, teacher, student, dataset), :mod:`dreamteacher.runtime`
@@ -189,7 +191,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | os.PathLike | None = None) ->
     :class:`~dreamteacher.faults.WriteFailed` (a full disk: the previous checkpoint is intact).
     """
     run = _set_up(cfg, resume)
-    steps = _StepFunctions(run)
+    steps = (_StepFunctions if cfg.ssl.method == "dreamteacher" else _BaselineStepFunctions)(run)
     clock = _Clock(run.step)
     try:
         with StopFlag() as stop:
@@ -271,6 +273,11 @@ def _build_models(run: _Run) -> None:
     run.student = student = build_student(cfg)
     strides = [info["reduction"] for info in student.feature_info]
     memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
+    if cfg.ssl.method != "dreamteacher":  # a self-supervised baseline: the method's views and heads, no teacher
+        from .baselines import build_baseline
+
+        run.model, run.source = build_baseline(cfg, student, device, memory_format, env.world_size)
+        return _build_optimizer(run)
     run.source = source = build_source(cfg, device, strides, memory_format)
     teacher, run.order = source.teacher, source.order
     if cfg.data.share_targets and cfg.data.share_count > 1:
@@ -299,7 +306,13 @@ def _build_models(run: _Run) -> None:
         check_interpreter_matches(record, cfg, teacher, run.order)
     model = DistillationModel(student, regressor, num_classes=run.interpreter.config["num_classes"]
                               if run.interpreter else None, width=cfg.model.width).to(device)
-    run.model = model = model.to(memory_format=memory_format)
+    run.model = model.to(memory_format=memory_format)
+    _build_optimizer(run)
+
+
+def _build_optimizer(run: _Run) -> None:
+    """The trainable module's 1x1-convolution rewrite (on CPU), optimizer and schedule."""
+    cfg, device, model = run.cfg, run.env.device, run.model
     if (not cfg.run.naive and (cfg.run.single_pixel_linear if cfg.run.single_pixel_linear is not None
                                else device.type == "cpu")):
         from .perf import single_pixel_convs_as_linear
@@ -313,6 +326,11 @@ def _build_models(run: _Run) -> None:
 
 def _restore(run: _Run, state: dict, resume: Any) -> tuple[int, int]:
     """Load a checkpoint's weights, optimizer, schedule, step and RNG states; returns its data position."""
+    was = (state["config"].get("ssl") or {}).get("method", "dreamteacher")
+    if was != run.cfg.ssl.method:
+        raise ConfigError(f"ssl.method: the checkpoint {resume} was trained with ssl.method={was}, this run asks for "
+                          f"{run.cfg.ssl.method!r}; resume with --ssl.method={was}, or start a fresh run in another "
+                          "run.out_dir")
     try:
         run.model.load_state_dict(state["model"])
     except RuntimeError as e:  # shapes or keys of another model: a config that differs from the checkpoint's
@@ -507,6 +525,35 @@ class _StepFunctions:
         run.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def part_record(self) -> dict[str, Any]:
+        """The last micro-batch's loss terms as the log records them: per-level lists."""
+        return {"mse": self.parts.mse.tolist(), "at": self.parts.at.tolist()}
+
+
+class _BaselineStepFunctions(_StepFunctions):
+    """The step of a self-supervised baseline (``ssl.method``, :mod:`dreamteacher.baselines`): the momentum encoder
+    moved first, then per micro-batch the method's views (in place of the teacher's targets), the heads' forward
+    under autocast, the method's loss in float32, backward; the same optimizer step."""
+
+    def train_step(self) -> None:
+        run, cfg = self.run, self.run.cfg
+        accum, env = cfg.run.accumulation, run.env
+        run.model.momentum_update(run.step, cfg.run.steps)
+        for micro in range(accum):
+            views, _ = self._targets(micro)
+            sync = (run.train_model.no_sync() if env.distributed and micro < accum - 1
+                    else contextlib.nullcontext())
+            with sync:
+                with self.autocast:
+                    outputs = run.train_model(views)
+                loss, self.parts = run.model.loss(outputs)
+                run.scaler.scale(loss / accum).backward()
+            self.loss_sum += loss.detach() / accum
+        self._optimizer_step()
+
+    def part_record(self) -> dict[str, Any]:
+        return {name: value.item() for name, value in self.parts.items()}
+
 
 class _Clock:
     """The run's start and the last logging step's time and step (images/s of each logging window)."""
@@ -540,8 +587,8 @@ def _log_record(run: _Run, steps: _StepFunctions, clock: _Clock) -> None:
             dist.all_reduce(steps.ld_sum)
             steps.ld_sum /= env.world_size
     now = time.perf_counter()
-    record = {"step": step, "loss": steps.loss_sum.item() / (step - clock.last_step),
-              "mse": steps.parts.mse.tolist(), "at": steps.parts.at.tolist(),
+    parts = steps.part_record()
+    record = {"step": step, "loss": steps.loss_sum.item() / (step - clock.last_step), **parts,
               "lr": run.scheduler.get_last_lr()[0],
               "images_per_s": steps.images_per_step * (step - clock.last_step) / (now - clock.last),
               "epoch": run.position[0], "time": now - clock.start}
@@ -560,16 +607,19 @@ def _log_record(run: _Run, steps: _StepFunctions, clock: _Clock) -> None:
         for name in ("loss", "ld", "lr", "images_per_s"):
             if name in record:
                 run.tb.add_scalar(name, record[name], step)
-        for name in ("mse", "at"):
-            for lvl, value in enumerate(record[name]):
-                run.tb.add_scalar(f"{name}/level{lvl}", value, step)
+        for name, values in parts.items():  # per-level lists (DreamTeacher's mse, at) or one number (a baseline's)
+            if isinstance(values, list):
+                for lvl, value in enumerate(values):
+                    run.tb.add_scalar(f"{name}/level{lvl}", value, step)
+            else:
+                run.tb.add_scalar(name, values, step)
     if run.pbar is not None:
         run.pbar.set_postfix(loss=f"{record['loss']:.4f}", **({"ld": f"{record['ld']:.4f}"} if "ld" in record
                                                              else {}), img_s=f"{record['images_per_s']:.1f}")
     # Divergence: decided on the loss, which under DDP is the ranks' mean, so every rank stops here; the part
     # named is this rank's (the last micro-batch's levels).
     if not (math.isfinite(record["loss"]) and math.isfinite(record.get("ld", 0.0))):
-        bad = first_nonfinite({"mse": record["mse"], "at": record["at"], "ld": record.get("ld")})
+        bad = first_nonfinite({**parts, "ld": record.get("ld")})
         raise Diverged(f"pretrain diverged at step {step}: the {bad or 'loss (on another rank)'} is not finite (loss "
                        f"{record['loss']}). {run.divergence_hint()} {run.intact()}; nothing was written from the "
                        "diverged weights")
