@@ -107,10 +107,11 @@ class SSLViews:
 
 def view_transform(method: str, image_size: int, lightly: Any) -> Any:
     """The method's lightly transform (its defaults, the papers' ImageNet recipes) at ``image_size``. Below 64 px
-    (CIFAR scale) two settings follow the papers' and lightly's CIFAR-10 recipes instead: no Gaussian blur (a blur
-    of sigma up to 2 px wipes out a 32 px image; SimCLR's CIFAR-10 setup drops it, lightly's CIFAR-10 benchmarks
-    set ``gaussian_blur=0``) and, for SimCLR, colour jitter strength 0.5 (SimCLR's CIFAR-10 setting). No
-    normalization: the views stay in the loop's range."""
+    (CIFAR scale) two settings follow lightly's own advice for CIFAR-10 instead: no Gaussian blur (sigma up to 2 px
+    wipes out a 32 px image; lightly's CIFAR-10 examples pass ``gaussian_blur=0.0``, SimCLR's CIFAR-10 setup drops
+    it too) and, for SimCLR, colour jitter strength 0.5 (``SimCLRTransform``'s docstring: "for datasets with small
+    images, such as CIFAR, it is recommended to set cj_strength to 0.5"). No normalization: the views stay in the
+    loop's range."""
     t = lightly.transforms
     small = image_size < 64
     kw = dict(input_size=image_size, normalize=None, **({"gaussian_blur": 0.0} if small else {}))
@@ -314,6 +315,9 @@ _MODELS = {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "densecl": DenseCL}
 #: The papers' values of what ``ssl.temperature`` / ``ssl.momentum`` leave null.
 _TEMPERATURE = {"simclr": 0.5, "moco": 0.2, "densecl": 0.2}
 _MOMENTUM = {"moco": 0.999, "densecl": 0.999, "byol": 0.996}
+#: The settings each method reads (what the run's log line names).
+_READS = {"simclr": ("temperature",), "moco": ("temperature", "momentum", "memory_bank"), "byol": ("momentum",),
+          "densecl": ("temperature", "momentum", "memory_bank", "dense_weight", "dense_stride")}
 
 
 def dense_stride(cfg: PretrainConfig) -> int:
@@ -345,6 +349,6 @@ def build_baseline(cfg: PretrainConfig, student: nn.Module, device: torch.device
     model = _MODELS[cfg.ssl.method](student, lightly, settings).to(device).to(memory_format=memory_format)
     transform = view_transform(cfg.ssl.method, cfg.data.image_size, lightly)
     logger.info("ssl.method=%s (lightly %s): %s; no teacher", cfg.ssl.method, lightly.__version__,
-                ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None and k != "distributed"))
+                ", ".join(f"{k}={settings[k]}" for k in _READS[cfg.ssl.method]))
     source = DistillationSource(build_dataset(cfg), SSLViews(transform, device, memory_format), None, [])
     return model, source
