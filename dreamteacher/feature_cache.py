@@ -19,6 +19,11 @@ only after its rename, so an interrupted run leaves a consistent cache that the 
 shard ``k`` comes from a seed derived from ``(seed, k, batch)``, so a resumed cache holds the same features as an
 uninterrupted one.
 
+Under torchrun (``env``) the ranks split the missing shards; each records the shards it finished in its own
+``progress.rank{r}.json`` (atomic, never a file another rank writes) and rank 0 alone writes the manifest: at the
+start (what earlier runs finished, progress files included, which it then removes) and at the end (every rank's
+shards). The files are those one process writes, byte for byte; a killed rank's progress file is read on resume.
+
 Pretraining reads a cache with ``data.cache=DIR`` (:class:`CacheTargets`): the images and the teacher's targets come
 from the shards and no teacher is built; :func:`check_cache_matches` first refuses a config that disagrees with
 what the cache was made with.
@@ -490,6 +495,17 @@ def _finished_shards(root: Path, manifest: dict, *, verify_hash: bool, repair: b
 # ------------------------------------------------------------------------------------------------ ranks
 # Under torchrun every rank runs write_feature_cache; these are the only points where they meet. In one process
 # each is the identity (no process group is needed).
+def _collective(call: Callable[[], Any]) -> Any:
+    """``call()``, a collective; a rank that died (killed, or failed before it) breaks it on the others with the
+    backend's bare socket error, which is given what it means for the cache."""
+    try:
+        return call()
+    except RuntimeError as e:
+        raise RuntimeError(f"another cache-features rank stopped answering ({str(e).splitlines()[0][:300]}); every "
+                           "shard finished so far is recorded (the manifest, or the ranks' progress.rank*.json): "
+                           "rerun the same command to resume") from e
+
+
 def _agree(env: Any, value: int) -> int:
     """The largest of every rank's ``value``."""
     if not env.distributed:
@@ -497,7 +513,7 @@ def _agree(env: Any, value: int) -> int:
     import torch.distributed as dist
 
     flag = torch.tensor(value, device=env.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    _collective(lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
     return int(flag.item())
 
 
@@ -508,7 +524,7 @@ def _share(env: Any, obj: Any) -> Any:
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    _collective(lambda: dist.broadcast_object_list(box, src=0))
     return box[0]
 
 
@@ -519,7 +535,7 @@ def _gather(env: Any, obj: Any) -> list:
     import torch.distributed as dist
 
     out: list = [None] * env.world_size
-    dist.all_gather_object(out, obj)
+    _collective(lambda: dist.all_gather_object(out, obj))
     return out
 
 
