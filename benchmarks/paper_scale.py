@@ -18,7 +18,9 @@ the conversion in another. Usage::
 
     python benchmarks/paper_scale.py --work /tmp/paper_scale [--steps 2] [--batch 2] [--only adm|sd15]
 
-It writes ``WORK/results.json`` and prints a markdown table (docs/scale.md's).
+It writes ``WORK/results.json`` and prints a markdown table (docs/scale.md's). ``--cache-bytes [--images N]``
+prints instead what a feature cache of each configuration takes per stored view (ADM at 256x256, SD 1.5 at
+512x512), from the architectures alone, in seconds.
 """
 
 from __future__ import annotations
@@ -225,6 +227,55 @@ def worker(name: str, work: Path, steps: int, batch: int, tiny: bool = False) ->
             "peak_rss_mib": _rss_mib(), "batch": batch, "steps": steps, "threads": torch.get_num_threads()}
 
 
+# ------------------------------------------------------------------------------------------------ --cache-bytes
+def cache_bytes_per_view(resolution: int, levels: list[tuple[int, int]]) -> dict:
+    """Bytes one stored view takes in a feature cache (the tensors of a ``write_feature_cache`` shard row): the
+    uint8 image ``3 x R x R``, float16 features ``C x ceil(R/s) x ceil(R/s)`` per level (``C`` channels read at
+    student stride ``s``, as the manifest's level shapes) and the int64 item index and view number. Each shard adds
+    its safetensors header (about 0.5 kB: a few bytes per view at 256 views a shard), left out."""
+    image = 3 * resolution * resolution
+    features = sum(2 * c * math.ceil(resolution / s) ** 2 for c, s in levels)
+    return {"image": image, "features": features, "index": 16, "total": image + features + 16}
+
+
+def paper_cache_levels(name: str, image_size: int) -> list[tuple[str, int, int]]:
+    """``(tap, channels, student stride)`` per cached level of a paper configuration at ``image_size``: the taps and
+    strides of its config (``teacher.taps`` feed ``model.reductions`` level by level, as build_teacher pairs them),
+    the channels from the teacher's architecture without building it (ADM: the converted layout of DDPM-
+    segmentation's flags; SD 1.5: its UNet built on the meta device, no memory, the tapped block's last resnet)."""
+    from dreamteacher.config import load_config
+
+    cfg = load_config(CONFIGS[name], [f"--data.image_size={image_size}"])
+    taps, strides = list(cfg.teacher.taps), list(cfg.model.reductions)
+    if name == "adm":
+        from dreamteacher.teachers.adm import DDPMSEG_FLAGS, adm_layout, parse_adm_flags
+
+        blocks = {b["name"]: b["channels"] for b in adm_layout(parse_adm_flags(DDPMSEG_FLAGS)).blocks}
+        channels = [blocks[t] for t in taps]
+    else:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**{k: v for k, v in SD15_UNET.items() if not k.startswith("_")})
+        channels = [unet.get_submodule(t).resnets[-1].out_channels for t in taps]
+    return list(zip(taps, channels, strides))
+
+
+def cache_bytes_table(images: int) -> str:
+    """docs/scale.md's table of cache bytes per stored view at the paper configurations, and for ``images``."""
+    rows = [f"| configuration | cached levels (C x h x w, float16) | image (uint8) | features | per view | "
+            f"{images:,} views |", "|---|---|---:|---:|---:|---:|"]
+    for name, size in (("adm", 256), ("sd15", 512)):
+        levels = paper_cache_levels(name, size)
+        b = cache_bytes_per_view(size, [(c, s) for _, c, s in levels])
+        shapes = ", ".join(f"{t} {c}x{math.ceil(size / s)}x{math.ceil(size / s)}" for t, c, s in levels)
+        total = b["total"] * images
+        rows.append(f"| `{CONFIGS[name].relative_to(ROOT)}` at {size}x{size} | {shapes} | {b['image']:,} B | "
+                    f"{b['features']:,} B | {b['total']:,} B ({b['total'] / 1e6:.2f} MB) | {total / 1e9:.0f} GB "
+                    f"({total / 2**30:.0f} GiB) |")
+    return "\n".join(rows)
+
+
 def table(results: dict) -> str:
     rows = ["| configuration | teacher | load | online s/step | teacher share | early exit saves | cache-fed s/step "
             "| peak RSS |", "|---|---|---|---|---|---|---|---|"]
@@ -244,13 +295,23 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, required=True, help="scratch directory (~10 GB for both)")
+    parser.add_argument("--work", type=Path, help="scratch directory (~10 GB for both); required but with "
+                                                  "--cache-bytes")
+    parser.add_argument("--cache-bytes", action="store_true",
+                        help="print the feature cache's bytes per stored view of both configurations (ADM at 256, "
+                             "SD 1.5 at 512; computed from the architectures, nothing built or run) and exit")
+    parser.add_argument("--images", type=int, default=70_000, help="--cache-bytes: views to total")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after one warm-up)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
     parser.add_argument("--tiny", action="store_true", help="narrow twins of both architectures: checks the script")
     parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cache_bytes:
+        print(cache_bytes_table(args.images))
+        return
+    if args.work is None:
+        parser.error("--work: required (a scratch directory)")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.worker:
         print(json.dumps(worker(args.worker, args.work, args.steps, args.batch, args.tiny)))

@@ -188,6 +188,23 @@ def test_torchrun_two_processes_write_the_bytes_of_one(runs):
     assert len(FeatureCacheDataset(two, verify_hash=True)) == 9
 
 
+def test_bytes_per_view_of_paper_scale_are_those_of_a_written_shard(runs):
+    """benchmarks/paper_scale.py --cache-bytes (docs/scale.md's figures) counts what a shard holds: its rows, plus
+    the safetensors header."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_scale", REPO / "benchmarks" / "paper_scale.py")
+    paper_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_scale)
+    manifest = _read_manifest(runs["one"])
+    per_view = paper_scale.cache_bytes_per_view(16, [(lv["num_chs"], lv["reduction"]) for lv in manifest["levels"]])
+    assert per_view["total"] == 768 + 2 * (16 * 4 * 4 + 16 * 2 * 2 + 8 * 1 * 1) + 16
+    for shard in manifest["shards"]:
+        data = (runs["one"] / shard["file"]).read_bytes()
+        header = 8 + int.from_bytes(data[:8], "little")
+        assert len(data) == header + shard["count"] * per_view["total"], shard
+
+
 def test_stopped_and_killed_ranks_resume_to_the_same_bytes(runs):
     one, out = runs["one"], runs["out"]
     # 1. SIGTERM to rank 1 only: both stop before the next batch (shards 0 and 1 finished, one each), both exit
