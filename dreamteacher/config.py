@@ -95,7 +95,9 @@ class TeacherConfig:
                     choices=("stochastic", "deterministic"))
     n_noise: int = opt(1, "stochastic mode: noise draws whose features are averaged", minimum=1)
     ddim_steps: int = opt(10, "deterministic mode: inversion steps", minimum=1)
-    dtype: str = opt("auto", "teacher weights and features dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    dtype: str = opt("auto", "teacher weights and compute dtype (auto: bfloat16 on GPU and on CPUs that multiply "
+                               "bfloat16 natively, avx512_bf16 / amx_bf16; float32 elsewhere). Normalisation "
+                               "statistics, the taps' resize and the whitening stay float32",
                      choices=("auto", "float32", "bfloat16", "float16"))
     early_exit: bool = opt(True, "stop the teacher forward after the last tapped block")
     fused_ops: bool = opt(True, "run the teacher's GroupNorm+SiLU through dtkernels.group_norm_act; false: stock "

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .config import ConfigError, PretrainConfig, UserError
 from .regressor import FeatureRegressor
 from .student import StudentBackbone
-from .teachers.build import DTYPES, build_teacher, resolve_dtype
+from .teachers.build import build_teacher, resolve_dtype
 from .teachers.diffusion import DiffusionTeacher
 from .teachers.generator import GeneratorTeacher
 
@@ -360,6 +360,7 @@ def build_source(cfg: PretrainConfig, device: torch.device, student_strides: Seq
                                               if cfg.data.cache_on_corrupt == "error" else "")) from e
     logger.info("data.cache %s: %d samples (%d view(s) of %d images), no teacher built", cfg.data.cache,
                 len(dataset), dataset.views, manifest["num_images"])
-    targets = CacheTargets(dataset, device, memory_format, DTYPES[teacher_dtype(cfg, device)])
+    # float32, as the online teacher's taps give its features whatever teacher.dtype computed them
+    targets = CacheTargets(dataset, device, memory_format, torch.float32)
     return DistillationSource(dataset, targets, targets.teacher, order)
 

@@ -71,6 +71,7 @@ from .serialization import (
     remove_stale_temporaries,
     save_plain,
 )
+from .teachers.build import resolve_dtype
 
 logger = logging.getLogger("dreamteacher")
 
@@ -100,16 +101,26 @@ class _Lookahead:
         return item
 
 
-def _check_resume_config(state: dict, cfg: PretrainConfig, resume: Any) -> None:
-    """Refuse to resume a checkpoint into another student (its weights cannot be loaded), naming the key."""
-    old = state["config"].get("model", {}) if isinstance(state["config"].get("model"), dict) else {}
-    for key in ("student", "reductions", "width", "pool_sizes"):
-        was, now = old.get(key), getattr(cfg.model, key)
+def _check_resume_config(state: dict, cfg: PretrainConfig, resume: Any, device: torch.device) -> None:
+    """Refuse to resume a checkpoint into another student (its weights cannot be loaded) or onto other targets (the
+    teacher's t, encoding, taps and compute dtype, auto resolved: a run that changed them half way would be neither
+    run), naming the key."""
+    config = state["config"]
+    old = config.get("model", {}) if isinstance(config.get("model"), dict) else {}
+    asked = [(f"model.{key}", old.get(key), getattr(cfg.model, key))
+             for key in ("student", "reductions", "width", "pool_sizes")]
+    teacher = config.get("teacher", {}) if isinstance(config.get("teacher"), dict) else {}
+    if not cfg.data.cache:  # a cache's own manifest is checked against the checkpoint's record of it instead
+        asked += [(f"teacher.{key}", teacher.get(key), getattr(cfg.teacher, key))
+                  for key in ("t", "mode", "n_noise", "ddim_steps", "taps")]
+        # recorded since teacher.dtype=auto began to depend on the CPU; an older checkpoint has only its config's
+        asked.append(("teacher.dtype", state.get("teacher_dtype"), resolve_dtype(cfg.teacher.dtype, device)))
+    for key, was, now in asked:
         if was is not None and was != now:
             shown = ",".join(map(str, was)) if isinstance(was, list) else was
-            raise ConfigError(f"model.{key}: the checkpoint {resume} was trained with model.{key}={shown}, this run "
-                              f"asks for {now!r}; resume with --model.{key}={shown} (or drop the override), or start "
-                              "a fresh run in another run.out_dir")
+            raise ConfigError(f"{key}: the checkpoint {resume} was trained with {key}={shown}, this run asks for "
+                              f"{now!r}; resume with --{key}={shown} (or drop the override), or start a fresh run "
+                              "in another run.out_dir")
 
 
 class _Batches:
@@ -237,7 +248,7 @@ def _set_up(cfg: PretrainConfig, resume: str | os.PathLike | None) -> _Run:
             logger.info("--resume auto: no checkpoint in %s, starting fresh", out / "checkpoints")
     state = load_checkpoint(resume) if resume is not None else None
     if state is not None:
-        _check_resume_config(state, cfg, resume)
+        _check_resume_config(state, cfg, resume, env.device)
         run.saved = [resume, state["step"]]
     _check_inputs(cfg, env)
     torch.manual_seed(cfg.run.seed)
@@ -292,7 +303,11 @@ def _build_models(run: _Run) -> None:
                     "from %s", cfg.data.share_index, cfg.data.share_count,
                     "other" if cfg.data.share_count == 2 else f"{cfg.data.share_count}th", run.shared.dir)
     if env.is_main:  # which teacher blocks feed which student level (with data.cache: as the cache recorded them)
+        from .teachers.build import describe_dtype
         from .teachers.taps import describe_tap
+
+        if not cfg.data.cache:
+            logger.info("teacher dtype: %s", describe_dtype(cfg.teacher.dtype, device))
 
         info = teacher.feature_info
         for stride, j in zip(strides, run.order):
@@ -417,7 +432,10 @@ def _open_outputs(run: _Run, resuming: bool) -> None:
                 logger.info("removed %s, the partial checkpoint of a killed run", tmp)
         if resuming:
             _truncate_log(out / "log.jsonl", run.step)
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        written = config_to_dict(cfg)
+        # teacher.dtype=auto depends on the machine: the file names what it chose, so that it reproduces the run
+        written["teacher"]["dtype"] = resolve_dtype(cfg.teacher.dtype, env.device)
+        (out / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
         run.log_file = open(out / "log.jsonl", "a")  # noqa: SIM115 -- closed by pretrain
     # model + AdamW/LAMB's two moments + EMA: what one checkpoint holds; last.pt, the kept step files and the
     # temporary of the next write are on disk at once
@@ -644,6 +662,7 @@ def _checkpoint(run: _Run) -> None:
                     "scheduler": run.scheduler.state_dict(), "step": step, "epoch": run.position[0],
                     "consumed": run.position[1], "world_size": env.world_size, "num_samples": run.num_samples,
                     "cache": run.cache_id, "rng": _rng_states(), "config": config_to_dict(cfg),
+                    "teacher_dtype": resolve_dtype(cfg.teacher.dtype, env.device),
                     "scaler": run.scaler.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
                     "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION})
             run.saved = [run.ckpt_path, step]

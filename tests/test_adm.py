@@ -113,6 +113,9 @@ def test_float32_checkpoint_through_the_cli_gives_the_same_weights(tmp_path, con
     assert record["source_sha256"] == hashlib.sha256((tmp_path / "ema.pt").read_bytes()).hexdigest()
     assert record["flags"] == flags and record["resolved_flags"]["num_head_channels"] == 16
     assert set(record["ignored_flags"]) == {"dropout", "use_fp16"}
+    # DDPM-segmentation's checkpoints ran in float16: the record keeps that and says what it means here
+    assert record["use_fp16"]["value"] is True and record["use_fp16"]["given"] is True
+    assert "float16" in record["use_fp16"]["meaning"] and "teacher.dtype=auto" in record["use_fp16"]["meaning"]
 
 
 @pytest.mark.parametrize("name", sorted(NOTE["state_dict_shapes"]))

@@ -90,3 +90,27 @@ def test_main_loads_vectorize_for_nchw():
     assert rows
     for r in rows:
         assert r["ld_global_v4"] > 0, f"{r['kernel']}[{r['config']}] {r['arch']}: no ld.global.v4"
+
+
+def test_ptxas_reports_are_cached_by_ptx_target_and_ptxas(tmp_path, monkeypatch):
+    """A rerun's unchanged kernels read ptxas's report from the cache; another PTX or target runs ptxas again."""
+    pytest.importorskip("triton")
+    from dtkernels.triton import aot
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    ptx = ".version 8.0\n.target sm_80\n.address_size 64\n.visible .entry k()\n{\n ret;\n}\n"
+    first = aot._ptxas_report(ptx, "sm_80")
+    assert "Used 0 registers" in first or "registers" in first
+    assert len(list((tmp_path / "dtkernels-ptxas").glob("*.txt"))) == 1
+
+    def no_ptxas(cmd, *a, **k):
+        if "--version" in cmd:
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        raise AssertionError(f"ptxas ran for a cached report: {cmd}")
+
+    monkeypatch.setattr(aot.subprocess, "run", no_ptxas)
+    assert aot._ptxas_report(ptx, "sm_80") == first  # the identity is lru-cached: the same key
+    with pytest.raises(AssertionError, match="ptxas ran"):
+        aot._ptxas_report(ptx.replace("ret;", "ret;\n ret;"), "sm_80")
+    with pytest.raises(AssertionError, match="ptxas ran"):
+        aot._ptxas_report(ptx, "sm_90a")

@@ -74,7 +74,8 @@ _DEFAULTS: dict[str, Any] = {
 #: computes in float32.
 IGNORED_FLAGS: dict[str, str] = {
     "dropout": "dropout is off at inference",
-    "use_fp16": "only the original's runtime dtype (its float32 weights are kept; pass --dtype to store others)",
+    "use_fp16": "the original's runtime dtype, recorded as use_fp16 in adm_conversion.json (its float32 weights are "
+                "kept; pass --dtype to store others)",
     "use_checkpoint": "gradient checkpointing, training memory only",
     "timestep_respacing": "sampling with fewer steps; features are read at the full schedule's t",
     "use_kl": "a training loss",
@@ -143,6 +144,21 @@ class ADMFlags:
         data["channel_mult"] = list(self.channel_mult)
         data["attention_ds"] = list(self.attention_ds)
         return data
+
+
+def _use_fp16_record(parsed: ADMFlags) -> dict:
+    """What the checkpoint's ``--use_fp16`` said and what it means for this teacher (the record of the conversion)."""
+    value = _typed_value("use_fp16", parsed.given["use_fp16"]) if "use_fp16" in parsed.given else False
+    if value:
+        meaning = ("the original ran this checkpoint's convolutions and attention in float16, with GroupNorm "
+                   "statistics in float32 (guided-diffusion's convert_to_fp16 and GroupNorm32); the file holds "
+                   "float32 weights. A half-precision teacher is therefore this model's own runtime: "
+                   "teacher.dtype=auto runs it in bfloat16 on a GPU and on CPUs that multiply bfloat16 natively, "
+                   "float32 elsewhere; normalisation statistics stay float32 either way")
+    else:
+        meaning = ("the original ran this checkpoint in float32; teacher.dtype=auto still chooses bfloat16 on a GPU "
+                   "and on CPUs that multiply bfloat16 natively (benchmarks/teacher_precision.py measures the price)")
+    return {"value": value, "given": "use_fp16" in parsed.given, "meaning": meaning}
 
 
 def _split_flags(text: str) -> dict[str, str]:
@@ -711,6 +727,7 @@ def convert_adm(checkpoint: str | os.PathLike, out: str | os.PathLike, flags: st
     record = {"format": "dreamteacher.adm_conversion", "version": 1, "source": str(src), "source_sha256": sha,
               "source_bytes": src.stat().st_size, "flags": parsed.text, "resolved_flags": parsed.record(),
               "ignored_flags": parsed.ignored, "dtype": str(dtype).replace("torch.", ""),
+              "use_fp16": _use_fp16_record(parsed),
               "attention_order": "legacy (heads, 3, head_dim)" if not parsed.use_new_attention_order
               else "new (3, heads, head_dim)", "attention_head_dim": layout.head_dim,
               "diffusers_version": diffusers.__version__}

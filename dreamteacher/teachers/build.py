@@ -22,7 +22,7 @@ from .taps import call_order, select_taps
 
 logger = logging.getLogger("dreamteacher")
 
-__all__ = ["build_teacher", "resolve_dtype", "DTYPES"]
+__all__ = ["build_teacher", "resolve_dtype", "describe_dtype", "DTYPES"]
 
 #: ``teacher.dtype`` names -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,10 +86,34 @@ def build_teacher(cfg: TeacherConfig, *, device: torch.device, student_strides: 
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``teacher.dtype`` with auto resolved: bfloat16 on GPU, float32 on CPU."""
+    """``teacher.dtype`` with auto resolved: bfloat16 on GPU and on CPUs that multiply bfloat16 natively
+    (``avx512_bf16`` or ``amx_bf16``), float32 elsewhere.
+
+    Without native bfloat16 (an AVX2-only CPU) oneDNN emulates the bfloat16 convolutions by conversions and the
+    teacher's forward is slower than in float32 (benchmarks/teacher_precision.py measures both). The statistics of
+    every normalisation, the taps' resize and the loss's whitening stay in float32 whatever this dtype.
+    """
     if dtype != "auto":
         return dtype
-    return "bfloat16" if device.type == "cuda" else "float32"
+    if device.type == "cuda":
+        return "bfloat16"
+    from ..runtime import cpu_has_native_bf16
+
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+def describe_dtype(dtype: str, device: torch.device) -> str:
+    """``teacher.dtype`` for a log line: the dtype, and why when ``auto`` chose it."""
+    resolved = resolve_dtype(dtype, device)
+    if dtype != "auto":
+        return f"{resolved} (teacher.dtype={dtype})"
+    if device.type == "cuda":
+        why = "a GPU"
+    elif resolved == "bfloat16":
+        why = "this CPU multiplies bfloat16 natively"
+    else:
+        why = "this CPU has no native bfloat16 (avx512_bf16 / amx_bf16), where float32 is faster"
+    return f"{resolved} (teacher.dtype=auto: {why})"
 
 
 def _unet_call_order(teacher: DiffusionTeacher, names: Sequence[str]) -> list[str]:

@@ -715,7 +715,7 @@ class DiffusionTeacher(nn.Module):
                     for acc, f in zip(feats, draw):
                         acc.add_(f)
             if n_noise > 1:
-                feats = [f.div_(n_noise).to(self.dtype) for f in feats]
+                feats = [f.div_(n_noise) for f in feats]  # float32, as the taps give them
         if self.feature_dtype is not None:
             feats = [f.to(self.feature_dtype) for f in feats]
         return feats

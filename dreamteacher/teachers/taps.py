@@ -89,6 +89,7 @@ class FeatureTaps:
 
     Features are collected in call order; for a tuple output the first tensor is kept. Each feature is resized in
     the hook (see :func:`resize_to_stride`) when :meth:`run` is given the input image size, then cast to ``dtype``.
+    A bfloat16 or float16 model's features are upcast to float32 before the resize.
     The internal buffer is emptied whenever features are handed out, so nothing is retained between calls.
 
     With ``early_exit=True``, :meth:`run` ends the forward as soon as every tapped module has produced its output:
@@ -98,7 +99,8 @@ class FeatureTaps:
         model: the module to tap.
         names: dotted module names (``model.get_submodule``); default :func:`default_tap_names`.
         strides: one output stride (relative to the input image) per name, or None to keep native resolution.
-        dtype: cast the features to this dtype (e.g. ``torch.bfloat16``), or None to keep the model's.
+        dtype: cast the features to this dtype (e.g. ``torch.bfloat16``), or None to keep the model's (float32 for a
+            half-precision model).
         early_exit: stop the forward after the last tap inside :meth:`run`.
 
     Example::
@@ -143,6 +145,10 @@ class FeatureTaps:
         if not self.enabled:
             return None
         feat = _first_tensor(output)
+        if feat.dtype in (torch.bfloat16, torch.float16):
+            # A half-precision teacher's features leave in float32: the resize averages (or interpolates) in float32
+            # and the target is not rounded to 8 bits of mantissa a second time (the whitening is float32 too).
+            feat = feat.float()
         if self._image_size is not None and name in self._stride_of:
             feat = resize_to_stride(feat, self._image_size, self._stride_of[name])
         if self.dtype is not None:

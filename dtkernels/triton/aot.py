@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
+import hashlib
 import json
 import os
 import re
@@ -81,6 +83,49 @@ def _ptxas() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
 
 
+@functools.cache
+def _ptxas_identity() -> str:
+    """The bundled ptxas's version banner and size: part of every cached report's key."""
+    path = _ptxas()
+    res = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return f"{res.stdout.strip()}|{os.path.getsize(path)}"
+
+
+def _report_cache() -> Path:
+    """Beside Triton's own compile cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``)."""
+    root = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return Path(root) / "dtkernels-ptxas"
+
+
+def _ptxas_report(ptx: str, gpu: str) -> str:
+    """``ptxas -v``'s report (registers, spills, stack) for ``ptx`` on ``gpu``.
+
+    The report is a function of the PTX text, the target and the ptxas binary alone, so it is kept in a
+    content-addressed cache keyed by all three: ``triton.compile`` already returns cached PTX for an unchanged
+    kernel, and ptxas was then most of a rerun's time (hundreds of configurations per module). Changed kernels,
+    targets or a new Triton give a new key and run ptxas afresh; only successful reports are kept."""
+    key = hashlib.sha256(f"{_ptxas_identity()}|{gpu}|".encode() + ptx.encode()).hexdigest()
+    cached = _report_cache() / f"{key}.txt"
+    if cached.is_file():
+        return cached.read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        res = subprocess.run([_ptxas(), "-v", "--gpu-name", gpu, str(path), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {res.stderr.strip()[-2000:]}")
+    info = res.stderr + res.stdout
+    try:  # a read-only or full cache directory costs the next run time, never this one's answer
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp_file.write_text(info)
+        os.replace(tmp_file, cached)
+    except OSError:
+        pass
+    return info
+
+
 _PTXAS_RE = {
     "registers": re.compile(r"Used (\d+) registers"),
     "spill_stores": re.compile(r"(\d+) bytes spill stores"),
@@ -117,15 +162,7 @@ def compile_config(cfg: dict, arch: int, module: str = "feat_loss") -> dict:
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
         ptx = compiled.asm["ptx"]
-        gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "k.ptx"
-            path.write_text(ptx)
-            res = subprocess.run([_ptxas(), "-v", "--gpu-name", gpu, str(path), "-o", str(Path(tmp) / "k.cubin")],
-                                 capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"ptxas failed: {res.stderr.strip()[-2000:]}")
-        info = res.stderr + res.stdout
+        info = _ptxas_report(ptx, "sm_90a" if arch == 90 else f"sm_{arch}")
         for key, rx in _PTXAS_RE.items():
             m = rx.search(info)
             row[key] = int(m.group(1)) if m else 0
