@@ -41,13 +41,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import UserError
 from .data import FEATURE_CACHE_FORMAT, FEATURE_CACHE_MANIFEST, is_feature_cache, to_unit_range  # noqa: F401
+
+if TYPE_CHECKING:
+    from .runtime import DistEnv
 
 logger = logging.getLogger("dreamteacher")
 
@@ -271,7 +274,8 @@ def write_feature_cache(teacher: Any, dataset: Dataset, out_dir: str | os.PathLi
                         batch_size: int = 16, seed: int = 0, views: int = 1,
                         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                         num_workers: int = 0, repair: bool = False, verify_hash: bool = True, progress: bool = True,
-                        on_shard_written: Callable[[int, dict], None] | None = None, env: Any = None) -> dict:
+                        on_shard_written: Callable[[int, dict], None] | None = None,
+                        env: DistEnv | None = None) -> dict:
     """Compute the teacher's features for ``views`` views of every item of ``dataset`` and write them as a sharded
     cache.
 
@@ -453,7 +457,7 @@ def _recorded_shards(root: Path, manifest: dict) -> list[dict]:
     return [shards[i] for i in sorted(shards)]
 
 
-def _finished_shards(root: Path, manifest: dict, *, verify_hash: bool, repair: bool, env: Any) -> dict[int, dict]:
+def _finished_shards(root: Path, manifest: dict, *, verify_hash: bool, repair: bool, env: DistEnv) -> dict[int, dict]:
     """The shards earlier runs finished (:func:`_recorded_shards`) that check out (size, and sha256 with
     ``verify_hash``), by index; a cache of another teacher, config or dataset is refused, damaged shards too unless
     ``repair`` (then they are rewritten).
@@ -506,7 +510,7 @@ def _collective(call: Callable[[], Any]) -> Any:
                            "rerun the same command to resume") from e
 
 
-def _agree(env: Any, value: int) -> int:
+def _agree(env: DistEnv, value: int) -> int:
     """The largest of every rank's ``value``."""
     if not env.distributed:
         return value
@@ -517,7 +521,7 @@ def _agree(env: Any, value: int) -> int:
     return int(flag.item())
 
 
-def _share(env: Any, obj: Any) -> Any:
+def _share(env: DistEnv, obj: Any) -> Any:
     """Rank 0's ``obj`` (picklable), on every rank."""
     if not env.distributed:
         return obj
@@ -528,7 +532,7 @@ def _share(env: Any, obj: Any) -> Any:
     return box[0]
 
 
-def _gather(env: Any, obj: Any) -> list:
+def _gather(env: DistEnv, obj: Any) -> list:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if not env.distributed:
         return [obj]
@@ -539,7 +543,7 @@ def _gather(env: Any, obj: Any) -> list:
     return out
 
 
-def _on_rank0(env: Any, path: Path, write: Callable[[], None]):
+def _on_rank0(env: DistEnv, path: Path, write: Callable[[], None]):
     """Run ``write`` (of ``path``) on rank 0 while every rank waits (a barrier that carries whether it failed, so
     that no rank waits on a write that died); returns its :class:`~dreamteacher.faults.WriteFailed` on every rank
     (rank 0's own, a pointer to it elsewhere), or None."""
@@ -626,7 +630,7 @@ class _ShardWriter:
     rewrites the manifest (a reader and a rerun see the shard at once); each rank of several rewrites its own
     progress file (atomically, and never a file another rank writes), which rank 0 merges into the manifest."""
 
-    def __init__(self, root: Path, manifest: dict, finished: dict[int, dict], views: int, env: Any,
+    def __init__(self, root: Path, manifest: dict, finished: dict[int, dict], views: int, env: DistEnv,
                  on_shard_written: Callable[[int, dict], None] | None) -> None:
         self.root, self.manifest, self.finished, self.views, self.env = root, manifest, finished, views, env
         self.on_shard_written = on_shard_written
@@ -666,7 +670,7 @@ class _ShardWriter:
 
 def _compute_shards(teacher: Any, samples: Dataset, plans: list[list], root: Path, manifest: dict,
                     finished: dict[int, dict], *, seed: int, views: int, num_workers: int, progress: bool,
-                    on_shard_written, env: Any) -> _Outcome:
+                    on_shard_written, env: DistEnv) -> _Outcome:
     """Run the teacher over this rank's batches (``plans[env.rank]``) and write each shard as soon as its last batch
     is done (:class:`_ShardWriter`). Ctrl-C, SIGTERM and SIGUSR1 stop between batches, dropping the shard in
     progress.
@@ -712,7 +716,7 @@ def _compute_shards(teacher: Any, samples: Dataset, plans: list[list], root: Pat
                     time.perf_counter() - t0)
 
 
-def _finish_cache(root: Path, manifest: dict, finished: dict[int, dict], outcome: _Outcome, env: Any) -> dict:
+def _finish_cache(root: Path, manifest: dict, finished: dict[int, dict], outcome: _Outcome, env: DistEnv) -> dict:
     """What every rank wrote, and whether a signal stopped it or it failed, gathered; rank 0 writes the final
     manifest, listing every finished shard (a stopped or failed run's too, so that a rerun resumes from it), and
     removes the progress files it covers. Returns the final manifest (with ``stopped_by``, a signal's name, for the

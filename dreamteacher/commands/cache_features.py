@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ..faults import EXIT_CACHE_MISMATCH, EXIT_CORRUPT_SHARDS, EXIT_PREEMPTED
 from ._args import _DTYPES, _check_out_dir, _int, _non_negative_int, _positive_int
+
+if TYPE_CHECKING:
+    from ..runtime import DistEnv
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -20,9 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "given to the teacher in [-1, 1]. With --config (and --section.key=value overrides), the "
                     "pretraining config decides the teacher, taps, strides (model.reductions), t, mode, dtype, image "
                     "size and augmentation, exactly as `pretrain` builds them, so `pretrain --config FILE "
-                    "--data.cache=OUT` accepts the cache by construction. Under torchrun (torchrun --nproc_per_node N -m "
-                    "dreamteacher cache-features ...; --out on a file system every node sees) the processes split "
-                    "the shards and rank 0 writes the manifest: the same files as one process writes.",
+                    "--data.cache=OUT` accepts the cache by construction. Under torchrun (torchrun "
+                    "--nproc_per_node N -m dreamteacher cache-features ...; --out on a file system every node "
+                    "sees) the processes split the shards and rank 0 writes the manifest: the same files as one "
+                    "process writes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="the pretraining config to cache for (teacher.*, model.reductions, data.image_size, "
@@ -169,7 +174,7 @@ def _cache_augmentation(args: argparse.Namespace):
     return RandomResizedCropFlip(args.crop_scale, args.crop_ratio, args.flip_prob)
 
 
-def _distributed(device_flag: str):
+def _distributed(device_flag: str) -> DistEnv:
     """This process's place under torchrun (one process without it), with the process group started as
     ``pretrain`` starts it (gloo on CPU, NCCL on GPU). ``--device cuda`` under torchrun means each rank's own GPU
     (``cuda:LOCAL_RANK``), as ``auto`` does, rather than every rank on the first one."""
@@ -177,10 +182,10 @@ def _distributed(device_flag: str):
 
     from ..runtime import check_device, setup_distributed
 
-    if device_flag != "auto":
-        check_device(device_flag, "--device")  # named as this command's option, before setup's own check
     if device_flag == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device_flag = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device_flag != "auto":
+        check_device(device_flag, "--device")  # named as this command's option, before setup's own check
     return setup_distributed(device_flag)
 
 
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, env) -> int:
+def _run(args: argparse.Namespace, env: DistEnv) -> int:
     """The command on this rank: every rank builds the teacher and the dataset and writes its share of the shards;
     rank 0 alone prints (the lines would repeat) and writes the manifest. Every rank returns the same exit code."""
     import torch
