@@ -13,7 +13,7 @@ table of argument kinds). Signatures mirror what the JIT specializes at run time
 ``TRITON_INTERPRET`` must be unset (interpreted kernels cannot be compiled).
 
 Options: ``--arch 80 90`` (default both), ``--jobs N`` (parallel compiles, default the CPU count), ``--kernel NAME``,
-``--module NAME`` (one of :data:`MODULES`; default ``feat_loss``).
+``--module NAME [NAME ...]`` (of :data:`MODULES`; default ``feat_loss``). Each row names its ``module``.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def compile_config(cfg: dict, arch: int, module: str = "feat_loss") -> dict:
     """Compile one configuration for ``sm_<arch>`` and run ``ptxas -v`` on its PTX; never raises."""
     from .utils import NUM_WARPS
 
-    row = {"kernel": cfg["kernel"], "config": _config_label(cfg), "arch": f"sm_{arch}"}
+    row = {"module": module, "kernel": cfg["kernel"], "config": _config_label(cfg), "arch": f"sm_{arch}"}
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -197,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHES))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--kernel", default=None)
-    parser.add_argument("--module", default="feat_loss", choices=MODULES)
+    parser.add_argument("--module", nargs="+", default=["feat_loss"], choices=MODULES,
+                        help="one or more op modules (one process pool serves them all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    items = [(cfg, arch, args.module) for cfg in _shipped(args.module) for arch in args.arch
+    items = [(cfg, arch, module) for module in args.module for cfg in _shipped(module) for arch in args.arch
              if args.kernel is None or cfg["kernel"] == args.kernel]
     if args.jobs > 1:
         # Separate processes: triton.compile holds the GIL for most of its work.
