@@ -1,5 +1,6 @@
 """Offline feature cache: image folders, write/read, resume, refusal, corruption and repair, the CLI."""
 
+import copy
 import hashlib
 import json
 import logging
@@ -229,7 +230,13 @@ def test_cli_cache_features_run(teacher, folder, tmp_path, capsys):
     assert "6 images in 2 shards" in out.stdout and "1 unreadable skipped" in out.stdout
     assert "img/s" in out.stderr  # the progress bar
     cache = FeatureCacheDataset(tmp_path / "cache", verify_hash=True)
-    assert len(cache) == 6 and cache.manifest["teacher"]["fingerprint"] == teacher.identity()["fingerprint"]
+    # --dtype defaults to auto, resolved as pretrain's teacher.dtype is (bfloat16 on a CPU with native bf16)
+    from dreamteacher.teachers.build import resolve_dtype
+
+    auto = resolve_dtype("auto", torch.device("cpu"))
+    assert cache.manifest["config"]["feature_dtype"] == auto and f"on cpu ({auto})" in out.stdout
+    same = copy.deepcopy(teacher).to(getattr(torch, auto))
+    assert len(cache) == 6 and cache.manifest["teacher"]["fingerprint"] == same.identity()["fingerprint"]
     # in-process: a different t is refused with a clear message and exit code 3
     assert cli.main([*args, "--t", "90", "--no-progress"]) == 3
     assert "config.t: cache 150, now 90" in capsys.readouterr().err

@@ -85,7 +85,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=_non_negative_int, default=0,
                    help="DataLoader worker processes decoding images")
     p.add_argument("--device", default="auto", help="torch device (auto: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="teacher weights and compute dtype")
+    p.add_argument("--dtype", choices=["auto", *sorted(_DTYPES)], default="auto",
+                   help="teacher weights and compute dtype, as pretrain's teacher.dtype (auto: bfloat16 on GPU and on "
+                        "CPUs that multiply bfloat16 natively, float32 elsewhere)")
     p.add_argument("--repair", action="store_true",
                    help="rewrite shards found missing, truncated or corrupt (by size or sha256) instead of refusing")
     p.add_argument("--no-verify", action="store_true",
@@ -208,6 +210,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> int:
     from ..config import options_named
     from ..data import check_image_folder, load_image_folder
     from ..feature_cache import CacheMismatchError, CorruptShardError, write_feature_cache
+    from ..teachers.build import resolve_dtype
     from ..teachers.diffusion import DiffusionTeacher, check_image_size, check_teacher_dir
     from ..teachers.taps import describe_tap
 
@@ -231,6 +234,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> int:
                 ddim_steps=args.ddim_steps, text_embedding=args.text_embedding or None,
                 conditioning=args.conditioning)
         check_image_size(teacher, args.resolution, "--resolution")
+        args.dtype = resolve_dtype(args.dtype, torch.device(device))  # the name pretrain's teacher.dtype resolves to
         teacher = teacher.to(device=device, dtype=getattr(torch, _DTYPES[args.dtype]))
     dataset = load_image_folder(args.data, args.resolution, "--data", uint8=True)
     if args.limit is not None:
