@@ -17,6 +17,7 @@ from typing import NoReturn
 from .commands import (
     ablate,
     cache_features,
+    compare,
     convert_adm,
     convert_checkpoint,
     demo,
@@ -33,7 +34,7 @@ from .faults import EXIT_CODES, EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_WRITE_FAILE
 COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     module.__name__.rpartition(".")[2].replace("_", "-"): (module.add_parser, module.run)
     for module in (cache_features, train_teacher, pretrain, export, train_interpreter, evaluate, viz, demo,
-                   convert_checkpoint, convert_adm, ablate)
+                   convert_checkpoint, convert_adm, ablate, compare)
 }
 
 # The pairs' names from before commands/, for code that imports them from here (tests: cli.add_export)
@@ -48,6 +49,7 @@ add_demo, run_demo = demo.add_parser, demo.run
 add_convert_checkpoint, run_convert_checkpoint = convert_checkpoint.add_parser, convert_checkpoint.run
 add_convert_adm, run_convert_adm = convert_adm.add_parser, convert_adm.run
 add_ablate, run_ablate = ablate.add_parser, ablate.run
+add_compare, run_compare = compare.add_parser, compare.run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "_accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for results that record it
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if not args.default_malloc:
         from .perf import keep_freed_memory

@@ -87,6 +87,9 @@ class DemoSettings:
     #: > 0: also pretrain the lean loop and the naive loop (``run.naive``) for this many minutes each (steps set from
     #: a short throughput calibration of each, so both finish their schedules in the budget) and evaluate both
     speed_minutes: float = 0.0
+    #: self-supervised baselines (``ssl.method`` values) pretrained as more rows, at the demo's lr and the method's
+    #: defaults, not tuned (``dreamteacher compare`` tunes them on the validation split); the same steps and batch
+    baselines: list[str] = field(default_factory=list)
     progress: bool = True
 
 
@@ -141,6 +144,17 @@ def pretrain_config(s: DemoSettings, teacher_dir: Path, run_dir: Path, overrides
         f"--run.out_dir={run_dir}", "--run.log_every=10", f"--run.ckpt_every={max(s.pretrain_steps // 2, 1)}",
         "--schedule.warmup_steps=40", "--optim.lr=2e-3", f"--run.max_minutes={s.pretrain_minutes}",
         f"--run.progress={s.progress}", *overrides])
+
+
+#: The baselines' names in the tables (``ssl.method`` -> row).
+BASELINE_NAMES = {"simclr": "SimCLR", "moco": "MoCo-v2", "byol": "BYOL", "densecl": "DenseCL"}
+
+
+def baseline_overrides(method: str, hyperparameters: Mapping[str, float] | None = None) -> list[str]:
+    """Overrides that make a demo pretraining config a self-supervised baseline's (``ssl.method``), with these
+    ``section.key`` values; ``data.augment`` off, since the method makes its own views (and refuses it)."""
+    return [f"--ssl.method={method}", "--data.augment=false",
+            *(f"--{k}={v!r}" for k, v in (hyperparameters or {}).items())]
 
 
 def evaluate_protocols(backbones: dict[str, str | None], s: DemoSettings, **kwargs: Any) -> dict[str, Any]:
@@ -292,9 +306,14 @@ def estimate_phases(s: DemoSettings, teacher_dir: Path, out: Path, overrides: Se
     if s.speed_minutes > 0:  # two loops of a fixed wall-clock budget each, plus their calibrations
         seconds["speed"] = 2 * (60 * s.speed_minutes + measured["pretrain feature setup s"] + 30 *
                                 measured["pretrain feature s/step"])
+    for m in s.baselines:  # one after the other, in this process on every thread, as the phase runs them
+        summary = _timed_pretrain(config(cal / f"pretrain_{m}", *short, *baseline_overrides(m)))
+        per_step, setup = _log_rate(Path(summary["out_dir"]) / "log.jsonl", summary["wall"])
+        measured[f"pretrain {m} s/step"], measured[f"pretrain {m} setup s"] = per_step, setup
+        seconds[f"pretrain {m}"] = setup + s.pretrain_steps * per_step
 
     # evaluation: per protocol, one run at two step counts (both at once when the groups run at once)
-    n_backbones = 3 + (2 if s.speed_minutes > 0 else 0)
+    n_backbones = 3 + (2 if s.speed_minutes > 0 else 0) + len(s.baselines)
     total_eval = 0.0
     for protocol in s.protocols:
         # one run at two step counts, in every process at once: each process does the same work at the same time,
@@ -531,6 +550,27 @@ def _pretraining_phase(run: _DemoRun) -> None:
     run.phase(phase_name, t0)
 
 
+def _baselines_phase(run: _DemoRun) -> None:
+    """4c: each self-supervised baseline of :attr:`DemoSettings.baselines`, the same steps and batch as the
+    DreamTeacher runs, at the demo's lr and the method's defaults (not tuned), in this process on every thread
+    (alone, after the DreamTeacher runs: a third run beside them would slow all three)."""
+    from .export import export_backbone
+    from .train import pretrain
+
+    s = run.s
+    for m in s.baselines:
+        name = BASELINE_NAMES[m]
+        run.say(f"[4c] pretrain the {name} baseline (ssl.method={m}, lightly; not tuned): {s.pretrain_steps} steps "
+                f"of {s.pretrain_batch} images")
+        t0 = time.perf_counter()
+        summary = pretrain(run.config(run.out / f"pretrain_{m}", *baseline_overrides(m)))
+        run.backbones[name] = str(export_backbone(summary["checkpoint"], run.out / f"resnet18_{m}.safetensors"))
+        run.steps_done[f"pretrain {m}"] = {"done": summary["step"], "planned": s.pretrain_steps}
+        if summary["interrupted"]:
+            run.cut[name] = f"{summary['step']} of {s.pretrain_steps} pretraining steps (time cap)"
+        run.phase(f"pretrain {m}", t0)
+
+
 def _speed_run(run: _DemoRun, name: str, naive: bool, budget_s: float) -> dict[str, Any]:
     """One loop (lean or naive) pretrained for ``budget_s``: steps set from a 30-step throughput calibration so its
     schedule finishes in the budget, then exported."""
@@ -664,6 +704,8 @@ def _run_demo(out: Path, s: DemoSettings, overrides: Sequence[str], say: Callabl
             return {"estimate": estimate, "machine": machine, "seconds": time.perf_counter() - start}
     _interpreter_phase(run)
     _pretraining_phase(run)
+    if s.baselines:
+        _baselines_phase(run)
     if s.speed_minutes > 0:
         _speed_phase(run)
     results, json_path, md_path = _evaluation_phase(run)

@@ -1,5 +1,6 @@
 """The training package has no import cycles (top-level or inside functions), every module imports alone in a fresh
-interpreter, and no library module imports the pretraining loop (only the entry points: the CLI, demo, ablate)."""
+interpreter, and no library module imports the pretraining loop (only the entry points: the CLI, demo, ablate,
+compare)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dreamteacher"
 MODULES = sorted([p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
                  + [f"{sub}.{p.stem}" for sub in ("teachers", "commands") for p in (PACKAGE / sub).glob("*.py")
                     if p.stem != "__init__"])
-ENTRY_POINTS = {"cli", "__main__", "demo", "ablate"} | {m for m in MODULES if m.startswith("commands.")}
+ENTRY_POINTS = {"cli", "__main__", "demo", "ablate", "compare"} | {m for m in MODULES if m.startswith("commands.")}
 
 
 def _resolve(dotted: str) -> str | None:
