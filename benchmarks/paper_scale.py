@@ -276,6 +276,81 @@ def cache_bytes_table(images: int) -> str:
     return "\n".join(rows)
 
 
+#: The rows of issue 28's comparison, as pretrain's own settings: ``run.naive`` is the stock teacher with its full
+#: forward, hooks on every block, the losses in eager PyTorch and PyTorch's default AdamW; ``lean before`` is the lean
+#: loop as it was before the teacher's precision and fused ops (float32, stock GroupNorm + SiLU); ``lean now`` is
+#: the defaults (teacher.dtype=auto, teacher.fused_ops=true).
+VARIANTS = {"naive": ["--run.naive=true", "--teacher.dtype=float32"],
+            "lean before": ["--teacher.dtype=float32", "--teacher.fused_ops=false"],
+            "lean now": []}
+
+
+def variant_step(name: str, work: Path, variant: str, steps: int, batch: int, tiny: bool = False) -> dict:
+    """Online seconds per step and the teacher's share for one of :data:`VARIANTS`, built as pretrain builds it."""
+    import dtkernels
+    from dreamteacher.config import load_config
+    from dreamteacher.losses import eager_feat_loss
+    from dreamteacher.model import DistillationModel, build_source, build_student, teacher_dtype
+    from dreamteacher.optim import build_optimizer
+    from dreamteacher.perf import single_pixel_convs_as_linear
+    from dreamteacher.regressor import FeatureRegressor
+    from dreamteacher.runtime import amp_dtype
+
+    teacher_dir = work / ("adm_teacher" if name == "adm" else "sd15_teacher")
+    folder = _images(work / "images", 2 * batch, 64 if tiny else 256)
+    cfg = load_config(CONFIGS[name], [f"--teacher.path={teacher_dir}", f"--data.source={folder}",
+                                      "--data.num_workers=0", f"--run.batch_size={batch}", "--run.device=cpu",
+                                      "--data.augment=false", f"--run.out_dir={work / 'run'}",
+                                      *(TINY_OVERRIDES if tiny else []), *VARIANTS[variant]])
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    student = build_student(cfg)
+    source = build_source(cfg, device, [i["reduction"] for i in student.feature_info])
+    model = DistillationModel(student, FeatureRegressor(student.feature_info, source.teacher_channels,
+                                                        width=cfg.model.width, pool_sizes=cfg.model.pool_sizes))
+    if not cfg.run.naive:
+        single_pixel_convs_as_linear(model)
+    optimizer = build_optimizer(cfg, model, device)
+    feat_loss = eager_feat_loss if cfg.run.naive else dtkernels.fused_feat_loss
+    autocast_to = amp_dtype(cfg.run.amp, device)
+    batch_data = next(iter(torch.utils.data.DataLoader(source.dataset, batch_size=batch, shuffle=False)))
+
+    def step(seed: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        images, targets = source.targets(batch_data, seed=seed)
+        t_teacher = time.perf_counter() - t0
+        with torch.autocast("cpu", dtype=autocast_to, enabled=autocast_to is not None):
+            preds = model(images)
+        level = [targets[source.order[lvl]] for lvl in range(len(preds))]
+        out = feat_loss(preds, [t.to(p.dtype) for t, p in zip(level, preds)], mse_weight=cfg.loss.mse_weight,
+                        at_weight=cfg.loss.at_weight, whiten=cfg.loss.whiten)
+        (out.loss if hasattr(out, "loss") else out).backward()  # the eager loss returns its parts too
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, t_teacher
+
+    step(0)  # warm-up
+    times = [step(s + 1) for s in range(steps)]
+    online = sum(t for t, _ in times) / steps
+    return {"variant": variant, "overrides": VARIANTS[variant], "teacher_dtype": teacher_dtype(cfg, device),
+            "online_s": online, "images_per_s": batch / online,
+            "teacher_share": sum(t for _, t in times) / sum(t for t, _ in times), "batch": batch, "steps": steps}
+
+
+def variants_table(results: dict) -> str:
+    """docs/scale.md's table of the three rows per configuration."""
+    rows = ["| configuration | row | teacher dtype | online s/step | images/s | teacher share | vs lean before | "
+            "vs naive |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, res in results["variants"].items():
+        by = {r["variant"]: r for r in res}
+        for r in res:
+            rows.append(f"| `{CONFIGS[name].relative_to(ROOT)}` | {r['variant']} | {r['teacher_dtype']} | "
+                        f"{r['online_s']:.1f} | {r['images_per_s']:.3f} | {100 * r['teacher_share']:.0f}% | "
+                        f"{by['lean before']['online_s'] / r['online_s']:.2f}x | "
+                        f"{by['naive']['online_s'] / r['online_s']:.2f}x |")
+    return "\n".join(rows)
+
+
 def table(results: dict) -> str:
     rows = ["| configuration | teacher | load | online s/step | teacher share | early exit saves | cache-fed s/step "
             "| peak RSS |", "|---|---|---|---|---|---|---|---|"]
@@ -306,6 +381,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
     parser.add_argument("--tiny", action="store_true", help="narrow twins of both architectures: checks the script")
     parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--variants", action="store_true",
+                        help="only the rows naive / lean before / lean now (online s/step, teacher share), each "
+                             "configuration's three in one process")
     args = parser.parse_args()
     if args.cache_bytes:
         print(cache_bytes_table(args.images))
@@ -313,6 +391,10 @@ def main() -> None:
     if args.work is None:
         parser.error("--work: required (a scratch directory)")
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.worker and args.variants:
+        print(json.dumps([variant_step(args.worker, args.work, v, args.steps, args.batch, args.tiny)
+                          for v in VARIANTS]))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.work, args.steps, args.batch, args.tiny)))
         return
@@ -324,17 +406,22 @@ def main() -> None:
         results["cpu"] = "unknown"
     results["cores"] = os.cpu_count()
     results.update(make_teachers(args.work, args.only, args.tiny))
+    key = "variants" if args.variants else "configs"
+    results[key] = {}
     for name in args.only:
         out = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(args.work), "--steps",
-                              str(args.steps), "--batch", str(args.batch), *(["--tiny"] if args.tiny else [])],
-                             capture_output=True, text=True)
+                              str(args.steps), "--batch", str(args.batch), *(["--tiny"] if args.tiny else []),
+                              *(["--variants"] if args.variants else [])], capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"worker {name} failed:\n{out.stderr[-3000:]}")
-        results["configs"][name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(json.dumps(results["configs"][name], indent=1))
-    (args.work / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\n{results['date']}, {results['cpu']}, {results['cores']} cores, torch {results['torch']}\n")
-    print(table(results))
+        results[key][name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(results[key][name], indent=1))
+    (args.work / ("variants.json" if args.variants else "results.json")).write_text(json.dumps(results, indent=1))
+    from dreamteacher.runtime import machine_info
+
+    isa = " ".join(machine_info()["isa"])
+    print(f"\n{results['date']}, {results['cpu']} ({isa}), {results['cores']} cores, torch {results['torch']}\n")
+    print(variants_table(results) if args.variants else table(results))
 
 
 if __name__ == "__main__":
