@@ -7,10 +7,16 @@ next one runs; one that cannot run says why):
 a. ``environment``: GPU, memory, versions, dtkernels' backends, device-to-device copy bandwidth (read + write bytes).
 b. ``triton_tests``: tests/test_*_triton.py on CUDA tensors (``DTKERNELS_TEST_DEVICE=cuda``, see tests/conftest.py).
 c. ``ops``: fused_feat_loss, soft_ce and q_sample against eager and ``torch.compile``, fwd and fwd+bwd, at the
-   DreamTeacher shapes of the CPU benchmarks (whose providers, inputs and byte counts are reused), GB/s against (a).
+   DreamTeacher shapes of the CPU benchmarks (whose providers, inputs and byte counts are reused), GB/s against (a);
+   group_norm_act (inference-only: fwd) at ADM-256's and SD 1.5's shapes, float32 and bfloat16.
 d. ``pretrain_step``: the pretraining loop lean vs naive at 256x256, ResNet-50 student, a full-size random-weight
    pixel DDPM teacher (the LSUN-church-256 layout).
 e. ``demo_pretrain``: ``make demo``'s pretraining run (all its steps) on the GPU.
+f. ``teacher_dtypes``: one call of configs/adm_ddpmseg_r50.yaml's teacher (random weights, converted as
+   ``dreamteacher convert-adm`` converts them) at batch 2, 256x256, per teacher.dtype (float32, bfloat16, float16)
+   with fused_ops on and off: ms per forward and the whitened taps' relative error against float32. The teacher is
+   made in a thread while sections a and b run (a times big GPU copies, b waits on a subprocess); c to f, which
+   time launches from this process, wait for it first.
 
 Output under ``--out``: ``report.json``, ``report.md`` (rewritten after every section, so a run cut short still
 leaves the finished ones), ``gpu_check.log``, and the Triton tests' ``triton_tests.log`` / ``triton_tests.xml``.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -31,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -47,17 +55,20 @@ for _path in (str(BENCH_DIR), str(REPO_ROOT)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-#: Seconds the whole check may take by default: the device call's limit is 10 minutes, and the check must fit an
-#: H100 in 8 with room for the wheels' install and the transfers.
-DEFAULT_BUDGET_S = 450.0
-#: Seconds kept for the sections after the Triton tests (ops, pretraining step, demo): the tests' subprocess gets
-#: at most what is left beyond this, and at most TESTS_CAP_S.
-RESERVE_AFTER_TESTS_S = 250.0
+#: Seconds the whole check may take by default: 8 minutes, which leaves 110 s of the device call's 590 s for the
+#: wheels' install, the imports and a section that overruns its share (a compile, a teacher's build).
+DEFAULT_BUDGET_S = 480.0
+#: Seconds kept for section f while the sections before it run: three builds of the 552 M-parameter teacher from
+#: disk (its random weights and conversion are made in a thread during sections a and b) and 42 timed forwards.
+RESERVE_TEACHER_S = 45.0
+#: Seconds kept for the sections after the Triton tests (ops, pretraining step, demo, teacher): the tests'
+#: subprocess gets at most what is left beyond this, and at most TESTS_CAP_S.
+RESERVE_AFTER_TESTS_S = 250.0 + RESERVE_TEACHER_S
 TESTS_CAP_S = 200.0
-#: Seconds kept for sections d and e while the op cases run: a case is not started with less left than this.
-RESERVE_AFTER_OPS_S = 130.0
-#: Seconds kept for section e while section d runs.
-RESERVE_AFTER_STEP_S = 70.0
+#: Seconds kept for sections d, e and f while the op cases run: a case is not started with less left than this.
+RESERVE_AFTER_OPS_S = 130.0 + RESERVE_TEACHER_S
+#: Seconds kept for sections e and f while section d runs.
+RESERVE_AFTER_STEP_S = 70.0 + RESERVE_TEACHER_S
 
 #: LSUN-church-256 DDPM (google/ddpm-church-256) UNet layout: 6 levels (256 -> 8), 2 ResNet layers per block,
 #: self-attention at the 16x16 level; random weights (only the compute shape matters here).
@@ -69,6 +80,12 @@ DDPM_256_UNET: dict[str, Any] = dict(
 TINY_UNET: dict[str, Any] = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
     norm_num_groups=8, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+
+#: Section f's teacher: its config's taps, and the dtypes timed (teacher.dtype's choices besides auto).
+TEACHER_CONFIG = REPO_ROOT / "configs" / "adm_ddpmseg_r50.yaml"
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+#: group_norm_act's dtypes in section c: float32 (the CPU benchmark's) and bfloat16 (the GPU teacher's, auto).
+GNA_DTYPES = ("float32", "bfloat16")
 
 TRITON_TEST_FILES = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "tests").glob("test_*_triton.py"))
 PROVIDERS = ("dtkernels", "eager", "compile")
@@ -92,6 +109,40 @@ class Section:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+class Background:
+    """A function run in a thread while earlier sections run; :meth:`result` waits for it and returns its value or
+    raises its exception (in the section that needs it, so a failure is that section's)."""
+
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self.name = name
+        self.seconds: float | None = None  # how long it ran, once done
+        self._fn, self._value, self._error = fn, None, None
+        # A daemon: a run cut short by an exception in main must not wait for it.
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        began = time.perf_counter()
+        try:
+            self._value = self._fn()
+        except BaseException as e:  # handed to the section that asks for the result
+            self._error = e
+        self.seconds = time.perf_counter() - began
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self.wait()
+        if self._error is not None:
+            raise RuntimeError(f"{self.name} (run in a thread) failed") from self._error
+        return self._value
+
+
 @dataclass
 class Context:
     """What every section reads: the mode, the device, where to write, the time left, section a's bandwidth."""
@@ -103,6 +154,7 @@ class Context:
     deadline: float
     log: Callable[[str], None]
     copy_gbps: float | None = None
+    adm_teacher: Background | None = None  # section f's teacher directory, made while sections a and b run
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -338,6 +390,40 @@ class OpCase:
     min_bytes: Callable[[tuple, str], int]
     scalar: bool = True  # the op returns a scalar loss (else a tensor: fwd_bwd backpropagates a fixed grad_output)
     check_fwd: Callable[[Any, tuple], None] | None = None  # a value check when outputs are random (q_sample)
+    modes: tuple[str, ...] = ("fwd", "fwd_bwd")  # an inference-only op (group_norm_act) has no fwd_bwd
+    dtype: str = "float32"
+    check_close: Callable[[Any, Any], None] | None = None  # (got, eager's) where rtol 1e-4 per element does not fit
+
+
+def close_to_largest(got, want, rel: float) -> None:
+    """``max |got - want| <= rel * max |want|``: an output that crosses zero (SiLU's) has elements whose own
+    relative error means nothing, so the error is measured against the output's scale (as bench_group_norm_act.py
+    checks)."""
+    err, scale = float((got.float() - want.float()).abs().max()), float(want.float().abs().max())
+    assert err <= rel * scale, f"max |out - eager| = {err:.3g} > {rel:.3g} x max |eager| ({scale:.3g})"
+
+
+def group_norm_act_cases(dry_run: bool, device) -> list[OpCase]:
+    """bench_group_norm_act.py's inputs, providers and byte count at its shapes (the dry run: the smallest), in
+    float32 and bfloat16 (all five inputs cast: eager's GroupNorm takes its parameters in x's dtype)."""
+    import functools
+
+    import bench_group_norm_act as bg
+    import torch
+
+    names = [min(bg.SHAPES, key=lambda n: math.prod(bg.SHAPES[n][0]))] if dry_run else list(bg.SHAPES)
+    cases = []
+    for name in names:
+        for dtype in GNA_DTYPES:
+            # bfloat16: eager rounds each of its four steps to bfloat16 and dtkernels only its output, so they may
+            # differ by about two bfloat16 roundings of the largest output; float32: the CPU benchmark's 1e-4.
+            rel = 2 * torch.finfo(torch.bfloat16).eps if dtype == "bfloat16" else 1e-4
+            cases.append(OpCase(
+                "group_norm_act", name,
+                lambda name=name, dtype=dtype: tuple(t.to(device, getattr(torch, dtype)) for t in bg.inputs(name)),
+                bg.eager_group_norm_act, bg.dtkernels_group_norm_act, lambda args, mode: bg.min_bytes(args[0]),
+                scalar=False, modes=("fwd",), dtype=dtype, check_close=functools.partial(close_to_largest, rel=rel)))
+    return cases
 
 
 def op_cases(dry_run: bool, device) -> list[OpCase]:
@@ -368,7 +454,7 @@ def op_cases(dry_run: bool, device) -> list[OpCase]:
         cases.append(OpCase("q_sample", name, lambda name=name: moved(bt.q_sample_inputs(name)), bt.eager_q_sample,
                             bt.dtkernels_q_sample, q_sample_bytes, scalar=False,
                             check_fwd=lambda x_t, args: bt.check_q_sample(x_t, *args)))
-    return cases
+    return cases + group_norm_act_cases(dry_run, device)
 
 
 def _leaves(first, requires_grad: bool):
@@ -389,12 +475,15 @@ def _clear_grads(first) -> None:
 
 def check_provider(case: OpCase, mode: str, got: Any, got_grads: list, want: Any, want_grads: list,
                    args: tuple) -> None:
-    """The CPU benchmarks' checks on the device: the loss within rtol 1e-4 of eager's, each gradient within 1e-3 of
-    eager's largest; q_sample's forward (random noise: no value to compare) by the statistics of its noise."""
+    """The CPU benchmarks' checks on the device: the loss within rtol 1e-4 of eager's (or the case's own check),
+    each gradient within 1e-3 of eager's largest; q_sample's forward (random noise: no value to compare) by the
+    statistics of its noise."""
     import torch
 
     if case.check_fwd is not None:
         case.check_fwd(got.detach(), tuple(a.detach() if torch.is_tensor(a) else a for a in args))
+    elif case.check_close is not None:
+        case.check_close(got.detach(), want.detach())
     else:
         torch.testing.assert_close(got.detach().float(), want.detach().float(), rtol=1e-4, atol=1e-6)
     if mode == "fwd_bwd":
@@ -404,31 +493,43 @@ def check_provider(case: OpCase, mode: str, got: Any, got_grads: list, want: Any
             assert err <= 1e-3 * scale, f"input {i}: max |grad - eager| = {err:.3g}, max |eager grad| = {scale:.3g}"
 
 
-def section_ops(ctx: Context, sec: Section) -> None:
-    import torch
-
-    sec.columns = ["op", "shape", "mode", "provider", "ms", "GB/s", "% copy BW", "x eager", "check"]
-    warmup, iters, repeats = (1, 2, 1) if ctx.dry_run else (10, 20, 5)
-    # The dry run traces with dynamo but skips inductor's code generation (minutes of C++ compiles on a small CPU).
-    compile_backend = "eager" if ctx.dry_run else "inductor"
-    sec.notes += [
-        f"float32, contiguous NCHW (the CPU benchmarks' inputs, moved to {ctx.device}); time per call: median over "
+def _ops_notes(ctx: Context, warmup: int, iters: int, repeats: int, compile_backend: str) -> list[str]:
+    notes = [
+        f"float32 unless the dtype column says otherwise; contiguous NCHW but group_norm_act's `-cl` shapes "
+        f"(channels_last): the CPU benchmarks' inputs, moved to {ctx.device}; time per call: median over "
         f"{repeats} repeats of the mean of {iters} back-to-back calls after {warmup} warm-up calls "
         f"({'CUDA events' if ctx.device.type == 'cuda' else 'perf_counter'})",
         "GB/s: the fewest bytes the op must move (as benchmarks/bench_*.py count them) / time; % copy BW: against "
         "section a's copy bandwidth. Small inputs can sit in the GPU's L2, so their GB/s can exceed the copy's",
-        f"compile: `torch.compile(eager, dynamic=False, backend={compile_backend!r})`; each provider is checked "
-        "against eager on the device before it is timed (check column)",
-        "fwd_bwd of q_sample backpropagates a fixed grad_output of ones through x_t"]
+        f"compile: `torch.compile(eager, dynamic=False, backend={compile_backend!r})`, dynamo's caches reset before "
+        "each case (one function compiled at more than 8 shapes would run eagerly past dynamo's recompile limit); "
+        "each provider is checked against eager on the device before it is timed (check column)",
+        "fwd_bwd of q_sample backpropagates a fixed grad_output of ones through x_t",
+        "group_norm_act (GroupNorm(32) + scale/shift + SiLU, ADM's residual block) is inference-only: fwd only; "
+        "eager is `F.silu(F.group_norm(x, 32, w, b) * (1 + scale) + shift)` in the row's dtype; checked within "
+        "1e-4 (float32) or two bfloat16 epsilons (bfloat16) of eager's largest output"]
     if ctx.dry_run:
-        sec.notes.append("dry run: CPU, the smallest shape of each benchmark file, compile without inductor")
+        notes.append("dry run: CPU, the smallest shape of each benchmark file, compile without inductor")
+    return notes
+
+
+def section_ops(ctx: Context, sec: Section) -> None:
+    import torch
+
+    sec.columns = ["op", "shape", "dtype", "mode", "provider", "ms", "GB/s", "% copy BW", "x eager", "check"]
+    warmup, iters, repeats = (1, 2, 1) if ctx.dry_run else (10, 20, 5)
+    # The dry run traces with dynamo but skips inductor's code generation (minutes of C++ compiles on a small CPU).
+    compile_backend = "eager" if ctx.dry_run else "inductor"
+    sec.notes += _ops_notes(ctx, warmup, iters, repeats, compile_backend)
     failed = []
     for case in op_cases(ctx.dry_run, ctx.device):
+        torch._dynamo.reset()
         base = case.inputs()
-        for mode in ("fwd", "fwd_bwd"):
+        for mode in case.modes:
+            key = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": mode}
             if not ctx.dry_run and ctx.left() < RESERVE_AFTER_OPS_S:
-                sec.rows.append({"op": case.op, "shape": case.shape, "mode": mode, "check": "not run: time budget"})
-                failed.append(f"{case.op} {case.shape} {mode}: not run (time budget)")
+                sec.rows.append({**key, "check": "not run: time budget"})
+                failed.append(f"{case.op} {case.shape} {case.dtype} {mode}: not run (time budget)")
                 continue
             backward = mode == "fwd_bwd"
             first = _leaves(base[0], backward)
@@ -449,8 +550,10 @@ def section_ops(ctx: Context, sec: Section) -> None:
             want_grads = [g.clone() for g in _grads(first)] if backward else []
             times: dict[str, float] = {}
             compiled = torch.compile(case.eager, dynamic=False, backend=compile_backend)
+            rows = []
             for provider, fn in (("dtkernels", case.dtkernels), ("eager", case.eager), ("compile", compiled)):
-                row: dict[str, Any] = {"op": case.op, "shape": case.shape, "mode": mode, "provider": provider}
+                row: dict[str, Any] = {**key, "provider": provider}
+                rows.append(row)
                 sec.rows.append(row)
                 try:
                     got = step(fn)  # the first call: for compile, the compilation
@@ -458,7 +561,7 @@ def section_ops(ctx: Context, sec: Section) -> None:
                     row["check"] = "ok"
                 except Exception as e:
                     row["check"] = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-                    failed.append(f"{case.op} {case.shape} {mode} {provider}: {row['check']}")
+                    failed.append(f"{case.op} {case.shape} {case.dtype} {mode} {provider}: {row['check']}")
                     sec.data.setdefault("tracebacks", []).append(traceback.format_exc())
                     continue
                 per_call = statistics.median(time_calls(lambda fn=fn: step(fn), ctx.device, warmup=warmup,
@@ -467,12 +570,11 @@ def section_ops(ctx: Context, sec: Section) -> None:
                 gbps = case.min_bytes(args, mode) / per_call / 1e9
                 row.update({"ms": per_call * 1e3, "GB/s": gbps, "min_bytes": case.min_bytes(args, mode),
                             "% copy BW": 100 * gbps / ctx.copy_gbps if ctx.copy_gbps else None})
-            for row in sec.rows:
-                if row["op"] == case.op and row["shape"] == case.shape and row["mode"] == mode and "ms" in row \
-                        and "eager" in times:
+            for row in rows:
+                if "ms" in row and "eager" in times:
                     row["x eager"] = times["eager"] / (row["ms"] / 1e3)
-            ctx.log(f"  ops: {case.op} {case.shape} {mode}: " + ", ".join(f"{p} {t * 1e3:.3f} ms"
-                                                                         for p, t in times.items()))
+            ctx.log(f"  ops: {case.op} {case.shape} {case.dtype} {mode}: "
+                    + ", ".join(f"{p} {t * 1e3:.3f} ms" for p, t in times.items()))
         del base
     if failed:
         raise RuntimeError("provider(s) failed or did not run:\n" + "\n".join(failed))
@@ -597,10 +699,12 @@ def section_demo_pretrain(ctx: Context, sec: Section) -> None:
         overrides += ["--run.device=cpu", "--run.steps=2", "--run.log_every=1", "--data.num_workers=0"]
         sec.notes.append("dry run: CPU, 2 steps of the demo's configuration")
     else:
-        if ctx.left() < 20:
-            raise RuntimeError(f"only {ctx.left():.0f} s of the budget left")
+        left_for_run = ctx.left() - RESERVE_TEACHER_S
+        if left_for_run < 20:
+            raise RuntimeError(f"only {ctx.left():.0f} s of the budget left, {RESERVE_TEACHER_S:.0f} s of it kept "
+                               "for section f")
         # A safety net: the demo's steps are the plan; a cut run is marked CUT with the steps it did.
-        overrides += ["--run.device=cuda", f"--run.max_minutes={(ctx.left() - 10) / 60:.3f}"]
+        overrides += ["--run.device=cuda", f"--run.max_minutes={(left_for_run - 10) / 60:.3f}"]
     cfg = pretrain_config(settings, shipped_teacher(settings.teacher), ctx.work / "demo_pretrain", overrides)
     summary, wall = _timed_pretrain([], cfg=cfg)
     rate = log_rate(Path(summary["out_dir"]) / "log.jsonl")
@@ -614,6 +718,142 @@ def section_demo_pretrain(ctx: Context, sec: Section) -> None:
                      f"{cfg.data.num_workers} loader worker(s); steps/s (loop) excludes the first logged interval")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# f. the teacher's forward per dtype
+# --------------------------------------------------------------------------------------------------------------
+def make_adm_teacher(work: Path, tiny: bool) -> Path:
+    """configs/adm_ddpmseg_r50.yaml's teacher with random weights, as benchmarks/paper_scale.py makes it: a
+    guided-diffusion state_dict of DDPM-segmentation's flags (``tiny``: its ``--tiny`` twin, TINY_ADM) converted by
+    ``convert_adm``, the function behind ``dreamteacher convert-adm`` (in this process: a second one would import
+    torch and diffusers again). A conversion of the same flags already in ``work`` (``--work``) is reused."""
+    import torch
+    from paper_scale import TINY_ADM, random_adm_state
+
+    from dreamteacher.teachers.adm import ADM_RECORD_FILE, DDPMSEG_FLAGS, convert_adm, parse_adm_flags
+
+    flags = DDPMSEG_FLAGS + (TINY_ADM if tiny else "")
+    out = work / ("adm_ddpmseg_tiny" if tiny else "adm_ddpmseg")
+    record = out / ADM_RECORD_FILE
+    if record.is_file() and json.loads(record.read_text()).get("flags") == parse_adm_flags(flags).text:
+        return out
+    ckpt = work / f"{out.name}_random.pt"
+    torch.save(random_adm_state(flags), ckpt)
+    convert_adm(ckpt, out, flags, overwrite=True)
+    ckpt.unlink()  # 2.2 GB the teacher directory holds again
+    return out
+
+
+def start_adm_teacher(ctx: Context) -> None:
+    """Section f's teacher, made in a thread from now on (~30 s of CPU at full size) while sections a and b run:
+    they time the GPU (a) or wait on a subprocess (b). The imports happen here, in the main thread, so that the
+    thread imports nothing while section a imports modules."""
+    import diffusers  # noqa: F401
+    import paper_scale  # noqa: F401
+    from diffusers import UNet2DModel  # noqa: F401  (diffusers' lazy modules: the one convert_adm loads)
+
+    import dreamteacher.teachers.adm  # noqa: F401
+
+    ctx.adm_teacher = Background(lambda: make_adm_teacher(ctx.work, ctx.dry_run), "the ADM teacher's conversion")
+
+
+def _timed_teacher(teacher, images, device, warmup: int, repeats: int) -> tuple[list, float]:
+    """The features of the last call (every call has the same seed: the same noise) and the median seconds per
+    call; the dry run's single call is both."""
+    last: dict[str, list] = {}
+
+    def call() -> None:
+        last["feats"] = teacher(images, seed=7)
+
+    times = time_calls(call, device, warmup=warmup, iters=1, repeats=repeats)
+    return last["feats"], statistics.median(times)
+
+
+def _teacher_notes(ctx: Context, size: int, batch: int, warmup: int, repeats: int, taps: list[str],
+                   t: int) -> list[str]:
+    import torch
+
+    notes = [
+        f"`{TEACHER_CONFIG.relative_to(REPO_ROOT)}`'s teacher (guided-diffusion UNet, DDPM-segmentation's flags, "
+        f"random weights N(0, 1/fan_in) converted as `dreamteacher convert-adm` converts them) built by "
+        f"`build_teacher` with its taps ({', '.join(taps)}; early exit), per teacher.dtype; batch {batch}, "
+        f"{size}x{size}, t = {t}, one noise seed for every row",
+        f"ms per forward: `teacher(images, seed=7)`, median of {repeats} calls after {warmup} warm-up call(s) "
+        f"({'CUDA events' if ctx.device.type == 'cuda' else 'perf_counter'}); x fp32 unfused: its time / the row's",
+        "fused ops false: the same teacher with `unfuse_teacher_ops` (the stock diffusers modules, what "
+        "teacher.fused_ops=false builds), timed first; true: fused again, as built",
+        "rel. error: ||W(f) - W(f_fp32)|| / ||W(f_fp32)|| per tap (W: LayerNorm over channels in float64, the "
+        "loss's whitening; benchmarks/teacher_precision.py), against float32 unfused; max and per tap in the "
+        "order of the config's taps. Random weights: the figures say what the arithmetic does to this "
+        "architecture's features, not a trained checkpoint's exact ones"]
+    if ctx.device.type == "cuda":
+        notes.append(f"float32 on this GPU: cuDNN TF32 {torch.backends.cudnn.allow_tf32} (convolutions), matmul "
+                     f"precision {torch.get_float32_matmul_precision()!r} (torch's defaults unless changed)")
+    if ctx.dry_run:
+        notes.append(f"dry run: CPU, the --tiny twin of the teacher (paper_scale.TINY_ADM) at {size}x{size}, "
+                     f"batch {batch}, one call per row")
+    return notes
+
+
+def section_teacher_dtypes(ctx: Context, sec: Section) -> None:
+    import torch
+    from teacher_precision import _whiten64
+
+    from dreamteacher.config import load_config
+    from dreamteacher.teachers.build import build_teacher
+    from dreamteacher.teachers.fused import fuse_teacher_ops, unfuse_teacher_ops
+
+    # The dry run: the smallest image the tiny twin's 6 levels take; half-precision convolutions are emulated on
+    # most CPUs (0.4 s a call at 32x32 on this project's).
+    batch, size = (1, 32) if ctx.dry_run else (2, 256)
+    warmup, repeats = (0, 1) if ctx.dry_run else (2, 5)
+    began = time.perf_counter()
+    path = ctx.adm_teacher.result() if ctx.adm_teacher else make_adm_teacher(ctx.work, ctx.dry_run)
+    waited = time.perf_counter() - began
+    cfg = load_config(TEACHER_CONFIG, [f"--teacher.path={path}", f"--data.image_size={size}"])
+    taps = list(cfg.teacher.taps)
+    sec.notes += _teacher_notes(ctx, size, batch, warmup, repeats, taps, cfg.teacher.t)
+    if ctx.adm_teacher:
+        sec.notes.append(f"teacher made in a thread in {ctx.adm_teacher.seconds:.1f} s during the earlier sections; "
+                         f"this section waited {waited:.1f} s for it")
+    sec.columns = ["dtype", "fused ops", "ms/forward", "x fp32 unfused", "max rel. error", "rel. error per tap",
+                   "build s"]
+    images = (torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(ctx.device)
+    ref: list | None = None
+    base_s = None
+    for dtype in TEACHER_DTYPES:
+        if not ctx.dry_run and ctx.left() < 10:
+            sec.rows += [{"dtype": dtype, "fused ops": f, "ms/forward": "not run: time budget"} for f in (False, True)]
+            continue
+        cfg.teacher.dtype = dtype
+        t0 = time.perf_counter()
+        teacher, order = build_teacher(cfg.teacher, device=ctx.device, student_strides=list(cfg.model.reductions),
+                                       image_size=size)
+        build_s = time.perf_counter() - t0
+        places = teacher.fused_places
+        for fused in (False, True):
+            teacher.fused_ops = fused
+            if fused:  # as built: the same places as build_teacher fused (the taps' hooked blocks stay stock)
+                assert fuse_teacher_ops(teacher.unet) == places, "re-fusing changed the fused places"
+            else:
+                unfuse_teacher_ops(teacher.unet)
+            feats, per_call = _timed_teacher(teacher, images, ctx.device, warmup, repeats)
+            whitened = [_whiten64(feats[order[lvl]]) for lvl in range(len(taps))]  # the config's tap order
+            if ref is None:
+                ref, base_s = whitened, per_call
+            errors = [float((w - r).norm() / r.norm()) for w, r in zip(whitened, ref)]
+            sec.rows.append({"dtype": dtype, "fused ops": fused, "ms/forward": per_call * 1e3,
+                             "x fp32 unfused": base_s / per_call, "max rel. error": max(errors),
+                             "rel. error per tap": " / ".join(f"{e:.2e}" for e in errors), "build s": build_s,
+                             "errors": dict(zip(taps, errors)), "fused_places": places if fused else 0})
+            ctx.log(f"  teacher_dtypes: {dtype} fused {fused}: {per_call * 1e3:.1f} ms, max rel. error "
+                    f"{max(errors):.2e}")
+        del teacher, feats, whitened
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if any(isinstance(r["ms/forward"], str) for r in sec.rows):
+        raise RuntimeError(f"dtype(s) not run: only {ctx.left():.0f} s of the budget left")
+
+
 SECTIONS: list[tuple[str, str, Callable[[Context, Section], None], bool]] = [
     ("environment", "a. Environment", section_environment, False),
     ("triton_tests", "b. Triton tests on CUDA tensors", section_triton_tests, True),
@@ -621,6 +861,8 @@ SECTIONS: list[tuple[str, str, Callable[[Context, Section], None], bool]] = [
     ("pretrain_step", "d. Pretraining step, lean vs naive (256x256, ResNet-50, full-size teacher)",
      section_pretrain_step, True),
     ("demo_pretrain", "e. make demo's pretraining on the GPU", section_demo_pretrain, True),
+    ("teacher_dtypes", "f. Teacher forward per dtype (ADM-256 DDPM-seg teacher, batch 2, 256x256)",
+     section_teacher_dtypes, True),
 ]
 
 
@@ -686,8 +928,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               "commit": _git_commit(), "torch": torch.__version__, "budget_s": args.budget_s, "seconds": 0.0}
     sections = [Section(key, title) for key, title, _, _ in SECTIONS]
     log(f"GPU check ({'dry run' if args.dry_run else header['gpu']}): reports in {out}, scratch in {work}")
+    if (not args.only or "teacher_dtypes" in args.only) and (args.dry_run or cuda):
+        start_adm_teacher(ctx)
     try:
         for sec, (key, _, fn, needs_cuda) in zip(sections, SECTIONS):
+            if ctx.adm_teacher is not None and key not in ("environment", "triton_tests") \
+                    and not ctx.adm_teacher.done:
+                # Sections c to f time launches from this process: the thread converting 2 GB must be done.
+                log(f"[{time.perf_counter() - began:6.1f} s] waiting for {ctx.adm_teacher.name}")
+                ctx.adm_teacher.wait()
             if args.only and key not in args.only:
                 sec.notes.append(f"not run: --only {' '.join(args.only)}")
             elif needs_cuda and not args.dry_run and not cuda:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.sh"
-SECTIONS = ("environment", "triton_tests", "ops", "pretrain_step", "demo_pretrain")
+SECTIONS = ("environment", "triton_tests", "ops", "pretrain_step", "demo_pretrain", "teacher_dtypes")
 #: The sections that need a GPU: in a dry run each says so in its notes.
 CUDA_SECTIONS = SECTIONS[1:]
 
@@ -48,11 +49,25 @@ def test_dry_run_writes_both_reports_with_every_section_ok(dry_run):
     assert set(collected) == {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "tests").glob("test_*_triton.py")}
     assert all(n > 0 for n in collected.values()), collected
     ops = report["sections"]["ops"]["rows"]
-    assert {(r["op"], r["mode"], r["provider"]) for r in ops} == {
-        (op, mode, p) for op in ("fused_feat_loss", "soft_ce", "q_sample") for mode in ("fwd", "fwd_bwd")
-        for p in ("dtkernels", "eager", "compile")}
+    providers = ("dtkernels", "eager", "compile")
+    assert {(r["op"], r["dtype"], r["mode"], r["provider"]) for r in ops} == {
+        (op, "float32", mode, p) for op in ("fused_feat_loss", "soft_ce", "q_sample") for mode in ("fwd", "fwd_bwd")
+        for p in providers} | {("group_norm_act", dtype, "fwd", p) for dtype in ("float32", "bfloat16")
+                               for p in providers}  # inference-only: no fwd_bwd
     assert all(r["check"] == "ok" and r["ms"] > 0 and r["GB/s"] > 0 for r in ops)
+    # The dry run's group_norm_act is bench_group_norm_act.py's smallest shape; bfloat16 moves half the bytes.
+    gna = {r["dtype"]: r for r in ops if r["op"] == "group_norm_act" and r["provider"] == "eager"}
+    assert gna["float32"]["shape"] == "2x1280x8x8"
+    assert gna["float32"]["min_bytes"] == 2 * gna["bfloat16"]["min_bytes"] == 2 * 2 * 1280 * 8 * 8 * 4
     assert {r["loop"] for r in report["sections"]["pretrain_step"]["rows"]} == {"lean", "naive"}
+    teacher = {(r["dtype"], r["fused ops"]): r for r in report["sections"]["teacher_dtypes"]["rows"]}
+    assert set(teacher) == {(d, f) for d in ("float32", "bfloat16", "float16") for f in (False, True)}
+    assert all(r["ms/forward"] > 0 and len(r["errors"]) == 4 for r in teacher.values())
+    assert teacher["float32", False]["max rel. error"] == 0 and teacher["float32", False]["x fp32 unfused"] == 1
+    assert teacher["float32", True]["max rel. error"] < 1e-4  # fused ops: float rounding only
+    assert teacher["float32", True]["fused_places"] > 0 and teacher["float32", False]["fused_places"] == 0
+    for dtype, bound in (("bfloat16", 0.1), ("float16", 0.02)):  # half precision: whitened taps stay close
+        assert all(0 < teacher[dtype, f]["max rel. error"] < bound for f in (False, True)), dtype
     assert (out / "triton_tests.log").is_file() and (out / "gpu_check.log").is_file()
 
 
@@ -63,8 +78,8 @@ def test_dry_run_markdown_has_a_dated_title_and_a_table_per_section(dry_run):
     assert md.startswith(f"# GPU check: {report['gpu']}, {report['date']}")
     assert "dry run on the CPU" in md
     tables = {"## a. Environment": "| item | value |", "## b. ": "| file | collected |",
-              "## c. ": "| op | shape | mode | provider | ms | GB/s |", "## d. ": "| loop | steps done |",
-              "## e. ": "| steps done | wall s | loop s |"}
+              "## c. ": "| op | shape | dtype | mode | provider | ms | GB/s |", "## d. ": "| loop | steps done |",
+              "## e. ": "| steps done | wall s | loop s |", "## f. ": "| dtype | fused ops | ms/forward |"}
     for title, header in tables.items():
         assert title in md and header in md, (title, header)
         assert md.index(title) < md.index(header)
@@ -121,3 +136,35 @@ def test_junit_summary(tmp_path):
          "seconds": 0.0}]
     assert failures == ["failed: test_bad (tests/test_a_triton.py): AssertionError: grad[0] error",
                         "errors: test_err (tests/test_b_triton.py): boom"]
+
+
+def _gpu_check():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    return gpu_check
+
+
+def test_background_hands_back_the_value_or_the_error():
+    gpu_check = _gpu_check()
+    job = gpu_check.Background(lambda: 42, "answer")
+    assert job.result() == 42 and job.done and job.seconds >= 0
+
+    def fail():
+        raise ValueError("boom")
+
+    with pytest.raises(RuntimeError, match="failing job") as info:
+        gpu_check.Background(fail, "failing job").result()
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_close_to_largest_measures_the_error_against_the_output_scale():
+    import torch
+
+    gpu_check = _gpu_check()
+    want = torch.tensor([-0.25, 0.0, 4.0])
+    gpu_check.close_to_largest(want + torch.tensor([0.0, 0.03, 0.0]), want, rel=0.01)  # 0.03 <= 0.04 near zero
+    with pytest.raises(AssertionError, match=re.escape("> 0.01 x max |eager| (4)")):
+        gpu_check.close_to_largest(want + torch.tensor([0.0, 0.05, 0.0]), want, rel=0.01)
