@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dtkernels-installed
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test test-all bench demo demo-long ablate lint clean
+.PHONY: install test test-all bench demo demo-long ablate compare lint clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ demo-long: $(STAMP)
 
 ablate: $(STAMP)
 	$(BIN)/dreamteacher ablate --preset long --pretrain-minutes 40 --out runs/ablate-long
+
+# DreamTeacher beside SimCLR and DenseCL at the same steps and batch, the baselines' lr and temperature chosen on the
+# validation split (docs/baselines.md, "Comparing with self-supervised baselines")
+compare: $(STAMP)
+	$(BIN)/dreamteacher compare --out runs/compare
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet ruff

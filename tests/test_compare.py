@@ -75,7 +75,7 @@ def test_compare_runs_end_to_end_and_chooses_on_validation_only(tmp_path, capsys
     torch.set_num_threads(1)
     try:
         code = cli.main(["compare", "--out", str(tmp_path), "--methods", "simclr", "densecl",
-                         "--grid-lr", "1e-3", "3e-3", "--grid-temperature", "0.3", "--wallclock", *TINY])
+                         "--grid-lr", "1e-3", "3e-3", "--grid-temperature", "0.3", *TINY])
     finally:
         torch.set_num_threads(n)
     assert code == 0

@@ -26,14 +26,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "momentum) is chosen from a small grid, one axis at a time, by a linear probe scored on the "
                     "validation split (never the test split); the grid's cost is reported. Then scratch, the "
                     "DreamTeacher rows and the chosen baselines are evaluated as the demo evaluates (budgets, seeds, "
-                    "protocols, learning rates chosen on the validation split). --wallclock adds each baseline at "
-                    "the steps that fit the DreamTeacher row's pretraining time. Writes OUT/results.json and "
+                    "protocols, learning rates chosen on the validation split), and each baseline again at the "
+                    "steps that fit the DreamTeacher row's pretraining time (equal wall-clock; --no-wallclock skips "
+                    "it). Writes OUT/results.json and "
                     "OUT/results.md and prints the tables and a plain reading (docs/baselines.md). Extra "
                     "--section.key=value options apply to every pretraining run.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_options(p, (
         "--preset", "--out", "--data", "--methods", "--grid-lr", "--grid-temperature", "--grid-momentum",
-        "--wallclock", "--timing-steps", "--retrain-teacher", "--teacher-steps", "--interpreter-steps", "--steps",
+        "--no-wallclock", "--timing-steps", "--retrain-teacher", "--teacher-steps", "--interpreter-steps", "--steps",
         "--batch-size", "--pretrain-minutes", "--labels", "--seeds", "--eval-steps", "--probe-steps", "--eval-lr",
         "--probe-lr", "--protocol",
         "--num-workers", "--workers", "--no-progress"), {
@@ -52,9 +53,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--grid-momentum": dict(type=_positive_float, nargs="+", default=None, metavar="M",
                                 help="ssl.momentum values for moco and byol, the same way (default moco 0.999 "
                                      "0.99, byol 0.996 0.99)"),
-        "--wallclock": dict(action="store_true",
-                            help="also pretrain and evaluate each baseline at equal wall-clock: the steps that fit "
-                                 "the DreamTeacher (mixed) row's pretraining time on this machine"),
+        "--no-wallclock": dict(action="store_true",
+                               help="skip the equal-wall-clock table (by default each baseline is also pretrained "
+                                    "for the steps that fit the DreamTeacher (mixed) row's pretraining time on this "
+                                    "machine, and evaluated)"),
         "--timing-steps": dict(type=_positive_int, default=30,
                                help="steps of each timing run (seconds per step; default 30)"),
         "--steps": dict(help=f"pretraining steps of every row and grid point (default {DEFAULT_STEPS} with the quick "
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     argv = getattr(args, "argv", None)
     compare = CompareSettings(methods=list(args.methods), grid_lr=args.grid_lr or CompareSettings().grid_lr,
                               grid_temperature=args.grid_temperature, grid_momentum=args.grid_momentum,
-                              wallclock=args.wallclock, timing_steps=args.timing_steps, data=args.data,
+                              wallclock=not args.no_wallclock, timing_steps=args.timing_steps, data=args.data,
                               command=shlex.join(["dreamteacher", *argv]) if argv else "dreamteacher compare")
     try:
         result = run_compare(args.out, settings, compare, args.overrides, say=print)
