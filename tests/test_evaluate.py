@@ -210,17 +210,19 @@ def test_parallel_groups_give_the_runs_of_one_process(tmp_path, monkeypatch):
     choice and the saved models included."""
     train, test = ProceduralShapes(64, 32, seed=1), ProceduralShapes(6, 32, seed=2)
     val = ProceduralShapes(6, 32, seed=3)
-    kwargs = dict(budgets=[3, 5], seeds=[0, 1], steps=3, batch_size=2, width=8, lr=[1e-3, 3e-3], val_set=val,
-                  protocols=["finetune", "probe"], progress=False, save_seeds=[0])
+    # one budget: the 2 protocols x 2 backbones are 4 groups for 2 workers (a second budget only doubled the work)
+    # timm's test_resnet: what is compared is the scheduling, which any backbone shows
+    kwargs = dict(budgets=[3], seeds=[0, 1], steps=3, batch_size=2, width=8, lr=[1e-3, 3e-3], val_set=val,
+                  student="test_resnet", protocols=["finetune", "probe"], progress=False, save_seeds=[0])
     one = evaluate_backbones({"scratch": None, "other": None}, train, test, save_models=tmp_path / "a", **kwargs)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two cores' worth, split over two workers
     two = evaluate_backbones({"scratch": None, "other": None}, train, test, save_models=tmp_path / "b", workers=2,
                              **kwargs)
     keys = ("protocol", "backbone", "labels", "seed", "lr", "miou", "val_miou", "final_loss", "iou")
     assert [[r[k] for k in keys] for r in two["runs"]] == [[r[k] for k in keys] for r in one["runs"]]
-    assert two["selection"] == one["selection"] and len(one["runs"]) == 2 * 2 * 2 * 2
+    assert two["selection"] == one["selection"] and len(one["runs"]) == 2 * 2 * 1 * 2
     saved = [r for r in two["runs"] if "model" in r]
-    assert len(saved) == 8 and all(Path(r["model"]).is_file() for r in saved)
+    assert len(saved) == 4 and all(Path(r["model"]).is_file() for r in saved)
     with pytest.raises(ValueError, match="workers"):
         evaluate_backbones({"scratch": None}, train, test, budgets=[3], seeds=[0], workers=0)
 
