@@ -175,3 +175,26 @@ def test_reading_says_wins_ties_or_loses_against_the_best_baseline_by_the_larger
     assert r["verdict"] == "wins" and abs(r["difference"] - 0.08) < 1e-12
     (r,) = reading([cell("DT", 0.20, 0.02), *summary[1:]], ["DT"], ["SimCLR", "DenseCL"])
     assert r["verdict"] == "loses"
+
+
+def test_demo_baselines_adds_an_untuned_densecl_row(tmp_path, capsys, monkeypatch, poisoned_splits):
+    import dreamteacher.teacher_training as tt
+
+    monkeypatch.setattr(tt, "DEMO_UNET", tt.TINY_UNET)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(["demo", "--out", str(tmp_path), "--baselines", "--retrain-teacher", "--teacher-steps", "2",
+                         "--interpreter-steps", "2", "--steps", "2", "--batch-size", "4", "--labels", "4", "--seeds",
+                         "0", "--probe-steps", "2", "--probe-lr", "1e-2", "--protocol", "probe", "--num-workers", "0",
+                         "--workers", "1", "--no-progress", "--no-calibrate", "--model.width=16",
+                         "--run.ckpt_every=1000"])
+    finally:
+        torch.set_num_threads(n)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| probe | DenseCL |" in printed and "pretrain densecl" in printed
+    results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+    assert results["config"]["ran"]["steps"]["pretrain densecl"] == {"done": 2, "planned": 2}
+    config = (tmp_path / "pretrain_densecl" / "config.yaml").read_text()
+    assert "method: densecl" in config and "lr: 0.002" in config  # the demo's lr, not tuned

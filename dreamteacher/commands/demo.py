@@ -29,7 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_experiment_options(p, (
         "--preset", "--out", "--retrain-teacher", "--image-size", "--teacher-steps", "--teacher-minutes",
         "--interpreter-steps", "--steps", "--pretrain-minutes", "--batch-size", "--labels", "--seeds", "--eval-steps",
-        "--probe-steps", "--eval-lr", "--probe-lr", "--protocol", "--speed-minutes", "--num-workers", "--workers",
+        "--probe-steps", "--eval-lr", "--probe-lr", "--protocol", "--speed-minutes", "--baselines", "--num-workers",
+        "--workers",
         "--estimate-only", "--no-calibrate", "--no-progress"), {
         "--out": dict(default="runs/demo", help="output directory (default runs/demo)"),
         "--image-size": dict(type=_positive_int, default=None,
@@ -45,6 +46,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--speed-minutes": dict(type=_non_negative_float, default=None,
                                 help="> 0: also pretrain the lean and the naive loop (run.naive) for this many "
                                      "minutes each and evaluate both (long preset: 8; quick: 0, off)"),
+        "--baselines": dict(action="store_true",
+                            help="add a self-supervised baseline row: DenseCL (lightly), the same steps and batch, "
+                                 "the demo's lr, not tuned (dreamteacher compare tunes baselines on the validation "
+                                 "split); off by default for the time it adds (docs/baselines.md)"),
         "--num-workers": dict(type=_non_negative_int, default=None, help="DataLoader worker processes"),
         "--workers": dict(type=_positive_int, default=None,
                           help="independent runs at once (the two pretraining runs, the evaluation's groups), each "
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     settings = experiment_settings(args, {
         "image_size": args.image_size, "teacher_minutes": args.teacher_minutes, "pretrain_batch": args.batch_size,
         "eval_lrs": args.eval_lr, "probe_lrs": args.probe_lr, "num_workers": args.num_workers,
-        "speed_minutes": args.speed_minutes, "workers": args.workers}, calibrate=not args.no_calibrate)
+        "speed_minutes": args.speed_minutes, "workers": args.workers,
+        "baselines": ["densecl"] if args.baselines else None}, calibrate=not args.no_calibrate)
     try:
         result = demo(args.out, settings, args.overrides, say=print, estimate_only=args.estimate_only)
     except (ValueError, FileNotFoundError) as e:
