@@ -68,8 +68,9 @@ def _whiten64(f: torch.Tensor) -> torch.Tensor:
 
 
 def _timed(teacher, images: torch.Tensor, repeats: int) -> tuple[list[torch.Tensor], float]:
+    t0 = time.perf_counter()
     feats = teacher(images, seed=7)  # warm-up, and the features compared
-    times = []
+    times = [time.perf_counter() - t0] if repeats == 0 else []  # --repeats 0: the first call's time
     for _ in range(repeats):
         t0 = time.perf_counter()
         teacher(images, seed=7)
@@ -77,11 +78,11 @@ def _timed(teacher, images: torch.Tensor, repeats: int) -> tuple[list[torch.Tens
     return feats, statistics.median(times)
 
 
-def measure(name: str, work: Path, batch: int, repeats: int) -> dict:
-    """Both dtypes' features and forward times for one teacher."""
+def measure(name: str, work: Path, batch: int, repeats: int, size: int | None = None) -> dict:
+    """Both dtypes' features and forward times for one teacher (at ``size``, default its paper size)."""
     from dreamteacher.teachers.build import build_teacher
 
-    size = SIZES[name]
+    size = size or SIZES[name]
     strides = [4, 8, 16, 32]
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
@@ -91,6 +92,7 @@ def measure(name: str, work: Path, batch: int, repeats: int) -> dict:
         teacher, order = build_teacher(_teacher_cfg(name, work, dtype), device=torch.device("cpu"),
                                        student_strides=strides, image_size=size)
         feats[dtype], out[f"{dtype}_s"] = _timed(teacher, images, repeats)
+        print(f"{name} {size}x{size} {dtype}: {out[f'{dtype}_s']:.2f} s per forward", flush=True)
         taps = [i.get("block") or i["module"] for i in teacher.feature_info]
         out["params_m"] = sum(p.numel() for p in teacher.parameters()) / 1e6
         del teacher
@@ -126,6 +128,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(SIZES), default=["shapes32", "adm", "sd15"])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per dtype (after one warm-up)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="the ADM and SD teachers' image side (default 256, their paper size). Without native "
+                             "bfloat16, torch's CPU convolutions in bfloat16 fall back to reference kernels that are "
+                             "two orders of magnitude slower: 64 makes the bfloat16 half of the table feasible there")
     args = parser.parse_args()
     from paper_scale import make_teachers
 
@@ -136,7 +142,8 @@ def main() -> None:
     big = [n for n in args.only if n != "shapes32"]
     if big:
         make_teachers(args.work, big)
-    rows = [measure(name, args.work, args.batch, args.repeats) for name in args.only]
+    rows = [measure(name, args.work, args.batch, args.repeats,
+                    None if name == "shapes32" else args.image_size) for name in args.only]
     machine = machine_info()
     result = {"machine": machine, "auto": describe_dtype("auto", torch.device("cpu")),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
