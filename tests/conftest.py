@@ -46,3 +46,24 @@ def _triton_test_device(request):
         pytest.fail(f"DTKERNELS_TEST_DEVICE={TEST_DEVICE}: torch.cuda.is_available() is False")
     with torch.device(TEST_DEVICE):
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first (tests/durations.json, seconds per file from the last profile; a file not in it counts
+    as the median). pytest-xdist's loadfile mode hands files to workers in collection order, so a long file
+    collected last kept one worker busy alone at the end of the suite; longest-first fills both workers to the end.
+    Tests keep their order within a file (module fixtures are built once)."""
+    import json
+    from pathlib import Path
+
+    table = Path(__file__).with_name("durations.json")
+    if not table.is_file():
+        return
+    seconds = json.loads(table.read_text())["seconds_per_file"]
+    typical = sorted(seconds.values())[len(seconds) // 2] if seconds else 0.0
+    position = {item: i for i, item in enumerate(items)}
+
+    def weight(item):
+        return seconds.get(item.nodeid.split("::", 1)[0], typical)
+
+    items.sort(key=lambda item: (-weight(item), item.nodeid.split("::", 1)[0], position[item]))
