@@ -49,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--baselines": dict(action="store_true",
                             help="add a self-supervised baseline row: DenseCL (lightly), the same steps and batch, "
                                  "the demo's lr, not tuned (dreamteacher compare tunes baselines on the validation "
-                                 "split); off by default for the time it adds (docs/baselines.md)"),
+                                 "split); about +50%% time, so off by default (docs/baselines.md)"),
         "--num-workers": dict(type=_non_negative_int, default=None, help="DataLoader worker processes"),
         "--workers": dict(type=_positive_int, default=None,
                           help="independent runs at once (the two pretraining runs, the evaluation's groups), each "
