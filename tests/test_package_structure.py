@@ -80,8 +80,26 @@ def test_only_entry_points_import_the_training_loop():
     assert not importers, f"these modules import dreamteacher.train (move what they need out of it): {importers}"
 
 
+@pytest.fixture(scope="module")
+def warm():
+    """Fresh processes forked from one interpreter that has imported torch, diffusers and timm but nothing of this
+    project (tests/warm_interpreter.py): an import cycle or a missing import among our modules still fails."""
+    from warm_interpreter import WarmInterpreter
+
+    server = WarmInterpreter()
+    yield server
+    server.close()
+
+
 @pytest.mark.parametrize("module", [m for m in MODULES if m != "__main__"])  # __main__ runs the CLI
-def test_every_module_imports_alone(module):
-    proc = subprocess.run([sys.executable, "-c", f"import dreamteacher.{module}"], capture_output=True, text=True,
+def test_every_module_imports_alone(module, warm):
+    proc = warm.run(code=f"import dreamteacher.{module}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_module_imports_alone_in_a_cold_interpreter():
+    """One module in a fresh interpreter, as the warm server's children stand in for (the CLI's module: it imports
+    the most)."""
+    proc = subprocess.run([sys.executable, "-c", "import dreamteacher.cli"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
