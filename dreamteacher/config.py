@@ -102,6 +102,10 @@ class TeacherConfig:
     early_exit: bool = opt(True, "stop the teacher forward after the last tapped block")
     fused_ops: bool = opt(True, "run the teacher's GroupNorm+SiLU through dtkernels.group_norm_act; false: stock "
                                 "diffusers")
+    channels_last: bool | None = opt(None, "channels_last memory format for the teacher; null (auto): with "
+                                           "run.channels_last on GPU, never on CPU. true on CPU: the ADM-256 teacher's "
+                                           "forward measured 1.28x faster on a 2-core AVX2 CPU "
+                                           "(benchmarks/teacher_layout.py), not yet measured at other sizes or CPUs")
     text_embedding: str = opt("", "conditional (latent, Stable Diffusion style) teachers: .safetensors or .pt file "
                                   "with the unconditional text embedding [L, D] or [1, L, D], D the UNet's "
                                   "cross_attention_dim; empty: see teacher.conditioning")

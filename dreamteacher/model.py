@@ -73,8 +73,11 @@ def build_student(cfg: PretrainConfig) -> StudentBackbone:
 def teacher_for(cfg: PretrainConfig, device: torch.device, student_strides: Sequence[int]):
     """:func:`~dreamteacher.teachers.build.build_teacher` with this run's settings outside ``cfg.teacher``.
     Returns ``(teacher, order)``."""
+    channels_last = cfg.teacher.channels_last
+    if channels_last is None:  # auto: as before teacher.channels_last existed (the student's setting, on GPU only)
+        channels_last = _channels_last(cfg, device) and device.type == "cuda"
     return build_teacher(cfg.teacher, device=device, student_strides=student_strides, image_size=cfg.data.image_size,
-                         naive=cfg.run.naive, cache_dir=cfg.run.out_dir, channels_last=_channels_last(cfg, device))
+                         naive=cfg.run.naive, cache_dir=cfg.run.out_dir, channels_last=channels_last)
 
 
 def teacher_dtype(cfg: PretrainConfig, device: torch.device) -> str:

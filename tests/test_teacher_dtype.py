@@ -108,3 +108,26 @@ def test_the_dtype_is_logged_written_and_a_resume_onto_another_refused(teacher_d
     cfg = load_config(None, tiny_overrides(teacher_dir, out, {"run.steps": 3,
                                                               "teacher.dtype": resolve_dtype("auto", CPU)}))
     assert pretrain(cfg, resume="auto")["loss"] is not None
+
+
+def test_teacher_channels_last_on_cpu_gives_the_nchw_features(teacher_dir):
+    """teacher.channels_last=true (an opt-in on CPU: faster for the ADM-256 teacher on an AVX2 CPU) changes only the
+    layout: the taps equal the NCHW teacher's within float32 rounding of another convolution algorithm."""
+    from dreamteacher.model import teacher_for
+
+    feats = {}
+    for cl in (False, True):
+        cfg = load_config(None, [f"--teacher.path={teacher_dir}", "--data.image_size=32",
+                                 f"--teacher.channels_last={str(cl).lower()}", "--teacher.dtype=float32"])
+        teacher, order = teacher_for(cfg, CPU, [4, 8, 16, 32])
+        conv = next(m for m in teacher.unet.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == cl
+        feats[cl] = teacher(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1, seed=4)
+    for a, b in zip(feats[False], feats[True]):
+        assert a.shape == b.shape
+        assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-5
+    # auto (null) keeps the CPU teacher NCHW, as before the key existed
+    cfg = load_config(None, [f"--teacher.path={teacher_dir}", "--data.image_size=32"])
+    teacher, _ = teacher_for(cfg, CPU, [4, 8, 16, 32])
+    conv = next(m for m in teacher.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last) or conv.weight.shape[-1] == 1

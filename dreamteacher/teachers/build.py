@@ -79,7 +79,7 @@ def build_teacher(cfg: TeacherConfig, *, device: torch.device, student_strides: 
                                adm_taps=probe.adm_taps, **common)
     check_image_size(teacher, image_size, "data.image_size")
     teacher = teacher.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
-    if channels_last and device.type == "cuda":
+    if channels_last:  # the first convolution's channels_last weight makes every later activation channels_last
         teacher = teacher.to(memory_format=torch.channels_last)
     order = [ordered.index(lvl) for lvl in range(len(names))]
     return teacher, order
