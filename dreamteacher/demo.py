@@ -575,6 +575,11 @@ def _baselines_phase(run: _DemoRun) -> None:
         run.phase(f"pretrain {m}", t0)
 
 
+#: Steps of each loop's throughput calibration before the equal-wall-clock runs (the last logged window, after the
+#: first ten steps' warm-up, gives the images/s); the tests shrink it.
+SPEED_CALIBRATION_STEPS = 30
+
+
 def _speed_run(run: _DemoRun, name: str, naive: bool, budget_s: float) -> dict[str, Any]:
     """One loop (lean or naive) pretrained for ``budget_s``: steps set from a 30-step throughput calibration so its
     schedule finishes in the budget, then exported."""
@@ -583,7 +588,8 @@ def _speed_run(run: _DemoRun, name: str, naive: bool, budget_s: float) -> dict[s
 
     s, out = run.s, run.out
     calib_dir = out / f"speed_{name}_calibration"
-    cal = pretrain(run.config(calib_dir, "--run.steps=30", "--run.max_minutes=0", "--run.log_every=10",
+    steps, every = SPEED_CALIBRATION_STEPS, min(10, SPEED_CALIBRATION_STEPS)
+    cal = pretrain(run.config(calib_dir, f"--run.steps={steps}", "--run.max_minutes=0", f"--run.log_every={every}",
                               f"--run.naive={naive}", "--run.progress=false"))
     records = [json.loads(line) for line in (Path(cal["out_dir"]) / "log.jsonl").read_text().splitlines()]
     ips = records[-1]["images_per_s"]  # the last window, after warm-up

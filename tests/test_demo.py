@@ -27,9 +27,11 @@ def small_splits(monkeypatch):
 
 
 def test_demo_runs_every_phase_and_prints_where_the_outputs_are(tmp_path, capsys, monkeypatch, small_splits):
+    import dreamteacher.demo as demo
     import dreamteacher.teacher_training as tt
 
     monkeypatch.setattr(tt, "DEMO_UNET", tt.TINY_UNET)  # the demo's teacher, shrunk for a test
+    monkeypatch.setattr(demo, "SPEED_CALIBRATION_STEPS", 4)  # the speed rows' calibration, shrunk likewise
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
