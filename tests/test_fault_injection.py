@@ -81,14 +81,30 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+_WARM: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm():
+    from warm_interpreter import WarmInterpreter
+
+    server = WarmInterpreter(cli_env())
+    _WARM.append(server)
+    yield server
+    _WARM.clear()
+    server.close()
+
+
 def run(wrapper: Path, argv: list, *, fault: str = "", kill_when=None, workdir: Path, timeout: float = 300):
     """Run the CLI; SIGKILL it as soon as ``kill_when()`` is true (or the fault point is reached).
 
     Returns ``(returncode, stderr)``; returncode is ``-SIGKILL`` for a killed run."""
     flag = workdir / f"reached_{time.monotonic_ns()}"
     log = open(workdir / f"stderr_{time.monotonic_ns()}", "w+")  # noqa: SIM115 -- closed below
-    proc = subprocess.Popen([sys.executable, str(wrapper), *map(str, argv)], stdout=subprocess.DEVNULL, stderr=log,
-                            env=cli_env(DT_FAULT=fault, DT_FAULT_SIGNAL=str(flag)), text=True)
+    # A fresh process forked from the warm interpreter (tests/warm_interpreter.py): the wrapper and the CLI import
+    # as in a new interpreter, without paying torch's and diffusers' imports at each of the six runs.
+    proc = _WARM[0].spawn(wrapper, list(argv), stderr=log.name, env=cli_env(DT_FAULT=fault,
+                                                                             DT_FAULT_SIGNAL=str(flag)))
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None:
@@ -100,7 +116,7 @@ def run(wrapper: Path, argv: list, *, fault: str = "", kill_when=None, workdir: 
             time.sleep(0.01)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGKILL)
             proc.wait()
         log.seek(0)
         stderr = log.read()

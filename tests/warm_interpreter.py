@@ -53,7 +53,10 @@ def child(req):
         os._exit(70)
     code = 0
     try:
-        if req.get("argv") is not None:
+        if req.get("script") is not None:  # python SCRIPT ARGS
+            sys.argv = [req["script"], *req["argv"]]
+            runpy.run_path(req["script"], run_name="__main__")
+        elif req.get("argv") is not None:
             sys.argv = ["dreamteacher", *req["argv"]]
             runpy.run_module("dreamteacher", run_name="__main__", alter_sys=True)
         else:
@@ -80,11 +83,19 @@ def child(req):
 print("ready", flush=True)
 for line in sys.stdin:
     req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        child(req)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+    op = req.get("op", "run")
+    if op in ("run", "spawn"):
+        pid = os.fork()
+        if pid == 0:
+            child(req)
+        if op == "spawn":  # the caller polls, signals and waits for it by pid
+            print(json.dumps({"pid": pid}), flush=True)
+            continue
+    else:
+        pid = req["pid"]
+    done, status = os.waitpid(pid, os.WNOHANG if op == "poll" else 0)
+    code = os.waitstatus_to_exitcode(status) if done else None
+    print(json.dumps({"returncode": code}), flush=True)
 '''
 
 
@@ -130,6 +141,23 @@ class WarmInterpreter:
         err.unlink()
         return subprocess.CompletedProcess(argv or ["-c", code], returncode, stdout, stderr)
 
+    def _ask(self, req: dict, timeout: float) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self._readline(timeout)
+        if not line:
+            raise RuntimeError(f"the warm interpreter died (exit {self.proc.poll()})")
+        return json.loads(line)
+
+    def spawn(self, script: str | os.PathLike, argv: list, *, stderr: str | os.PathLike,
+              env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None) -> WarmProcess:
+        """``python SCRIPT ARGV`` started in the background (stdout discarded, stderr to the file ``stderr``): a
+        :class:`WarmProcess` to poll, signal and wait for, like ``subprocess.Popen``."""
+        req = {"op": "spawn", "script": str(script), "argv": [str(a) for a in argv], "code": None,
+               "cwd": str(cwd or ROOT), "env": dict(self.env if env is None else env), "stdout": os.devnull,
+               "stderr": str(stderr)}
+        return WarmProcess(self, self._ask(req, 60)["pid"])
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -139,3 +167,25 @@ class WarmInterpreter:
                 self.proc.kill()
                 self.proc.wait()
         self._dir.cleanup()
+
+
+class WarmProcess:
+    """A :meth:`WarmInterpreter.spawn`-ed child: ``poll``, ``send_signal``, ``wait`` and ``returncode`` as
+    ``subprocess.Popen`` has them (the server is its parent and reaps it)."""
+
+    def __init__(self, server: WarmInterpreter, pid: int) -> None:
+        self.server, self.pid, self.returncode = server, pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server._ask({"op": "poll", "pid": self.pid}, 60)["returncode"]
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 300) -> int:
+        if self.returncode is None:
+            self.returncode = self.server._ask({"op": "wait", "pid": self.pid}, timeout)["returncode"]
+        return self.returncode
