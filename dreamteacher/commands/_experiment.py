@@ -52,3 +52,17 @@ def experiment_settings(args: argparse.Namespace, chosen: dict, **fixed):
               "eval_steps": args.eval_steps, "probe_steps": args.probe_steps, "protocols": args.protocol, **chosen}
     return dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in chosen.items() if v is not None},
                                retrain_teacher=args.retrain_teacher, progress=not args.no_progress, **fixed)
+
+
+def overrides_error(args: argparse.Namespace) -> int | None:
+    """The ``--section.key=value`` overrides checked before an hour of work: 2 after one ``error:`` line, or None."""
+    import sys
+
+    from ..config import ConfigError, load_config
+
+    try:
+        load_config(None, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return None

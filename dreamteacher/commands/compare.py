@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from ._args import _non_negative_int, _positive_float, _positive_int
-from ._experiment import add_experiment_options, experiment_settings
+from ._experiment import add_experiment_options, experiment_settings, overrides_error
 
 #: The comparison's pretraining steps when --steps is not given: half the quick demo's, so that the baselines' grid
 #: (8 runs of the default two methods) and every row fit in well under an hour on a 2-core CPU
@@ -77,13 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..compare import CompareSettings, run_compare
-    from ..config import ConfigError, load_config
 
-    try:
-        load_config(None, args.overrides)  # check the overrides before an hour of work
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if (code := overrides_error(args)) is not None:
+        return code
     settings = experiment_settings(args, {
         "pretrain_steps": args.steps if args.steps is not None or args.preset != "quick" else DEFAULT_STEPS,
         "pretrain_batch": args.batch_size, "eval_lrs": args.eval_lr, "probe_lrs": args.probe_lr,

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ._args import _non_negative_float, _non_negative_int, _positive_float, _positive_int
-from ._experiment import add_experiment_options, experiment_settings
+from ._experiment import add_experiment_options, experiment_settings, overrides_error
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -65,14 +65,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError, load_config
     from ..demo import run_demo as demo
 
-    try:
-        load_config(None, args.overrides)  # check the overrides before an hour of work
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if (code := overrides_error(args)) is not None:
+        return code
     settings = experiment_settings(args, {
         "image_size": args.image_size, "teacher_minutes": args.teacher_minutes, "pretrain_batch": args.batch_size,
         "eval_lrs": args.eval_lr, "probe_lrs": args.probe_lr, "num_workers": args.num_workers,
